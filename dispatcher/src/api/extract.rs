@@ -1,0 +1,140 @@
+//! Extractors that turn every malformed request into an [`ApiError`] (JSON, naming the
+//! field), and that authenticate API keys and worker credentials.
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use gantry_shared::api::{API_KEY_HEADER, Permission, WORKER_TOKEN_HEADER};
+use gantry_shared::ids::{ApiKeyId, WorkerId};
+use serde::de::DeserializeOwned;
+
+/// Largest JSON body accepted (a process with big scripts fits easily).
+pub const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// A JSON body; a parse error names the field path (`steps[2].retries`).
+pub struct AppJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest {
+                message: format!("cannot read the request body: {}", e.body_text()),
+                field: None,
+            })?;
+        parse_json(&bytes).map(AppJson)
+    }
+}
+
+/// Parse JSON, naming the path of the first problem.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest {
+            message: "a JSON body is required".into(),
+            field: None,
+        });
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = (path != "." && !path.is_empty()).then_some(path);
+        ApiError::BadRequest {
+            message: format!("invalid JSON body: {inner}"),
+            field,
+        }
+    })
+}
+
+/// The caller's API key, authenticated.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub key_id: ApiKeyId,
+    pub permissions: Vec<Permission>,
+}
+
+impl Caller {
+    pub fn require(&self, p: Permission) -> Result<(), ApiError> {
+        if self.permissions.contains(&p) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(p))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = parts
+            .headers
+            .get(API_KEY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        let hash = auth::hash_secret(key);
+        let row: Option<(uuid::Uuid, Vec<String>)> =
+            sqlx::query_as("SELECT id, permissions FROM api_keys WHERE key_hash = $1")
+                .bind(&hash)
+                .fetch_optional(&state.db)
+                .await?;
+        let (id, perms) = row.ok_or(ApiError::Unauthorized)?;
+        // Record use at most once a minute, so reads do not each write a row.
+        let _ = sqlx::query(
+            "UPDATE api_keys SET last_used_at = now()
+             WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+        )
+        .bind(id)
+        .execute(&state.db)
+        .await;
+        Ok(Caller {
+            key_id: ApiKeyId(id),
+            permissions: perms.iter().filter_map(|p| Permission::parse(p)).collect(),
+        })
+    }
+}
+
+/// A worker agent, authenticated by the credential it got at registration.
+#[derive(Clone, Debug)]
+pub struct WorkerCaller {
+    pub worker_id: WorkerId,
+    pub name: String,
+    pub enabled: bool,
+}
+
+impl FromRequestParts<AppState> for WorkerCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(WORKER_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(ApiError::WorkerUnauthorized)?;
+        let row: Option<(uuid::Uuid, String, bool)> =
+            sqlx::query_as("SELECT id, name, enabled FROM workers WHERE token_hash = $1")
+                .bind(auth::hash_secret(token))
+                .fetch_optional(&state.db)
+                .await?;
+        let (id, name, enabled) = row.ok_or(ApiError::WorkerUnauthorized)?;
+        Ok(WorkerCaller {
+            worker_id: WorkerId(id),
+            name,
+            enabled,
+        })
+    }
+}
+
+/// Parse a path segment as an id, or 404 (a malformed id names nothing that exists).
+pub fn parse_id<T: std::str::FromStr>(raw: &str, what: &str) -> Result<T, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::not_found(format!("no {what} with id {raw:?}")))
+}

@@ -1,0 +1,129 @@
+//! `GET /api/health` and `GET /metrics`.
+
+use super::AppState;
+use crate::metrics::label;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use gantry_shared::api::Health;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use std::fmt::Write;
+use std::time::Duration;
+
+async fn postgres_ok(state: &AppState) -> bool {
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.db),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
+}
+
+/// 200 when PostgreSQL, RabbitMQ and Redis all answer; 503 (same body) otherwise.
+pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    let (postgres, redis) = tokio::join!(postgres_ok(&state), state.redis.ping());
+    let rabbitmq = state.broker.is_connected();
+    let ok = postgres && rabbitmq && redis;
+    let body = Health {
+        status: if ok { "ok" } else { "degraded" }.into(),
+        postgres,
+        rabbitmq,
+        redis,
+        version: gantry_shared::VERSION.into(),
+    };
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body))
+}
+
+/// Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut out = String::new();
+    let steps: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM step_runs GROUP BY state ORDER BY state")
+            .fetch_all(&state.db)
+            .await
+            .unwrap_or_default();
+    out.push_str("# HELP gantry_steps Step runs by state.\n# TYPE gantry_steps gauge\n");
+    for (s, n) in steps {
+        let _ = writeln!(out, "gantry_steps{{state=\"{}\"}} {n}", label(&s));
+    }
+    let tasks: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state")
+            .fetch_all(&state.db)
+            .await
+            .unwrap_or_default();
+    out.push_str("# HELP gantry_tasks Tasks by state.\n# TYPE gantry_tasks gauge\n");
+    for (s, n) in tasks {
+        let _ = writeln!(out, "gantry_tasks{{state=\"{}\"}} {n}", label(&s));
+    }
+    let running: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT w.name, count(a.*) FROM workers w
+         LEFT JOIN attempts a ON a.worker_id = w.id AND a.state = 'Running'
+         GROUP BY w.name ORDER BY w.name",
+    )
+    .fetch_all(&state.db)
+    .await
+    .unwrap_or_default();
+    out.push_str("# HELP gantry_worker_running_steps Steps running on each worker.\n# TYPE gantry_worker_running_steps gauge\n");
+    for (w, n) in running {
+        let _ = writeln!(
+            out,
+            "gantry_worker_running_steps{{worker=\"{}\"}} {n}",
+            label(&w)
+        );
+    }
+    let pools: Vec<(String, String)> = sqlx::query_as("SELECT name, slug FROM pools ORDER BY name")
+        .fetch_all(&state.db)
+        .await
+        .unwrap_or_default();
+    out.push_str("# HELP gantry_queue_depth Jobs waiting in each pool's queue.\n# TYPE gantry_queue_depth gauge\n");
+    if let Some(conn) = state.broker.current()
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for (name, slug) in pools {
+            // Passive: reads the count without creating anything. A missing queue closes the
+            // channel, so each probe after a failure gets a new one.
+            let ch = if ch.status().connected() {
+                ch.clone()
+            } else {
+                match conn.create_channel().await {
+                    Ok(c) => c,
+                    Err(_) => break,
+                }
+            };
+            if let Ok(q) = ch
+                .queue_declare(
+                    state.topology.pool_queue(&slug).into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+            {
+                let _ = writeln!(
+                    out,
+                    "gantry_queue_depth{{pool=\"{}\",slug=\"{}\"}} {}",
+                    label(&name),
+                    label(&slug),
+                    q.message_count()
+                );
+            }
+        }
+        let _ = ch.close(200, "metrics".into()).await;
+    }
+    state.metrics.render_histogram(&mut out);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+}

@@ -1,0 +1,125 @@
+//! `/api/workers`: registration (`ConfigureServer`), listing, enabling and disabling,
+//! deregistration.
+
+use super::AppState;
+use super::error::ApiResult;
+use super::extract::{AppJson, Caller, parse_id};
+use crate::auth;
+use crate::store::workers;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use gantry_shared::amqp::json_properties;
+use gantry_shared::api::{Permission, Worker, WorkerPatch, WorkerRegister, WorkerRegistered};
+use gantry_shared::ids::WorkerId;
+use gantry_shared::wire::Control;
+
+pub async fn list(State(s): State<AppState>, _caller: Caller) -> ApiResult<Json<Vec<Worker>>> {
+    Ok(Json(workers::list(&s.db).await?))
+}
+
+pub async fn get(
+    State(s): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Worker>> {
+    Ok(Json(workers::get(&s.db, parse_id(&id, "worker")?).await?))
+}
+
+async fn with_channel<F, Fut>(s: &AppState, f: F)
+where
+    F: FnOnce(lapin::Channel) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    if let Some(conn) = s.broker.current()
+        && let Ok(ch) = conn.create_channel().await
+    {
+        f(ch.clone()).await;
+        let _ = ch.close(200, "done".into()).await;
+    }
+}
+
+pub async fn register(
+    State(s): State<AppState>,
+    caller: Caller,
+    AppJson(req): AppJson<WorkerRegister>,
+) -> ApiResult<(StatusCode, Json<WorkerRegistered>)> {
+    caller.require(Permission::ConfigureServer)?;
+    let token = auth::new_worker_token();
+    let reg = workers::register(&s.db, &req, &auth::hash_secret(&token)).await?;
+    let id = reg.worker.id;
+    let topology = s.topology.clone();
+    with_channel(&s, |ch| async move {
+        if let Some(old) = reg.replaced {
+            let _ = ch
+                .queue_delete(
+                    topology.worker_queue(old).into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        // The agent declares it too when it starts; declaring here means jobs routed to the
+        // worker before then are kept.
+        if let Err(e) = topology.declare_worker(&ch, id).await {
+            tracing::warn!(error = %e, "could not declare the worker's queue yet");
+        }
+    })
+    .await;
+    tracing::info!(worker = %reg.worker.name, id = %id, "registered a worker");
+    Ok((
+        StatusCode::CREATED,
+        Json(WorkerRegistered {
+            worker: reg.worker,
+            token,
+            namespace: s.topology.namespace().to_owned(),
+        }),
+    ))
+}
+
+pub async fn patch(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    AppJson(req): AppJson<WorkerPatch>,
+) -> ApiResult<Json<Worker>> {
+    caller.require(Permission::ConfigureServer)?;
+    let id: WorkerId = parse_id(&id, "worker")?;
+    let worker = workers::patch(&s.db, id, &req).await?;
+    if let Some(n) = req.max_concurrent_steps {
+        // Best effort: an agent that is not connected reads the limit when it starts.
+        let msg = Control::SetMaxConcurrentSteps {
+            max_concurrent_steps: n,
+        };
+        let _ = s
+            .control
+            .publish(
+                &s.topology.control_exchange(),
+                &id.to_string(),
+                &msg.encode(),
+                json_properties(),
+            )
+            .await;
+    }
+    Ok(Json(worker))
+}
+
+pub async fn delete(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Permission::ConfigureServer)?;
+    let id: WorkerId = parse_id(&id, "worker")?;
+    workers::delete(&s.db, id).await?;
+    let topology = s.topology.clone();
+    with_channel(&s, |ch| async move {
+        let _ = ch
+            .queue_delete(
+                topology.worker_queue(id).into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    })
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,86 @@
+//! `gantry-dispatcher serve | migrate`.
+
+use clap::{Parser, Subcommand};
+use gantry_shared::config::{EXIT_CONFIG, Settings};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "gantry-dispatcher",
+    version,
+    about = "Gantry's dispatcher: REST API, orchestrator and result consumer"
+)]
+struct Cli {
+    /// Configuration file (default: ./gantry.toml if it exists).
+    #[arg(long, global = true, env = "GANTRY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply migrations, then serve the API and orchestrate tasks until SIGTERM or Ctrl-C.
+    Serve,
+    /// Create the database if needed and apply migrations, then exit.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gantry-dispatcher: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    gantry_shared::telemetry::init(&settings.log.format, &settings.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Migrate => {
+                gantry_dispatcher::db::prepare(&settings).await?;
+                println!("migrations applied");
+                Ok(())
+            }
+            Command::Serve => serve(settings).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gantry-dispatcher: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let dispatcher = gantry_dispatcher::app::Dispatcher::build(settings, cancel.clone()).await?;
+    // Tests and scripts read this line to learn the port when http.bind uses port 0.
+    println!("gantry-dispatcher listening on http://{}", dispatcher.addr);
+    tracing::info!(addr = %dispatcher.addr, "serving");
+    let signals = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        signals.cancel();
+    });
+    dispatcher.run().await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,409 @@
+//! # The `gantry` command-line client
+//!
+//! Talks to a dispatcher's REST API. The server and the key come from `--server` and
+//! `--api-key`, or `GANTRY_SERVER` and `GANTRY_API_KEY`. Exit codes: 0 success; 1 the task
+//! ended without `Success`; 2 a request failed (bad input, refused, unreachable).
+
+mod client;
+mod render;
+
+use clap::{Parser, Subcommand};
+use client::{CliError, Client};
+use gantry_shared::api::{
+    ApiKeyCreate, ApiKeyCreated, LogEnd, LogEntry, Permission, Pool, PoolCreate, Task, TaskCreated,
+    TaskSummary, Worker,
+};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "gantry",
+    version,
+    about = "Gantry's client: deploy processes, follow their logs, inspect workers and pools"
+)]
+pub struct Cli {
+    /// Dispatcher URL.
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// API key (`X-Gantry-ApiKey`).
+    #[arg(long, global = true, env = "GANTRY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a process file (TOML) as a new task.
+    Deploy {
+        /// The process file, e.g. examples/hello.toml.
+        file: PathBuf,
+        /// Stream the log live and exit 0 only if the task succeeds.
+        #[arg(long, short)]
+        follow: bool,
+        /// Set or override a variable: --var Environment=production (repeatable).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+    },
+    /// List recent tasks.
+    Tasks {
+        /// Only tasks in this state (Queued, Executing, Success, Failed, ...).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show one task: its steps, attempts, workers, exit codes and durations.
+    Task { id: String },
+    /// Print a task's log; --follow streams it until the task ends.
+    Log {
+        id: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// List workers with their health and running steps.
+    Workers,
+    /// List worker pools, or create and delete them.
+    Pools {
+        #[command(subcommand)]
+        action: Option<PoolAction>,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolAction {
+    /// Create a pool.
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Make it the default pool.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Delete a pool (by id, name or slug).
+    Delete { pool: String },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Create a key; it is printed once.
+    Create {
+        name: String,
+        /// ConfigureServer, TaskCreate or TaskView (repeatable).
+        #[arg(long = "permission", required = true)]
+        permissions: Vec<String>,
+    },
+}
+
+/// Run the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let client = Client::new(&cli.server, cli.api_key.clone());
+    match dispatch(&client, &cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gantry: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(client: &Client, cli: &Cli) -> Result<ExitCode, CliError> {
+    let json = cli.json;
+    match &cli.command {
+        Command::Deploy { file, follow, vars } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| CliError::Local(format!("cannot read {}: {e}", file.display())))?;
+            let mut body = process_json(&text)
+                .map_err(|e| CliError::Local(format!("{}: {e}", file.display())))?;
+            apply_vars(&mut body, vars)?;
+            let created: TaskCreated = client.post("/api/tasks", &body).await?;
+            if json && !follow {
+                print_json(&created);
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("task {} ({}) submitted", created.id, created.name);
+            if !follow {
+                println!("{}", created.id);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let end = follow_log(client, &created.id.to_string(), json).await?;
+            Ok(exit_for(&end.state))
+        }
+        Command::Tasks { state, limit } => {
+            let mut path = format!("/api/tasks?limit={limit}");
+            if let Some(s) = state {
+                path.push_str(&format!("&state={}", urlencode(s)));
+            }
+            let tasks: Vec<TaskSummary> = client.get(&path).await?;
+            if json {
+                print_json(&tasks);
+            } else {
+                print!("{}", render::tasks(&tasks));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Task { id } => {
+            let task: Task = client.get(&format!("/api/tasks/{}", urlencode(id))).await?;
+            if json {
+                print_json(&task);
+            } else {
+                print!("{}", render::task(&task));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log { id, follow } => {
+            if *follow {
+                let end = follow_log(client, id, json).await?;
+                return Ok(exit_for(&end.state));
+            }
+            let mut after = String::new();
+            let mut out = std::io::stdout().lock();
+            loop {
+                let page: gantry_shared::api::LogPage = client
+                    .get(&format!(
+                        "/api/tasks/{}/log?after={}",
+                        urlencode(id),
+                        urlencode(&after)
+                    ))
+                    .await?;
+                for line in &page.lines {
+                    write_line(&mut out, line, json);
+                }
+                if page.lines.is_empty() {
+                    break;
+                }
+                after = page.next;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workers => {
+            let workers: Vec<Worker> = client.get("/api/workers").await?;
+            if json {
+                print_json(&workers);
+            } else {
+                print!("{}", render::workers(&workers));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pools { action } => match action {
+            None => {
+                let pools: Vec<Pool> = client.get("/api/pools").await?;
+                if json {
+                    print_json(&pools);
+                } else {
+                    print!("{}", render::pools(&pools));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(PoolAction::Create {
+                name,
+                description,
+                default,
+            }) => {
+                let pool: Pool = client
+                    .post(
+                        "/api/pools",
+                        &PoolCreate {
+                            name: name.clone(),
+                            description: description.clone(),
+                            is_default: *default,
+                        },
+                    )
+                    .await?;
+                if json {
+                    print_json(&pool);
+                } else {
+                    println!(
+                        "created pool {} (slug {}, id {})",
+                        pool.name, pool.slug, pool.id
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(PoolAction::Delete { pool }) => {
+                let pools: Vec<Pool> = client.get("/api/pools").await?;
+                let found = pools
+                    .iter()
+                    .find(|p| p.id.to_string() == *pool || p.name == *pool || p.slug == *pool)
+                    .ok_or_else(|| CliError::Local(format!("no pool {pool:?}")))?;
+                client.delete(&format!("/api/pools/{}", found.id)).await?;
+                println!("deleted pool {}", found.name);
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Command::Keys {
+            action: KeyAction::Create { name, permissions },
+        } => {
+            let perms = permissions
+                .iter()
+                .map(|p| {
+                    Permission::parse(p).ok_or_else(|| {
+                        CliError::Local(format!(
+                            "unknown permission {p:?}: ConfigureServer, TaskCreate or TaskView"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let key: ApiKeyCreated = client
+                .post(
+                    "/api/keys",
+                    &ApiKeyCreate {
+                        name: name.clone(),
+                        permissions: perms,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&key);
+            } else {
+                println!("{}", key.key);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn exit_for(state: &str) -> ExitCode {
+    if state == "Success" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Stream a task's log until it ends, reconnecting (from the last line seen) if the
+/// connection drops, e.g. while the dispatcher restarts.
+async fn follow_log(client: &Client, id: &str, json: bool) -> Result<LogEnd, CliError> {
+    let mut after: Option<String> = None;
+    let mut failures = 0u32;
+    loop {
+        let mut out = std::io::stdout();
+        let from = after.clone();
+        let result = client
+            .follow(id, from.as_deref(), |line: LogEntry| {
+                let mut lock = out.lock();
+                write_line(&mut lock, &line, json);
+                after = Some(line.cursor.clone());
+                failures = 0;
+            })
+            .await;
+        match result {
+            Ok(Some(end)) => {
+                if !json {
+                    eprintln!("task {} ended: {}", end.task_id, end.state);
+                }
+                let _ = out.flush();
+                return Ok(end);
+            }
+            Ok(None) | Err(CliError::Unreachable(_)) => {
+                failures += 1;
+                if failures > 60 {
+                    return Err(CliError::Unreachable(
+                        "lost the log stream and could not reconnect for a minute".into(),
+                    ));
+                }
+                if failures == 1 {
+                    eprintln!("gantry: log stream interrupted; reconnecting...");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn write_line(out: &mut impl Write, line: &LogEntry, json: bool) {
+    let _ = if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(line).expect("log entries serialize")
+        )
+    } else {
+        writeln!(out, "{}", render::log_line(line))
+    };
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("API types serialize")
+    );
+}
+
+/// A TOML process file as the JSON the API takes.
+pub fn process_json(text: &str) -> Result<serde_json::Value, String> {
+    let value: toml::Value = toml::from_str(text).map_err(|e| e.to_string())?;
+    serde_json::to_value(value).map_err(|e| e.to_string())
+}
+
+fn apply_vars(body: &mut serde_json::Value, vars: &[String]) -> Result<(), CliError> {
+    if vars.is_empty() {
+        return Ok(());
+    }
+    let obj = body
+        .as_object_mut()
+        .ok_or_else(|| CliError::Local("the process file is not a table".into()))?;
+    let table = obj
+        .entry("variables")
+        .or_insert_with(|| serde_json::json!({}));
+    let table = table
+        .as_object_mut()
+        .ok_or_else(|| CliError::Local("`variables` is not a table".into()))?;
+    for v in vars {
+        let (name, value) = v
+            .split_once('=')
+            .ok_or_else(|| CliError::Local(format!("--var {v:?}: expected NAME=VALUE")))?;
+        let sensitive = table
+            .get(name)
+            .and_then(|old| old.get("sensitive"))
+            .and_then(|s| s.as_bool())
+            .unwrap_or(false);
+        let new = if sensitive {
+            serde_json::json!({ "value": value, "sensitive": true })
+        } else {
+            serde_json::Value::String(value.to_owned())
+        };
+        table.insert(name.to_owned(), new);
+    }
+    Ok(())
+}
+
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_process_becomes_json_and_vars_override() {
+        let mut v = process_json(
+            "name = \"x\"\n[variables]\nA = \"1\"\nS = { value = \"abcd\", sensitive = true }\n[[steps]]\nname = \"a\"\nscript = \"true\"\n",
+        )
+        .unwrap();
+        apply_vars(&mut v, &["A=2".into(), "S=efgh".into(), "B=3".into()]).unwrap();
+        assert_eq!(v["variables"]["A"], "2");
+        assert_eq!(v["variables"]["S"]["value"], "efgh");
+        assert_eq!(v["variables"]["S"]["sensitive"], true);
+        assert_eq!(v["variables"]["B"], "3");
+        assert!(apply_vars(&mut v, &["nope".into()]).is_err());
+    }
+}

@@ -1,0 +1,39 @@
+//! # gantry-dispatcher
+//!
+//! The dispatcher node: REST API, orchestrator, result consumer, monitors; and the `gantry`
+//! command-line client.
+//!
+//! # Layout
+//! - [`app`]: builds a node from its settings and runs it.
+//! - [`db`]: database creation, migrations, bootstrap rows.
+//! - [`api`]: routes, extractors, JSON errors.
+//! - [`store`]: SQL for pools, workers, keys and task views.
+//! - [`orchestrator`]: decides each task's next steps and publishes their jobs.
+//! - [`attempts`]: the attempt state machine shared by the orchestrator, claims and results.
+//! - [`results`]: consumes agent events into PostgreSQL.
+//! - [`logs`]: gapless, ordered log storage and reading.
+//! - [`monitors`]: heartbeats, worker availability, dead letters.
+//! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
+//! - [`metrics`]: Prometheus text.
+//! - [`secrets`]: sensitive values sealed at rest.
+//! - [`redis_link`]: the Redis connection.
+//! - [`auth`]: API keys and worker credentials.
+//! - [`cli`]: the `gantry` client.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod attempts;
+pub mod auth;
+pub mod cli;
+pub mod db;
+pub mod logs;
+pub mod metrics;
+pub mod monitors;
+pub mod notify;
+pub mod orchestrator;
+pub mod redis_link;
+pub mod results;
+pub mod secrets;
+pub mod store;

@@ -1,0 +1,261 @@
+//! # Log storage
+//!
+//! Lines from agents arrive in batches numbered by `seq` per attempt. A batch is applied only
+//! where it continues the attempt's gapless prefix (`attempts.lines_stored`): the part already
+//! stored is skipped (a redelivery changes nothing), and a batch that arrives ahead of a gap
+//! waits in `log_lines_pending` until the gap closes. Each line made visible gets the next
+//! task-wide position `pos` under the row lock of `task_log_positions`, in the same
+//! transaction that inserts it, so positions become visible in order: a reader that sees
+//! position n has seen every position below it. The API's cursor is that position.
+//!
+//! Lines Gantry writes itself (a skipped step, a retry, the task's end) take positions the
+//! same way, with no `seq`.
+
+use chrono::{DateTime, Utc};
+use gantry_shared::api::LogEntry;
+use gantry_shared::ids::{StepRunId, TaskId};
+use gantry_shared::wire::{LogLine, Stream};
+use sqlx::{PgConnection, PgPool};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Postgres NOTIFY channel: a task's log grew (payload: the task id).
+pub const LOG_CHANNEL: &str = "gantry_log";
+/// Postgres NOTIFY channel: a task changed state (payload: the task id).
+pub const TASK_CHANNEL: &str = "gantry_task";
+
+/// Reserve `n` positions in a task's log; returns the first.
+async fn reserve(conn: &mut PgConnection, task: TaskId, n: i64) -> sqlx::Result<i64> {
+    let last: i64 = sqlx::query_scalar(
+        "UPDATE task_log_positions SET last_pos = last_pos + $2 WHERE task_id = $1 RETURNING last_pos",
+    )
+    .bind(task.0)
+    .bind(n)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(last - n + 1)
+}
+
+pub async fn notify(conn: &mut PgConnection, channel: &str, task: TaskId) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(task.0.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Append a line written by Gantry itself.
+pub async fn append_system(
+    conn: &mut PgConnection,
+    task: TaskId,
+    step: Option<(StepRunId, u32)>,
+    text: &str,
+) -> sqlx::Result<()> {
+    let pos = reserve(conn, task, 1).await?;
+    sqlx::query(
+        "INSERT INTO log_lines (task_id, pos, step_run_id, attempt, seq, ts, stream, text)
+         VALUES ($1, $2, $3, $4, NULL, now(), 0, $5)",
+    )
+    .bind(task.0)
+    .bind(pos)
+    .bind(step.map(|s| s.0.0))
+    .bind(step.map(|s| s.1 as i32))
+    .bind(text)
+    .execute(&mut *conn)
+    .await?;
+    notify(conn, LOG_CHANNEL, task).await
+}
+
+/// One line to store: its seq and content.
+pub struct SeqLine<'a> {
+    pub seq: i64,
+    pub ts: DateTime<Utc>,
+    pub stream: i16,
+    pub text: std::borrow::Cow<'a, str>,
+}
+
+/// Apply a batch to an attempt whose row the caller has locked, given the attempt's
+/// `lines_stored`. Returns the new `lines_stored`.
+pub async fn apply_batch(
+    conn: &mut PgConnection,
+    task: TaskId,
+    step_run: StepRunId,
+    attempt: u32,
+    lines_stored: i64,
+    first_seq: i64,
+    lines: &[LogLine],
+) -> sqlx::Result<i64> {
+    let end = first_seq + lines.len() as i64;
+    if end <= lines_stored || lines.is_empty() {
+        return Ok(lines_stored);
+    }
+    if first_seq > lines_stored {
+        // Ahead of a gap: park it.
+        let seqs: Vec<i64> = (first_seq..end).collect();
+        let ts: Vec<DateTime<Utc>> = lines.iter().map(|l| l.ts).collect();
+        let streams: Vec<i16> = lines.iter().map(|l| l.stream.as_i16()).collect();
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO log_lines_pending (step_run_id, attempt, seq, ts, stream, text)
+             SELECT $1, $2, u.seq, u.ts, u.stream, u.text
+             FROM unnest($3::bigint[], $4::timestamptz[], $5::smallint[], $6::text[]) AS u(seq, ts, stream, text)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(step_run.0)
+        .bind(attempt as i32)
+        .bind(&seqs)
+        .bind(&ts)
+        .bind(&streams)
+        .bind(&texts)
+        .execute(&mut *conn)
+        .await?;
+        return Ok(lines_stored);
+    }
+    let skip = (lines_stored - first_seq) as usize;
+    let mut fresh: Vec<SeqLine<'_>> = lines[skip..]
+        .iter()
+        .enumerate()
+        .map(|(i, l)| SeqLine {
+            seq: lines_stored + i as i64,
+            ts: l.ts,
+            stream: l.stream.as_i16(),
+            text: std::borrow::Cow::Borrowed(l.text.as_str()),
+        })
+        .collect();
+    // Lines parked earlier that now continue the prefix.
+    let parked: Vec<(i64, DateTime<Utc>, i16, String)> = sqlx::query_as(
+        "DELETE FROM log_lines_pending WHERE step_run_id = $1 AND attempt = $2 AND seq >= $3
+         RETURNING seq, ts, stream, text",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(end)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !parked.is_empty() {
+        let mut parked = parked;
+        parked.sort_by_key(|p| p.0);
+        let mut next = end;
+        let mut keep = Vec::new();
+        for (seq, ts, stream, text) in parked {
+            if seq == next {
+                fresh.push(SeqLine {
+                    seq,
+                    ts,
+                    stream,
+                    text: std::borrow::Cow::Owned(text),
+                });
+                next += 1;
+            } else if seq > next {
+                keep.push((seq, ts, stream, text));
+            }
+        }
+        // Put back what still lies beyond a gap.
+        for (seq, ts, stream, text) in keep {
+            sqlx::query(
+                "INSERT INTO log_lines_pending (step_run_id, attempt, seq, ts, stream, text)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .bind(step_run.0)
+            .bind(attempt as i32)
+            .bind(seq)
+            .bind(ts)
+            .bind(stream)
+            .bind(text)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    let n = fresh.len() as i64;
+    let first_pos = reserve(conn, task, n).await?;
+    let pos: Vec<i64> = (first_pos..first_pos + n).collect();
+    let seqs: Vec<i64> = fresh.iter().map(|l| l.seq).collect();
+    let ts: Vec<DateTime<Utc>> = fresh.iter().map(|l| l.ts).collect();
+    let streams: Vec<i16> = fresh.iter().map(|l| l.stream).collect();
+    let texts: Vec<&str> = fresh.iter().map(|l| l.text.as_ref()).collect();
+    sqlx::query(
+        "INSERT INTO log_lines (task_id, pos, step_run_id, attempt, seq, ts, stream, text)
+         SELECT $1, u.pos, $2, $3, u.seq, u.ts, u.stream, u.text
+         FROM unnest($4::bigint[], $5::bigint[], $6::timestamptz[], $7::smallint[], $8::text[])
+              AS u(pos, seq, ts, stream, text)",
+    )
+    .bind(task.0)
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(&pos)
+    .bind(&seqs)
+    .bind(&ts)
+    .bind(&streams)
+    .bind(&texts)
+    .execute(&mut *conn)
+    .await?;
+    notify(conn, LOG_CHANNEL, task).await?;
+    Ok(lines_stored + n)
+}
+
+/// Parse an API cursor (`""` or absent means the start).
+pub fn parse_cursor(raw: Option<&str>) -> Result<i64, String> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|v| *v >= 0)
+            .ok_or_else(|| format!("{s:?} is not a log cursor returned by this API")),
+    }
+}
+
+pub fn cursor(pos: i64) -> String {
+    pos.to_string()
+}
+
+/// Read lines after a cursor, in order.
+pub async fn read(
+    db: &PgPool,
+    task: TaskId,
+    after: i64,
+    limit: i64,
+    step_names: &HashMap<Uuid, String>,
+) -> sqlx::Result<Vec<LogEntry>> {
+    type Row = (
+        i64,
+        Option<Uuid>,
+        Option<i32>,
+        Option<i64>,
+        DateTime<Utc>,
+        i16,
+        String,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT pos, step_run_id, attempt, seq, ts, stream, text FROM log_lines
+         WHERE task_id = $1 AND pos > $2 ORDER BY pos LIMIT $3",
+    )
+    .bind(task.0)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(pos, step, attempt, seq, ts, stream, text)| LogEntry {
+            cursor: cursor(pos),
+            step: step.and_then(|s| step_names.get(&s).cloned()),
+            attempt: attempt.map(|a| a as u32),
+            seq: seq.map(|s| s as u64),
+            ts,
+            stream: Stream::from_i16(stream).as_str().to_owned(),
+            text,
+        })
+        .collect())
+}
+
+/// Step run id → step name, for a task.
+pub async fn step_names(db: &PgPool, task: TaskId) -> sqlx::Result<HashMap<Uuid, String>> {
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, name FROM step_runs WHERE task_id = $1")
+            .bind(task.0)
+            .fetch_all(db)
+            .await?;
+    Ok(rows.into_iter().collect())
+}

@@ -1,0 +1,63 @@
+//! `GET /metrics` in the Prometheus text format. Counts come from PostgreSQL and the broker at
+//! scrape time; the step duration histogram is kept in memory by the node that concluded the
+//! steps (so a cluster's histogram is the sum over its nodes, as Prometheus expects).
+
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Upper bounds of the step duration buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    durations: Mutex<Histogram>,
+}
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Metrics {
+    pub fn observe_step_duration(&self, seconds: f64) {
+        let mut h = self.durations.lock().expect("metrics lock");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += seconds;
+    }
+
+    pub fn render_histogram(&self, out: &mut String) {
+        let h = self.durations.lock().expect("metrics lock");
+        out.push_str("# HELP gantry_step_duration_seconds Duration of finished step attempts, from start to finish.\n");
+        out.push_str("# TYPE gantry_step_duration_seconds histogram\n");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "gantry_step_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                h.counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "gantry_step_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(out, "gantry_step_duration_seconds_sum {}", h.sum);
+        let _ = writeln!(out, "gantry_step_duration_seconds_count {}", h.count);
+    }
+}
+
+/// Escape a label value.
+pub fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,598 @@
+//! # The orchestrator
+//!
+//! Decides what happens next in each task and publishes the jobs. It is driven by wake-ups:
+//! a kick in memory (a new task, a concluded attempt on this node) for speed, and the
+//! `task_wakeups` table, swept every `dispatcher.sweep_interval_secs`, for durability: a
+//! crash between "an attempt ended" and "the next step was published" delays the task by one
+//! sweep and loses nothing.
+//!
+//! One `advance` of a task runs in one transaction holding the task's row lock:
+//!
+//! 1. steps are grouped (a step and the `parallel` steps after it form a group);
+//! 2. the first group that has not ended is the current one; each of its `Pending` steps is
+//!    skipped (its condition says so, given whether an earlier group failed) or started: a
+//!    new attempt, `Pending`, with a fresh `job_id`;
+//! 3. when every group has ended, the task ends: `Failed` if any step failed, else `Success`.
+//!
+//! After the commit the jobs are published (persistent, mandatory, confirmed); a confirmed
+//! job's attempt becomes `Queued`. A job whose confirmation never came stays `Pending`, and
+//! the sweep re-publishes it under a new `job_id`, which voids the old one: whichever copy
+//! an agent claims first is the only one that runs.
+
+use crate::attempts;
+use crate::logs;
+use crate::store::tasks::is_terminal;
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use gantry_shared::amqp::{Broker, PublishError, Publisher, json_properties};
+use gantry_shared::ids::{JobId, StepRunId, TaskId};
+use gantry_shared::process::{Condition, StepSpec, group_ranges};
+use gantry_shared::topology::Topology;
+use gantry_shared::wire::Job;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Tasks advanced at once by one node.
+const CONCURRENT_ADVANCES: usize = 16;
+/// An unconfirmed attempt older than this, not being published by this node, is re-published.
+const REPUBLISH_AFTER: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: PgPool,
+    topology: Topology,
+    broker: Broker,
+    publisher: Publisher,
+    kick_tx: mpsc::UnboundedSender<TaskId>,
+    /// Attempts this node is publishing right now; the sweep leaves them alone.
+    publishing: Mutex<HashSet<(StepRunId, u32)>>,
+    /// Tasks being advanced, and whether another kick arrived meanwhile.
+    advancing: Mutex<HashMap<TaskId, bool>>,
+}
+
+/// A job ready to go out.
+struct Outgoing {
+    job: Job,
+    routing_key: String,
+    pool_slug: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct StepState {
+    id: Uuid,
+    name: String,
+    spec: Json<StepSpec>,
+    state: String,
+    attempt: i32,
+    not_before: Option<DateTime<Utc>>,
+    pool_slug: Option<String>,
+    pool_name: Option<String>,
+    attempt_state: Option<String>,
+    reason: Option<String>,
+}
+
+impl Orchestrator {
+    pub fn start(
+        db: PgPool,
+        topology: Topology,
+        broker: Broker,
+        sweep_every: Duration,
+        cancel: CancellationToken,
+    ) -> Self {
+        let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            publisher: Publisher::new(broker.clone()),
+            db,
+            topology,
+            broker,
+            kick_tx,
+            publishing: Mutex::new(HashSet::new()),
+            advancing: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(run(inner.clone(), kick_rx, sweep_every, cancel));
+        Self { inner }
+    }
+
+    /// Look at a task again soon.
+    pub fn kick(&self, task: TaskId) {
+        let _ = self.inner.kick_tx.send(task);
+    }
+
+    /// Void an unclaimed attempt's job and publish it again (a refused claim that should run
+    /// elsewhere, a returned message).
+    pub async fn republish(&self, step_run: StepRunId, attempt: u32) {
+        republish(&self.inner, step_run, attempt).await
+    }
+}
+
+async fn run(
+    inner: Arc<Inner>,
+    mut kicks: mpsc::UnboundedReceiver<TaskId>,
+    sweep_every: Duration,
+    cancel: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(CONCURRENT_ADVANCES));
+    let mut sweep = tokio::time::interval(sweep_every);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            Some(task) = kicks.recv() => schedule(&inner, &permits, task),
+            _ = sweep.tick() => {
+                if let Err(e) = sweep_once(&inner, &permits).await {
+                    tracing::warn!(error = %e, "orchestrator sweep failed; will retry");
+                }
+            }
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Run `advance` for a task, at most once at a time per task on this node; a kick that
+/// arrives meanwhile makes it run once more afterwards.
+fn schedule(inner: &Arc<Inner>, permits: &Arc<Semaphore>, task: TaskId) {
+    {
+        let mut advancing = inner.advancing.lock().expect("lock poisoned");
+        if let Some(again) = advancing.get_mut(&task) {
+            *again = true;
+            return;
+        }
+        advancing.insert(task, false);
+    }
+    let inner = inner.clone();
+    let permits = permits.clone();
+    tokio::spawn(async move {
+        loop {
+            let permit = permits.acquire().await.expect("semaphore never closed");
+            advance_and_publish(&inner, task).await;
+            drop(permit);
+            let mut advancing = inner.advancing.lock().expect("lock poisoned");
+            match advancing.get_mut(&task) {
+                Some(again) if *again => *again = false,
+                _ => {
+                    advancing.remove(&task);
+                    return;
+                }
+            }
+        }
+    });
+}
+
+async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Result<()> {
+    let woken: Vec<Uuid> = sqlx::query_scalar("SELECT task_id FROM task_wakeups LIMIT 10000")
+        .fetch_all(&inner.db)
+        .await?;
+    let due: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT DISTINCT task_id FROM step_runs
+         WHERE not_before IS NOT NULL AND not_before <= now() AND state = 'Pending'",
+    )
+    .fetch_all(&inner.db)
+    .await?;
+    for t in woken.into_iter().chain(due) {
+        schedule(inner, permits, TaskId(t));
+    }
+    let unconfirmed: Vec<(Uuid, i32)> = sqlx::query_as(
+        "SELECT step_run_id, attempt FROM attempts
+         WHERE state = 'Pending' AND created_at < now() - $1::interval LIMIT 1000",
+    )
+    .bind(REPUBLISH_AFTER)
+    .fetch_all(&inner.db)
+    .await?;
+    for (step_run, attempt) in unconfirmed {
+        let key = (StepRunId(step_run), attempt as u32);
+        if inner.publishing.lock().expect("lock").contains(&key) {
+            continue;
+        }
+        republish(inner, key.0, key.1).await;
+    }
+    Ok(())
+}
+
+async fn advance_and_publish(inner: &Arc<Inner>, task: TaskId) {
+    let mut delay = Duration::from_millis(50);
+    let outgoing = loop {
+        match advance(inner, task).await {
+            Ok(out) => break out,
+            Err(e)
+                if e.downcast_ref::<sqlx::Error>()
+                    .is_some_and(crate::db::is_transient) =>
+            {
+                if delay > Duration::from_secs(2) {
+                    // The sweep will come back to it.
+                    tracing::warn!(%task, error = %e, "cannot advance task now; leaving it to the sweep");
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                tracing::error!(%task, error = ?e, "advancing task failed");
+                return;
+            }
+        }
+    };
+    futures::future::join_all(outgoing.into_iter().map(|o| publish(inner, o))).await;
+}
+
+/// One decision step for a task (see the module docs). Returns the jobs to publish.
+async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
+    let mut tx = inner.db.begin().await?;
+    let row: Option<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT name, state, variables FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(task.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let bump: Option<i64> = sqlx::query_scalar("SELECT bump FROM task_wakeups WHERE task_id = $1")
+        .bind(task.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some((task_name, task_state, variables)) = row else {
+        return Ok(Vec::new());
+    };
+    let mut outgoing = Vec::new();
+    if !is_terminal(&task_state) {
+        let mut steps: Vec<StepState> = sqlx::query_as(
+            "SELECT s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
+                    p.slug AS pool_slug, p.name AS pool_name, a.state AS attempt_state
+             FROM step_runs s
+             LEFT JOIN pools p ON p.id = s.pool_id
+             LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
+             WHERE s.task_id = $1 ORDER BY s.idx",
+        )
+        .bind(task.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        let groups = group_ranges(steps.iter().map(|s| s.spec.0.parallel));
+        let mut first_failure: Option<String> = None;
+        let mut in_progress = false;
+        let mut started_any = false;
+        for group in groups {
+            for i in group.clone() {
+                let step = &mut steps[i];
+                if step.state != "Pending" {
+                    continue;
+                }
+                let attempt_live = step.attempt > 0
+                    && step
+                        .attempt_state
+                        .as_deref()
+                        .is_some_and(|s| !attempts::is_final(s));
+                if attempt_live {
+                    continue;
+                }
+                let skip = match (step.spec.0.condition, &first_failure) {
+                    (Condition::Success, Some(failed)) => Some(format!(
+                        "skipped: an earlier step ({failed}) failed and this step runs only on success"
+                    )),
+                    (Condition::Failure, None) => Some(
+                        "skipped: condition = \"failure\" and no earlier step failed".to_owned(),
+                    ),
+                    _ => None,
+                };
+                if let Some(reason) = skip {
+                    sqlx::query(
+                        "UPDATE step_runs SET state = 'Skipped', reason = $2, not_before = NULL WHERE id = $1",
+                    )
+                    .bind(step.id)
+                    .bind(&reason)
+                    .execute(&mut *tx)
+                    .await?;
+                    logs::append_system(
+                        &mut tx,
+                        task,
+                        Some((StepRunId(step.id), step.attempt as u32)),
+                        &format!("Step {} {reason}", step.name),
+                    )
+                    .await?;
+                    step.state = "Skipped".into();
+                    continue;
+                }
+                if step.not_before.is_some_and(|t| t > Utc::now()) {
+                    // Waiting out a retry backoff; the sweep brings it back when due.
+                    continue;
+                }
+                let attempt = (step.attempt + 1) as u32;
+                let job_id = JobId::new();
+                sqlx::query(
+                    "INSERT INTO attempts (step_run_id, attempt, job_id, state) VALUES ($1, $2, $3, 'Pending')",
+                )
+                .bind(step.id)
+                .bind(attempt as i32)
+                .bind(job_id.0)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE step_runs SET attempt = $2, not_before = NULL, waiting_for = NULL WHERE id = $1",
+                )
+                .bind(step.id)
+                .bind(attempt as i32)
+                .execute(&mut *tx)
+                .await?;
+                step.attempt = attempt as i32;
+                step.attempt_state = Some("Pending".into());
+                inner
+                    .publishing
+                    .lock()
+                    .expect("lock")
+                    .insert((StepRunId(step.id), attempt));
+                outgoing.push(
+                    build_job(&mut tx, task, &task_name, &variables, step, attempt, job_id).await?,
+                );
+                started_any = true;
+            }
+            let group_done = steps[group.clone()].iter().all(|s| {
+                s.state != "Pending"
+                    && !matches!(s.state.as_str(), "Queued" | "Running" | "Waiting")
+            });
+            if !group_done {
+                in_progress = true;
+                break;
+            }
+            for s in &steps[group] {
+                if attempts::FAILURE_STATES.contains(&s.state.as_str()) && first_failure.is_none() {
+                    first_failure = Some(s.name.clone());
+                }
+            }
+        }
+        if started_any && task_state == "Queued" {
+            sqlx::query("UPDATE tasks SET state = 'Executing', started_at = now() WHERE id = $1")
+                .bind(task.0)
+                .execute(&mut *tx)
+                .await?;
+            logs::notify(&mut tx, logs::TASK_CHANNEL, task).await?;
+        }
+        if !in_progress {
+            let (state, error) = match &first_failure {
+                Some(name) => {
+                    let reason = steps
+                        .iter()
+                        .find(|s| &s.name == name)
+                        .and_then(|s| s.reason.clone())
+                        .unwrap_or_else(|| "failed".into());
+                    ("Failed", Some(format!("step {name} {reason}")))
+                }
+                None => ("Success", None),
+            };
+            sqlx::query(
+                "UPDATE tasks SET state = $2, error = $3, finished_at = now(),
+                     started_at = COALESCE(started_at, now())
+                 WHERE id = $1",
+            )
+            .bind(task.0)
+            .bind(state)
+            .bind(&error)
+            .execute(&mut *tx)
+            .await?;
+            let line = match &error {
+                Some(e) => format!("Task {task_name} failed: {e}"),
+                None => format!("Task {task_name} succeeded"),
+            };
+            logs::append_system(&mut tx, task, None, &line).await?;
+            logs::notify(&mut tx, logs::TASK_CHANNEL, task).await?;
+        }
+    }
+    if let Some(bump) = bump {
+        sqlx::query("DELETE FROM task_wakeups WHERE task_id = $1 AND bump = $2")
+            .bind(task.0)
+            .bind(bump)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Err(e) = tx.commit().await {
+        for o in &outgoing {
+            inner
+                .publishing
+                .lock()
+                .expect("lock")
+                .remove(&(o.job.step_run_id, o.job.attempt));
+        }
+        return Err(e.into());
+    }
+    Ok(outgoing)
+}
+
+/// The job for an attempt: the step's script and every non-sensitive value it may reference.
+async fn build_job(
+    conn: &mut PgConnection,
+    task: TaskId,
+    task_name: &str,
+    task_variables: &serde_json::Value,
+    step: &StepState,
+    attempt: u32,
+    job_id: JobId,
+) -> sqlx::Result<Outgoing> {
+    let spec = &step.spec.0;
+    let mut variables: BTreeMap<String, String> = task_variables
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let outputs: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(
+        "SELECT s.name, o.name, o.value, o.sensitive FROM output_variables o
+         JOIN step_runs s ON s.id = o.step_run_id AND o.attempt = s.attempt
+         WHERE s.task_id = $1",
+    )
+    .bind(task.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut sensitive_names: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM task_secrets WHERE task_id = $1 ORDER BY name")
+            .bind(task.0)
+            .fetch_all(&mut *conn)
+            .await?;
+    for (step_name, name, value, sensitive) in outputs {
+        let key = format!("Steps.{step_name}.Output.{name}");
+        if sensitive {
+            sensitive_names.push(key);
+        } else {
+            variables.insert(key, value.unwrap_or_default());
+        }
+    }
+    variables.insert("Gantry.Task.Id".into(), task.to_string());
+    variables.insert("Gantry.Task.Name".into(), task_name.to_owned());
+    variables.insert("Gantry.Step.Name".into(), step.name.clone());
+    variables.insert("Gantry.Step.Attempt".into(), attempt.to_string());
+    if let Some(pool) = &step.pool_name {
+        variables.insert("Gantry.WorkerPool.Name".into(), pool.clone());
+    }
+    let job = Job {
+        job_id,
+        task_id: task,
+        task_name: task_name.to_owned(),
+        step_run_id: StepRunId(step.id),
+        step_name: step.name.clone(),
+        attempt,
+        syntax: spec.syntax,
+        script: spec.script.clone().unwrap_or_default(),
+        variables,
+        sensitive_names,
+        timeout_secs: spec.timeout_secs,
+        pool_name: step.pool_name.clone(),
+        exclusive: spec.exclusive,
+        mutex: spec.mutex.clone(),
+    };
+    let slug = step.pool_slug.clone();
+    Ok(Outgoing {
+        routing_key: slug
+            .as_deref()
+            .map(Topology::pool_routing_key)
+            .unwrap_or_else(|| Topology::SERVER_ROUTING_KEY.to_owned()),
+        pool_slug: slug,
+        job,
+    })
+}
+
+/// Publish a job; on confirmation mark its attempt `Queued`. Failures leave the attempt
+/// `Pending` for the sweep to re-publish.
+async fn publish(inner: &Arc<Inner>, out: Outgoing) {
+    let key = (out.job.step_run_id, out.job.attempt);
+    let body = out.job.encode();
+    let exchange = inner.topology.jobs_exchange();
+    let props = json_properties().with_message_id(out.job.job_id.to_string().into());
+    let mut result = inner
+        .publisher
+        .publish(&exchange, &out.routing_key, &body, props.clone())
+        .await;
+    if let (Err(PublishError::Returned(_)), Some(slug)) = (&result, &out.pool_slug) {
+        // The pool's queue is missing (deleted by hand, or the pool was created while the
+        // broker was away): declare it and try once more.
+        if let Some(conn) = inner.broker.current()
+            && let Ok(ch) = conn.create_channel().await
+        {
+            let _ = inner.topology.declare_pool(&ch, slug).await;
+            let _ = ch.close(200, "declared".into()).await;
+        }
+        result = inner
+            .publisher
+            .publish(&exchange, &out.routing_key, &body, props)
+            .await;
+    }
+    match result {
+        Ok(()) => {
+            let r = async {
+                let mut tx = inner.db.begin().await?;
+                attempts::mark_queued(&mut tx, key.0, key.1, out.job.job_id).await?;
+                tx.commit().await
+            }
+            .await;
+            if let Err(e) = r {
+                // The job is on its way; the claim accepts Pending too, so this only delays
+                // the Queued mark, which the next claim or sweep supersedes.
+                tracing::warn!(error = %e, step_run = %key.0, "could not mark attempt Queued");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, step_run = %key.0, attempt = key.1, "publishing a job failed; the sweep will publish it again");
+        }
+    }
+    inner.publishing.lock().expect("lock").remove(&key);
+}
+
+/// Give an unclaimed attempt a new job id (voiding the old one) and publish it.
+async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
+    let key = (step_run, attempt);
+    if !inner.publishing.lock().expect("lock").insert(key) {
+        return;
+    }
+    let built = async {
+        let mut tx = inner.db.begin().await?;
+        let task: Option<(Uuid, String, serde_json::Value)> = sqlx::query_as(
+            "SELECT t.id, t.name, t.variables FROM tasks t JOIN step_runs s ON s.task_id = t.id
+             WHERE s.id = $1",
+        )
+        .bind(step_run.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((task_id, task_name, variables)) = task else {
+            return Ok::<_, anyhow::Error>(None);
+        };
+        let step: StepState = sqlx::query_as(
+            "SELECT s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
+                    p.slug AS pool_slug, p.name AS pool_name, a.state AS attempt_state
+             FROM step_runs s
+             LEFT JOIN pools p ON p.id = s.pool_id
+             LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
+             WHERE s.id = $1 FOR UPDATE OF s",
+        )
+        .bind(step_run.0)
+        .fetch_one(&mut *tx)
+        .await
+        .context("loading step for re-publication")?;
+        let job_id = JobId::new();
+        let r = sqlx::query(
+            "UPDATE attempts SET job_id = $3, state = 'Pending'
+             WHERE step_run_id = $1 AND attempt = $2 AND state IN ('Pending', 'Queued')",
+        )
+        .bind(step_run.0)
+        .bind(attempt as i32)
+        .bind(job_id.0)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 || step.attempt != attempt as i32 {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE step_runs SET state = 'Pending' WHERE id = $1 AND state = 'Queued'")
+            .bind(step_run.0)
+            .execute(&mut *tx)
+            .await?;
+        let out = build_job(
+            &mut tx,
+            TaskId(task_id),
+            &task_name,
+            &variables,
+            &step,
+            attempt,
+            job_id,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(out))
+    }
+    .await;
+    match built {
+        Ok(Some(out)) => {
+            tracing::info!(step_run = %step_run, attempt, job_id = %out.job.job_id, "re-publishing an unclaimed job under a new job id");
+            // `publish` removes the key when done.
+            publish(inner, out).await;
+        }
+        Ok(None) => {
+            inner.publishing.lock().expect("lock").remove(&key);
+        }
+        Err(e) => {
+            inner.publishing.lock().expect("lock").remove(&key);
+            tracing::warn!(error = %e, step_run = %step_run, "re-publishing failed; the sweep will retry");
+        }
+    }
+}

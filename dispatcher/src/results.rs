@@ -1,0 +1,349 @@
+//! # The result consumer
+//!
+//! Consumes `<ns>.results` and persists each event idempotently, then acks it. Nothing is
+//! acked before it is committed: while PostgreSQL is away the consumer holds its deliveries
+//! and retries, so the broker keeps everything. A body that fails validation is rejected
+//! without requeue, which dead-letters it into `<ns>.dead`.
+//!
+//! Every event names its attempt and its sender (`job_id`, `worker_id`). An event that does
+//! not come from the attempt's current claimant (a voided job, a lost worker's late results)
+//! is recorded in `stale_events` and changes nothing else. Redelivered events change nothing
+//! either: log lines are keyed by `seq`, outputs by name, and `StepFinished` is a
+//! compare-and-set. An attempt becomes final only once its `StepFinished` arrived and all the
+//! lines it announced are stored.
+
+use crate::attempts::{self, Locked};
+use crate::logs;
+use crate::metrics::Metrics;
+use crate::orchestrator::Orchestrator;
+use futures::StreamExt;
+use gantry_shared::amqp::Broker;
+use gantry_shared::ids::{StepRunId, TaskId};
+use gantry_shared::topology::Topology;
+use gantry_shared::wire::{Event, Origin};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use sqlx::{PgConnection, PgPool};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Unacked result deliveries held at once.
+const PREFETCH: u16 = 256;
+
+#[derive(Clone)]
+pub struct ResultConsumer {
+    pub db: PgPool,
+    pub topology: Topology,
+    pub broker: Broker,
+    pub orchestrator: Orchestrator,
+    pub metrics: Arc<Metrics>,
+    pub retry_base: Duration,
+}
+
+enum Handled {
+    /// Stored (or a harmless duplicate); the task may need a look.
+    Done(Option<TaskId>),
+}
+
+impl ResultConsumer {
+    pub fn spawn(self, cancel: CancellationToken) {
+        tokio::spawn(async move { self.run(cancel).await });
+    }
+
+    async fn run(self, cancel: CancellationToken) {
+        loop {
+            let conn = tokio::select! {
+                c = self.broker.connected() => c,
+                _ = cancel.cancelled() => return,
+            };
+            let consumer = async {
+                let ch = conn.create_channel().await?;
+                ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+                let consumer = ch
+                    .basic_consume(
+                        self.topology.results_queue().into(),
+                        "gantry-dispatcher-results".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, lapin::Error>(consumer)
+            }
+            .await;
+            let mut consumer = match consumer {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume results; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    n = consumer.next() => n,
+                    _ = cancel.cancelled() => return,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        if !self.process(&delivery, &cancel).await {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "result consumer interrupted; re-consuming");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Handle one delivery until it is stored or dead-lettered. Returns false on shutdown.
+    async fn process(
+        &self,
+        delivery: &lapin::message::Delivery,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let event = match Event::decode(&delivery.data) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, "dead-lettering a malformed result message");
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                return true;
+            }
+        };
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.handle(&event).await {
+                Ok(Handled::Done(kick)) => {
+                    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                        // Redelivered later; handling it again changes nothing.
+                        tracing::debug!(error = %e, "ack failed");
+                    }
+                    if let Some(task) = kick {
+                        self.orchestrator.kick(task);
+                    }
+                    return true;
+                }
+                Err(e) if crate::db::is_transient(&e) => {
+                    if delay >= Duration::from_secs(2) {
+                        tracing::warn!(error = %e, "PostgreSQL unavailable; holding results until it is back");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, kind = event.kind(), "cannot store a result event; dead-lettering it");
+                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                    return true;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, event: &Event) -> Result<Handled, sqlx::Error> {
+        let origin = event.origin();
+        let mut tx = self.db.begin().await?;
+        let Some(locked) = attempts::lock(&mut tx, origin.step_run_id, origin.attempt).await?
+        else {
+            stale(&mut tx, origin, event.kind(), "no such attempt").await?;
+            tx.commit().await?;
+            return Ok(Handled::Done(None));
+        };
+        if !locked.is_claimant(origin.job_id, origin.worker_id) {
+            stale(
+                &mut tx,
+                origin,
+                event.kind(),
+                "not from the attempt's current claimant",
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(Handled::Done(None));
+        }
+        let live = locked.state == "Running";
+        let mut kick = None;
+        match event {
+            Event::StepStarted(e) => {
+                if live {
+                    sqlx::query(
+                        "UPDATE attempts SET started_at = $3 WHERE step_run_id = $1 AND attempt = $2",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(e.started_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Event::LogBatch(b) => {
+                let end = b.first_seq as i64 + b.lines.len() as i64;
+                if !live {
+                    if end > locked.lines_stored {
+                        stale(
+                            &mut tx,
+                            origin,
+                            "LogBatch",
+                            "lines for an attempt that has ended",
+                        )
+                        .await?;
+                    }
+                } else {
+                    let stored = logs::apply_batch(
+                        &mut tx,
+                        locked.task(),
+                        origin.step_run_id,
+                        origin.attempt,
+                        locked.lines_stored,
+                        b.first_seq as i64,
+                        &b.lines,
+                    )
+                    .await?;
+                    if stored != locked.lines_stored {
+                        sqlx::query(
+                            "UPDATE attempts SET lines_stored = $3 WHERE step_run_id = $1 AND attempt = $2",
+                        )
+                        .bind(origin.step_run_id.0)
+                        .bind(origin.attempt as i32)
+                        .bind(stored)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    if let (Some(outcome), Some(count)) = (&locked.outcome, locked.line_count)
+                        && stored >= count
+                    {
+                        self.finish(
+                            &mut tx,
+                            &locked,
+                            origin.step_run_id,
+                            origin.attempt,
+                            outcome,
+                        )
+                        .await?;
+                        kick = Some(locked.task());
+                    }
+                }
+            }
+            Event::OutputVariable(o) => {
+                if live {
+                    sqlx::query(
+                        "INSERT INTO output_variables (step_run_id, attempt, name, value, sensitive)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (step_run_id, attempt, name)
+                         DO UPDATE SET value = EXCLUDED.value, sensitive = EXCLUDED.sensitive",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(&o.name)
+                    .bind(if o.sensitive { None } else { o.value.as_deref() })
+                    .bind(o.sensitive)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Event::Progress(p) => {
+                if live {
+                    sqlx::query(
+                        "UPDATE attempts SET progress_percent = $3, progress_message = $4
+                         WHERE step_run_id = $1 AND attempt = $2",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(p.percentage as i16)
+                    .bind(&p.message)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Event::StepFinished(f) => {
+                if live && locked.outcome.is_none() {
+                    sqlx::query(
+                        "UPDATE attempts SET outcome = $3, exit_code = $4, error = $5,
+                             line_count = $6, finished_at = $7
+                         WHERE step_run_id = $1 AND attempt = $2",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(f.outcome.as_str())
+                    .bind(f.exit_code)
+                    .bind(&f.error)
+                    .bind(f.line_count as i64)
+                    .bind(f.finished_at)
+                    .execute(&mut *tx)
+                    .await?;
+                    if locked.lines_stored >= f.line_count as i64 {
+                        let locked = Locked {
+                            exit_code: f.exit_code,
+                            error: f.error.clone(),
+                            ..locked
+                        };
+                        self.finish(
+                            &mut tx,
+                            &locked,
+                            origin.step_run_id,
+                            origin.attempt,
+                            f.outcome.as_str(),
+                        )
+                        .await?;
+                        let duration = locked
+                            .started_at
+                            .map(|s| (f.finished_at - s).num_milliseconds().max(0) as f64 / 1000.0);
+                        if let Some(d) = duration {
+                            self.metrics.observe_step_duration(d);
+                        }
+                        kick = Some(locked.task());
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(Handled::Done(kick))
+    }
+
+    async fn finish(
+        &self,
+        conn: &mut PgConnection,
+        locked: &Locked,
+        step_run: StepRunId,
+        attempt: u32,
+        outcome: &str,
+    ) -> sqlx::Result<()> {
+        attempts::conclude(
+            conn,
+            locked,
+            step_run,
+            attempt,
+            outcome,
+            None,
+            self.retry_base,
+        )
+        .await
+    }
+}
+
+async fn stale(
+    conn: &mut PgConnection,
+    origin: &Origin,
+    kind: &str,
+    reason: &str,
+) -> sqlx::Result<()> {
+    tracing::info!(step_run = %origin.step_run_id, attempt = origin.attempt, job_id = %origin.job_id, worker = %origin.worker_id, kind, reason, "keeping a stale event apart");
+    sqlx::query(
+        "INSERT INTO stale_events (step_run_id, attempt, job_id, worker_id, kind, reason)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(origin.step_run_id.0)
+    .bind(origin.attempt as i32)
+    .bind(origin.job_id.0)
+    .bind(origin.worker_id.0)
+    .bind(kind)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

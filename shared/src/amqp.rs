@@ -1,0 +1,310 @@
+//! # Broker connections that heal themselves
+//!
+//! [`Broker`] owns one AMQP connection and replaces it when it dies: it reconnects with
+//! exponential backoff (100 ms to 5 s), re-declares the caller's topology, and publishes the
+//! new connection on a `watch` channel. Consumers watch it and re-consume on each new
+//! connection; anything they had not acked is redelivered by the broker, which is why every
+//! consumer in Gantry is idempotent.
+//!
+//! We do not use lapin's automatic recovery: a channel closed by the broker (consumer
+//! timeout, a 406) is not recovered by it, and acks from a pre-recovery channel are silently
+//! refused. One explicit reconnect path is easier to reason about and to test.
+//!
+//! [`Publisher`] publishes with publisher confirms and `mandatory`, on a channel it re-opens
+//! when the connection changes: a publish is `Ok` only once the broker confirmed it and did
+//! not return it.
+
+use futures::StreamExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Event};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Declares what a process needs on a fresh connection.
+pub type DeclareFn =
+    Arc<dyn Fn(Channel) -> Pin<Box<dyn Future<Output = lapin::Result<()>> + Send>> + Send + Sync>;
+
+/// A connection, shared by the components that use it.
+pub type SharedConnection = Arc<Connection>;
+
+/// A self-healing connection to RabbitMQ.
+#[derive(Clone)]
+pub struct Broker {
+    rx: watch::Receiver<Option<SharedConnection>>,
+}
+
+impl Broker {
+    /// Start the supervisor. It runs until `cancel` fires, then closes the connection.
+    pub fn start(url: String, name: String, declare: DeclareFn, cancel: CancellationToken) -> Self {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(supervise(url, name, declare, tx, cancel));
+        Self { rx }
+    }
+
+    /// The current connection, if there is one.
+    pub fn current(&self) -> Option<SharedConnection> {
+        self.rx.borrow().clone()
+    }
+
+    /// Wait until connected.
+    pub async fn connected(&self) -> SharedConnection {
+        let mut rx = self.rx.clone();
+        loop {
+            if let Some(c) = rx.borrow_and_update().clone()
+                && c.status().connected()
+            {
+                return c;
+            }
+            if rx.changed().await.is_err() {
+                // The supervisor is gone (shutdown); wait forever rather than spin.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Wait until connected, for at most `limit`.
+    pub async fn connected_within(&self, limit: Duration) -> Option<SharedConnection> {
+        tokio::time::timeout(limit, self.connected()).await.ok()
+    }
+
+    /// Follow connection changes (`None` while disconnected).
+    pub fn watch(&self) -> watch::Receiver<Option<SharedConnection>> {
+        self.rx.clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.rx
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+}
+
+async fn supervise(
+    url: String,
+    name: String,
+    declare: DeclareFn,
+    tx: watch::Sender<Option<SharedConnection>>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut failures: u32 = 0;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let props = ConnectionProperties::default().with_connection_name(name.clone().into());
+        let attempt = tokio::select! {
+            r = Connection::connect(&url, props) => r,
+            _ = cancel.cancelled() => return,
+        };
+        let conn = match attempt {
+            Ok(conn) => conn,
+            Err(e) => {
+                failures += 1;
+                // Say it loudly once, then quietly: a broker down for a minute should not
+                // flood the log.
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(error = %e, failures, "cannot reach RabbitMQ; retrying");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let declared = match conn.create_channel().await {
+            Ok(ch) => {
+                let r = declare(ch.clone()).await;
+                let _ = ch.close(200, "declared".into()).await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = declared {
+            tracing::warn!(error = %e, "declaring the broker topology failed; reconnecting");
+            let _ = conn.close(200, "declare failed".into()).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = cancel.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        if failures > 0 {
+            tracing::info!(after_failures = failures, "connected to RabbitMQ again");
+        } else {
+            tracing::debug!("connected to RabbitMQ");
+        }
+        failures = 0;
+        backoff = Duration::from_millis(100);
+        let conn = Arc::new(conn);
+        let mut events = conn.events_listener();
+        let _ = tx.send(Some(conn.clone()));
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(Event::Error(e)) => {
+                        tracing::warn!(error = %e, "RabbitMQ connection lost");
+                        break;
+                    }
+                    Some(Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(%reason, "RabbitMQ blocked this connection (resource alarm)");
+                    }
+                    Some(Event::ConnectionUnblocked) => tracing::info!("RabbitMQ unblocked this connection"),
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if !conn.status().connected() {
+                        tracing::warn!("RabbitMQ connection closed");
+                        break;
+                    }
+                }
+                _ = cancel.cancelled() => {
+                    let _ = tx.send(None);
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        conn.close(200, "shutting down".into()),
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(None);
+    }
+}
+
+/// Why a publish did not succeed. Every variant means "not known to be stored": the caller
+/// may publish again (consumers are idempotent).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("RabbitMQ is not reachable: {0}")]
+    Unavailable(String),
+    #[error("RabbitMQ returned the message as unroutable ({0}): its queue does not exist")]
+    Returned(String),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("no confirmation from RabbitMQ within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Publishes with confirms on a channel of its own, re-opened on each new connection.
+pub struct Publisher {
+    broker: Broker,
+    channel: Mutex<Option<Channel>>,
+    confirm_timeout: Duration,
+}
+
+/// A publish sent, its confirmation not yet awaited.
+pub struct PendingConfirm {
+    confirm: lapin::PublisherConfirm,
+    timeout: Duration,
+}
+
+impl PendingConfirm {
+    pub async fn wait(self) -> Result<(), PublishError> {
+        match tokio::time::timeout(self.timeout, self.confirm).await {
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
+            Ok(Ok(lapin::Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(lapin::Confirmation::Ack(Some(ret)))) => {
+                Err(PublishError::Returned(ret.reply_text.to_string()))
+            }
+            Ok(Ok(lapin::Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(lapin::Confirmation::NotRequested)) => Err(PublishError::Unavailable(
+                "channel is not in confirm mode".into(),
+            )),
+        }
+    }
+}
+
+impl Publisher {
+    pub fn new(broker: Broker) -> Self {
+        Self {
+            broker,
+            channel: Mutex::new(None),
+            confirm_timeout: Duration::from_secs(30),
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut guard = self.channel.lock().await;
+        if let Some(ch) = guard.as_ref()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        *guard = None;
+        let conn = self
+            .broker
+            .current()
+            .filter(|c| c.status().connected())
+            .ok_or_else(|| PublishError::Unavailable("not connected".into()))?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        *guard = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Send a persistent, mandatory message; await [`PendingConfirm::wait`] to know it is
+    /// stored. Messages sent through one publisher reach the broker in call order.
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PendingConfirm, PublishError> {
+        let ch = self.channel().await?;
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        Ok(PendingConfirm {
+            confirm,
+            timeout: self.confirm_timeout,
+        })
+    }
+
+    /// Send and wait for the confirmation.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.send(exchange, routing_key, body, properties)
+            .await?
+            .wait()
+            .await
+    }
+}
+
+/// JSON message properties.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into())
+}

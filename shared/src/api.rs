@@ -1,0 +1,304 @@
+//! Bodies of the REST API (`/api/...`), shared by the dispatcher that serves them and the
+//! clients that call them (the `gantry` CLI, the agent, the tests). Only types live here; the
+//! dispatcher owns the routes and the clients own their HTTP plumbing.
+
+use crate::ids::{ApiKeyId, ClaimId, JobId, PoolId, StepRunId, TaskId, WorkerId};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Header carrying an API key.
+pub const API_KEY_HEADER: &str = "X-Gantry-ApiKey";
+/// Header carrying a worker's credential (given at registration).
+pub const WORKER_TOKEN_HEADER: &str = "X-Gantry-Worker-Token";
+
+/// Every 4xx (and the rare 5xx) body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Permission {
+    /// Pools, workers, settings, keys.
+    ConfigureServer,
+    /// Start, cancel, approve tasks.
+    TaskCreate,
+    /// Read tasks, logs, artifacts.
+    TaskView,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 3] = [
+        Permission::ConfigureServer,
+        Permission::TaskCreate,
+        Permission::TaskView,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::ConfigureServer => "ConfigureServer",
+            Permission::TaskCreate => "TaskCreate",
+            Permission::TaskView => "TaskView",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` when all three services answer, `degraded` otherwise.
+    pub status: String,
+    pub postgres: bool,
+    pub rabbitmq: bool,
+    pub redis: bool,
+    pub version: String,
+}
+
+// ---- pools ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolCreate {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Make this the default pool (the previous default stops being it).
+    #[serde(default)]
+    pub is_default: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolPatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Only `true` is accepted: make this pool the default.
+    pub is_default: Option<bool>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pool {
+    pub id: PoolId,
+    pub name: String,
+    /// Fixed at creation; names the pool's queue `<ns>.pool.<slug>`.
+    pub slug: String,
+    pub description: String,
+    pub is_default: bool,
+    pub worker_count: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRef {
+    pub id: PoolId,
+    pub name: String,
+    pub slug: String,
+}
+
+// ---- workers ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerRegister {
+    pub name: String,
+    /// Pool names (or slugs, or ids). Empty: the default pool.
+    #[serde(default)]
+    pub pools: Vec<String>,
+    #[serde(default)]
+    pub max_concurrent_steps: Option<u32>,
+    /// Replace a worker that has this name already.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerPatch {
+    pub enabled: Option<bool>,
+    pub max_concurrent_steps: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub name: String,
+    pub pools: Vec<PoolRef>,
+    pub max_concurrent_steps: u32,
+    pub enabled: bool,
+    /// `Healthy`, `HasWarnings`, `Unhealthy` or `Unavailable`.
+    pub health: String,
+    pub health_reason: Option<String>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub version: Option<String>,
+    pub running_steps: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The answer to a registration: the worker, and the credential it authenticates with.
+/// The credential is shown once; only its hash is stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerRegistered {
+    pub worker: Worker,
+    pub token: String,
+    pub namespace: String,
+}
+
+/// What a running agent asks the dispatcher at start (with its worker credential).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentConfig {
+    pub worker_id: WorkerId,
+    pub name: String,
+    pub namespace: String,
+    pub pools: Vec<PoolRef>,
+    pub max_concurrent_steps: u32,
+    pub enabled: bool,
+}
+
+// ---- keys ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyCreate {
+    pub name: String,
+    pub permissions: Vec<Permission>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: ApiKeyId,
+    pub name: String,
+    /// The first characters, to recognise a key without revealing it.
+    pub prefix: String,
+    pub permissions: Vec<Permission>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Returned once, at creation: the only time the key itself is shown.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiKeyCreated {
+    #[serde(flatten)]
+    pub key_info: ApiKey,
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyDelete {
+    pub id: ApiKeyId,
+}
+
+// ---- tasks ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskCreated {
+    pub id: TaskId,
+    pub name: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub id: TaskId,
+    pub name: String,
+    pub state: String,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Task {
+    #[serde(flatten)]
+    pub summary: TaskSummary,
+    pub steps: Vec<StepRun>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepRun {
+    pub id: StepRunId,
+    pub index: u32,
+    pub name: String,
+    pub state: String,
+    pub pool: Option<String>,
+    pub waiting_for: Option<String>,
+    /// Why the step was skipped, or failed without an attempt.
+    pub reason: Option<String>,
+    /// The current attempt, 0 before the first.
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub exit_code: Option<i32>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Output variables of the latest attempt; sensitive ones show as `********`.
+    pub outputs: BTreeMap<String, String>,
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub job_id: JobId,
+    pub state: String,
+    pub worker_id: Option<WorkerId>,
+    pub worker: Option<String>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub line_count: i64,
+}
+
+/// One page of a task's log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogPage {
+    pub lines: Vec<LogEntry>,
+    /// Pass as `after` to read on from here.
+    pub next: String,
+    /// True once the task has ended and every line has been read.
+    pub complete: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Opaque position of this line; `after=<cursor>` resumes after it.
+    pub cursor: String,
+    pub step: Option<String>,
+    pub attempt: Option<u32>,
+    pub seq: Option<u64>,
+    pub ts: DateTime<Utc>,
+    pub stream: String,
+    pub text: String,
+}
+
+/// The SSE event sent when a followed task ends (event name `end`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogEnd {
+    pub task_id: TaskId,
+    pub state: String,
+}
+
+// ---- claims ----
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    pub claim_id: ClaimId,
+}
+
+/// A granted claim: the attempt is the agent's to run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClaimGrant {
+    pub step_run_id: StepRunId,
+    pub attempt: u32,
+    pub worker_name: String,
+    /// Values of the job's `sensitive_names`; they never travel through the broker.
+    pub sensitive_variables: BTreeMap<String, String>,
+}

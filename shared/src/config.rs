@@ -1,0 +1,438 @@
+//! Configuration, layered with the `config` crate exactly as DESIGN.md fixes it:
+//!
+//! 1. built-in defaults, which reach the local services with no file at all;
+//! 2. `gantry.toml` in the working directory if it exists, or the file named by `--config`
+//!    (which must exist);
+//! 3. environment variables `GANTRY__SECTION__KEY` (for example `GANTRY__AMQP__URL`,
+//!    `GANTRY__NAMESPACE`).
+//!
+//! A bad value stops the program at start: [`ConfigError`] names the key, and binaries exit
+//! with [`EXIT_CONFIG`] (64, `EX_USAGE`).
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Exit code for a configuration error (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// The default configuration file, read from the working directory when present.
+pub const DEFAULT_FILE: &str = "gantry.toml";
+
+/// Prefix of the environment variables; `__` separates the prefix, sections and keys.
+pub const ENV_PREFIX: &str = "GANTRY";
+
+/// Everything Gantry's programs read from configuration. The dispatcher and the agent share
+/// one layout so one file can serve a whole machine.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Prefix of every exchange, queue and Redis key; lets two stacks share one broker.
+    pub namespace: String,
+    pub amqp: AmqpSettings,
+    pub postgres: PostgresSettings,
+    pub redis: RedisSettings,
+    pub http: HttpSettings,
+    #[serde(default)]
+    pub api: ApiSettings,
+    pub dispatcher: DispatcherSettings,
+    pub agent: AgentSettings,
+    pub log: LogSettings,
+    #[serde(default)]
+    pub secrets: SecretsSettings,
+    #[serde(default)]
+    pub builtin_worker: BuiltinWorkerSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// The database is created when missing.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address the dispatcher's REST API listens on; port 0 picks a free port, which the
+    /// dispatcher then logs.
+    pub bind: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Created as the first API key (with every permission) when no key exists.
+    pub bootstrap_key: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatcherSettings {
+    /// How many tasks this node orchestrates at once.
+    pub task_cap: u32,
+    /// Seconds between sweeps that re-drive tasks whose progress a crash may have interrupted.
+    pub sweep_interval_secs: u64,
+    /// Delay before a failed step's second attempt; it doubles for each later one (max 60 s).
+    pub retry_backoff_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Where the agent keeps its identity (written by `register`) and working directories.
+    /// Default: `$XDG_DATA_HOME/gantry-agent` or `~/.local/share/gantry-agent`.
+    pub home: Option<PathBuf>,
+    /// Root of per-step working directories. Default: `<home>/work`.
+    pub work_dir: Option<PathBuf>,
+    /// Keep a step's working directory after it ends (for debugging scripts).
+    pub keep_work_dirs: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing_subscriber::EnvFilter` directive; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSettings {
+    /// Base64 of 32 bytes: the key that encrypts sensitive values at rest.
+    pub key: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltinWorkerSettings {
+    /// Run built-in worker steps as this OS user.
+    pub user: Option<String>,
+}
+
+/// A configuration problem, naming the key when there is one.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{message}", key.as_ref().map(|k| format!("configuration key `{k}`: ")).unwrap_or_else(|| "configuration: ".into()))]
+pub struct ConfigError {
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn key(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: Some(key.to_owned()),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(e: config::ConfigError) -> Self {
+        let key = match &e {
+            config::ConfigError::Type { key, .. } | config::ConfigError::At { key, .. } => {
+                key.clone()
+            }
+            config::ConfigError::NotFound(k) => Some(k.clone()),
+            _ => None,
+        };
+        // Unknown fields come back as a bare message; pull the field name out of serde's text.
+        let key = key.or_else(|| {
+            let text = e.to_string();
+            text.strip_prefix("unknown field `")
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned)
+        });
+        Self {
+            key,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn defaults() -> Vec<(&'static str, config::Value)> {
+    vec![
+        ("namespace", "gantry".into()),
+        ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        (
+            "postgres.url",
+            "postgres://root@127.0.0.1:5432/gantry".into(),
+        ),
+        ("postgres.max_connections", 16_i64.into()),
+        ("redis.url", "redis://127.0.0.1:6379".into()),
+        ("http.bind", "127.0.0.1:8080".into()),
+        ("dispatcher.task_cap", 1000_i64.into()),
+        ("dispatcher.sweep_interval_secs", 2_i64.into()),
+        ("dispatcher.retry_backoff_ms", 1000_i64.into()),
+        ("agent.keep_work_dirs", false.into()),
+        ("log.format", "text".into()),
+        ("log.level", "info".into()),
+    ]
+}
+
+impl Settings {
+    /// Load defaults, then the file (`explicit` or `./gantry.toml` if present), then the
+    /// environment, and validate the result.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(explicit, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given (tests use this).
+    pub fn load_with_env(
+        explicit: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        for (key, value) in defaults() {
+            builder = builder.set_default(key, value)?;
+        }
+        match explicit {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError {
+                        key: None,
+                        message: format!("file {} does not exist", path.display()),
+                    });
+                }
+                builder = builder.add_source(
+                    config::File::from(path)
+                        .format(config::FileFormat::Toml)
+                        .required(true),
+                );
+            }
+            None => {
+                builder = builder.add_source(
+                    config::File::with_name(DEFAULT_FILE)
+                        .format(config::FileFormat::Toml)
+                        .required(false),
+                );
+            }
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .separator("__")
+                .ignore_empty(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks that serde's types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_namespace(&self.namespace).map_err(|m| ConfigError::key("namespace", m))?;
+        let amqp = url::Url::parse(&self.amqp.url)
+            .map_err(|e| ConfigError::key("amqp.url", format!("not a URL: {e}")))?;
+        if !matches!(amqp.scheme(), "amqp" | "amqps") {
+            return Err(ConfigError::key(
+                "amqp.url",
+                format!("scheme must be amqp or amqps, not {:?}", amqp.scheme()),
+            ));
+        }
+        let pg = url::Url::parse(&self.postgres.url)
+            .map_err(|e| ConfigError::key("postgres.url", format!("not a URL: {e}")))?;
+        if !matches!(pg.scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::key(
+                "postgres.url",
+                format!("scheme must be postgres, not {:?}", pg.scheme()),
+            ));
+        }
+        if pg.path().trim_start_matches('/').is_empty() {
+            return Err(ConfigError::key(
+                "postgres.url",
+                "must name a database, e.g. postgres://root@127.0.0.1:5432/gantry",
+            ));
+        }
+        if self.postgres.max_connections < 2 {
+            return Err(ConfigError::key(
+                "postgres.max_connections",
+                "must be at least 2",
+            ));
+        }
+        let redis = url::Url::parse(&self.redis.url)
+            .map_err(|e| ConfigError::key("redis.url", format!("not a URL: {e}")))?;
+        if !matches!(redis.scheme(), "redis" | "rediss" | "redis+unix") {
+            return Err(ConfigError::key(
+                "redis.url",
+                format!("scheme must be redis, not {:?}", redis.scheme()),
+            ));
+        }
+        self.http
+            .bind
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::key("http.bind", format!("not an address:port: {e}")))?;
+        if let Some(key) = &self.api.bootstrap_key
+            && key.trim().len() < 16
+        {
+            return Err(ConfigError::key(
+                "api.bootstrap_key",
+                "must be at least 16 characters",
+            ));
+        }
+        if self.dispatcher.task_cap == 0 {
+            return Err(ConfigError::key(
+                "dispatcher.task_cap",
+                "must be at least 1",
+            ));
+        }
+        if self.dispatcher.sweep_interval_secs == 0 {
+            return Err(ConfigError::key(
+                "dispatcher.sweep_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::key("log.format", "must be text or json"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::key("log.level", e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The HTTP bind address (validated at load).
+    pub fn http_bind(&self) -> SocketAddr {
+        self.http
+            .bind
+            .parse()
+            .expect("http.bind is validated when settings are loaded")
+    }
+
+    /// The agent's home directory.
+    pub fn agent_home(&self) -> PathBuf {
+        if let Some(home) = &self.agent.home {
+            return home.clone();
+        }
+        if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(data).join("gantry-agent");
+        }
+        if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(home).join(".local/share/gantry-agent");
+        }
+        PathBuf::from(".gantry-agent")
+    }
+}
+
+/// Namespaces become parts of queue names and Redis keys, where `.` is the separator.
+pub fn validate_namespace(ns: &str) -> Result<(), String> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 64
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && ns.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{ns:?} must be 1 to 64 characters of a-z, 0-9, - and _, starting with a letter or digit"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_reach_local_services() {
+        let dir = tempdir();
+        let s = Settings::load_with_env(Some(&write(&dir, "")), env(&[])).unwrap();
+        assert_eq!(s.namespace, "gantry");
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.postgres.url, "postgres://root@127.0.0.1:5432/gantry");
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(s.http_bind().to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = tempdir();
+        let file = write(
+            &dir,
+            "namespace = \"fromfile\"\n[http]\nbind = \"0.0.0.0:9000\"\n",
+        );
+        let s = Settings::load_with_env(
+            Some(&file),
+            env(&[("GANTRY__NAMESPACE", "fromenv"), ("OTHER__X", "1")]),
+        )
+        .unwrap();
+        assert_eq!(s.namespace, "fromenv");
+        assert_eq!(s.http_bind().to_string(), "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let dir = tempdir();
+        let file = write(&dir, "");
+        let cases = [
+            ("GANTRY__HTTP__BIND", "not-an-address", "http.bind"),
+            (
+                "GANTRY__POSTGRES__MAX_CONNECTIONS",
+                "many",
+                "postgres.max_connections",
+            ),
+            ("GANTRY__AMQP__URL", "http://x", "amqp.url"),
+            ("GANTRY__NAMESPACE", "Has.Dots", "namespace"),
+        ];
+        for (var, value, key) in cases {
+            let err = Settings::load_with_env(Some(&file), env(&[(var, value)])).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{var}={value}: {err}");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let dir = tempdir();
+        let file = write(&dir, "[amqp]\nurll = \"amqp://x\"\n");
+        let err = Settings::load_with_env(Some(&file), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Settings::load_with_env(Some(Path::new("/nonexistent/gantry.toml")), env(&[]))
+            .unwrap_err();
+        assert!(err.message.contains("does not exist"));
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gantry-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("gantry.toml");
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+}

@@ -1,0 +1,34 @@
+//! # gantry-shared
+//!
+//! What Gantry's dispatcher and agent must agree on, and nothing that knows HTTP servers or
+//! SQL.
+//!
+//! # Layout
+//! - [`ids`]: typed identifiers (`TaskId`, `StepRunId`, ...).
+//! - [`config`]: layered configuration (defaults, `gantry.toml`, `GANTRY__...`), exit code 64.
+//! - [`telemetry`]: logging set-up for every binary.
+//! - [`topology`]: exchange and queue names under the namespace, and their declaration.
+//! - [`amqp`]: self-healing broker connection and the confirming publisher.
+//! - [`wire`]: messages on the broker (jobs, events, heartbeats, control).
+//! - [`api`]: REST request and response bodies.
+//! - [`process`]: the process file and its submission checks.
+//! - [`template`]: `#{Name}` substitution.
+//! - [`service_messages`]: `##gantry[...]` lines scripts print to talk back.
+//! - [`mask`]: hiding sensitive values in log lines.
+
+#![forbid(unsafe_code)]
+
+pub mod amqp;
+pub mod api;
+pub mod config;
+pub mod ids;
+pub mod mask;
+pub mod process;
+pub mod service_messages;
+pub mod telemetry;
+pub mod template;
+pub mod topology;
+pub mod wire;
+
+/// This build's version, reported by agents and `/api/health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

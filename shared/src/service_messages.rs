@@ -1,0 +1,216 @@
+//! # Service messages
+//!
+//! A script talks back by printing a line `##gantry[<name> <key>='<base64 of UTF-8>' ...]` on
+//! stdout. Such a line is a message, not log text. Names are case-insensitive. A malformed
+//! message is reported as an error whose text never repeats the raw line (it may hold a
+//! secret); the agent logs it as a warning and goes on.
+//!
+//! | name | keys |
+//! | --- | --- |
+//! | `setVariable` | `name`, `value`, `sensitive` (`True`) |
+//! | `createArtifact` | `path`, `name` |
+//! | `progress` | `percentage`, `message` |
+//! | `fail` | `message` |
+//! | `mask` | `value` |
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use std::collections::HashMap;
+
+/// The marker that starts a service message line.
+pub const PREFIX: &str = "##gantry[";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceMessage {
+    SetVariable {
+        name: String,
+        value: String,
+        sensitive: bool,
+    },
+    CreateArtifact {
+        path: String,
+        name: Option<String>,
+    },
+    Progress {
+        percentage: u8,
+        message: String,
+    },
+    Fail {
+        message: String,
+    },
+    Mask {
+        value: String,
+    },
+}
+
+/// `None` when the line is ordinary output; `Some(Err(reason))` when it looks like a service
+/// message but is not a valid one.
+pub fn parse_line(line: &str) -> Option<Result<ServiceMessage, String>> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let body = line.strip_prefix(PREFIX)?;
+    Some(parse_body(body))
+}
+
+fn parse_body(body: &str) -> Result<ServiceMessage, String> {
+    let body = body
+        .strip_suffix(']')
+        .ok_or("a service message must end with ']'")?;
+    let (name, mut rest) = match body.find(' ') {
+        Some(i) => (&body[..i], &body[i..]),
+        None => (body, ""),
+    };
+    let mut attrs: HashMap<String, String> = HashMap::new();
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            break;
+        }
+        let eq = rest
+            .find("='")
+            .ok_or("attributes must look like key='base64'")?;
+        let key = &rest[..eq];
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err("attribute names must be letters, digits or '_'".into());
+        }
+        let after = &rest[eq + 2..];
+        let close = after
+            .find('\'')
+            .ok_or("an attribute value is not closed with '")?;
+        let raw = &after[..close];
+        let decoded = STANDARD
+            .decode(raw)
+            .map_err(|_| format!("attribute {key:?} is not valid base64"))?;
+        let value = String::from_utf8(decoded)
+            .map_err(|_| format!("attribute {key:?} is not UTF-8 once decoded"))?;
+        attrs.insert(key.to_ascii_lowercase(), value);
+        rest = &after[close + 1..];
+    }
+    let mut take = |k: &str| attrs.remove(k);
+    match name.to_ascii_lowercase().as_str() {
+        "setvariable" => {
+            let name = take("name").ok_or("setVariable needs name")?;
+            if name.is_empty() {
+                return Err("setVariable needs a non-empty name".into());
+            }
+            let value = take("value").ok_or("setVariable needs value")?;
+            let sensitive = take("sensitive")
+                .map(|s| s.eq_ignore_ascii_case("true"))
+                .unwrap_or(false);
+            Ok(ServiceMessage::SetVariable {
+                name,
+                value,
+                sensitive,
+            })
+        }
+        "createartifact" => Ok(ServiceMessage::CreateArtifact {
+            path: take("path").ok_or("createArtifact needs path")?,
+            name: take("name"),
+        }),
+        "progress" => {
+            let pct = take("percentage").ok_or("progress needs percentage")?;
+            let percentage: u8 = pct
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| *p <= 100)
+                .ok_or("progress percentage must be 0 to 100")?;
+            Ok(ServiceMessage::Progress {
+                percentage,
+                message: take("message").unwrap_or_default(),
+            })
+        }
+        "fail" => Ok(ServiceMessage::Fail {
+            message: take("message").unwrap_or_default(),
+        }),
+        "mask" => {
+            let value = take("value").ok_or("mask needs value")?;
+            Ok(ServiceMessage::Mask { value })
+        }
+        other if other.is_empty() => Err("a service message needs a name".into()),
+        _ => Err("unknown service message name".into()),
+    }
+}
+
+/// Shell functions given to `bash` and `sh` steps: `set_gantryvariable NAME VALUE
+/// [sensitive]`, `new_gantryartifact PATH [NAME]`, `update_progress PERCENT MESSAGE`,
+/// `fail_step MESSAGE`, `gantry_mask VALUE`.
+pub const SHELL_HELPERS: &str = r###"# Gantry service-message helpers (written by the agent).
+__gantry_b64() { printf '%s' "$1" | base64 | tr -d '\n'; }
+set_gantryvariable() {
+  if [ "${3:-}" = "sensitive" ] || [ "${3:-}" = "True" ] || [ "${3:-}" = "true" ]; then
+    printf "##gantry[setVariable name='%s' value='%s' sensitive='%s']\n" "$(__gantry_b64 "$1")" "$(__gantry_b64 "$2")" "$(__gantry_b64 True)"
+  else
+    printf "##gantry[setVariable name='%s' value='%s']\n" "$(__gantry_b64 "$1")" "$(__gantry_b64 "$2")"
+  fi
+}
+new_gantryartifact() {
+  printf "##gantry[createArtifact path='%s' name='%s']\n" "$(__gantry_b64 "$1")" "$(__gantry_b64 "${2:-$(basename "$1")}")"
+}
+update_progress() {
+  printf "##gantry[progress percentage='%s' message='%s']\n" "$(__gantry_b64 "$1")" "$(__gantry_b64 "${2:-}")"
+}
+fail_step() {
+  printf "##gantry[fail message='%s']\n" "$(__gantry_b64 "${1:-}")"
+  exit 1
+}
+gantry_mask() {
+  printf "##gantry[mask value='%s']\n" "$(__gantry_b64 "$1")"
+}
+"###;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        STANDARD.encode(s)
+    }
+
+    #[test]
+    fn parses_set_variable() {
+        let line = format!(
+            "##gantry[setVariable name='{}' value='{}' sensitive='{}']",
+            b64("version"),
+            b64("1.4.2 é"),
+            b64("True")
+        );
+        assert_eq!(
+            parse_line(&line),
+            Some(Ok(ServiceMessage::SetVariable {
+                name: "version".into(),
+                value: "1.4.2 é".into(),
+                sensitive: true
+            }))
+        );
+    }
+
+    #[test]
+    fn names_are_case_insensitive_and_plain_lines_are_not_messages() {
+        let line = format!(
+            "##gantry[PROGRESS percentage='{}' message='{}']",
+            b64("50"),
+            b64("half")
+        );
+        assert!(matches!(
+            parse_line(&line),
+            Some(Ok(ServiceMessage::Progress { percentage: 50, .. }))
+        ));
+        assert_eq!(parse_line("hello ##gantry[fail]"), None);
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_that_do_not_echo_values() {
+        for line in [
+            "##gantry[setVariable name='bm9wZQ==' value='!!!secret!!!']",
+            "##gantry[setVariable name='bm9wZQ==' value='c2VjcmV0",
+            "##gantry[nosuch value='c2VjcmV0']",
+            "##gantry[progress percentage='MTUw']",
+        ] {
+            let err = parse_line(line).unwrap().unwrap_err();
+            assert!(
+                !err.contains("secret") && !err.contains("c2VjcmV0"),
+                "{err}"
+            );
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! # Messages on the broker
+//!
+//! Every body is JSON with `"v": 1` and a `"type"` tag. Unknown fields are ignored; an unknown
+//! `v` or `type`, or a body that does not parse, is a [`WireError`], and the consumer
+//! dead-letters the message (reject without requeue) rather than crash or loop.
+//!
+//! | message | queue | from → to |
+//! | --- | --- | --- |
+//! | [`Job`] | `<ns>.pool.<slug>`, `<ns>.worker.<id>`, `<ns>.server` | dispatcher → agent |
+//! | [`Event`] | `<ns>.results` | agent → dispatcher |
+//! | [`Heartbeat`] | `<ns>.heartbeats` | agent → dispatcher |
+//! | [`Control`] | `<ns>.control.<id>` | dispatcher → one agent |
+//!
+//! A job is a ticket, not a lease: the agent claims it over the API before running it, so a
+//! delivered job never carries anything that must not be seen twice, nor any sensitive value.
+
+use crate::ids::{JobId, StepRunId, TaskId, WorkerId};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The only wire version this build speaks.
+pub const WIRE_VERSION: u32 = 1;
+
+/// Why a message body was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("not valid JSON or missing fields: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("unsupported wire version {0:?} (this build speaks {WIRE_VERSION})")]
+    Version(Option<u32>),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+}
+
+#[derive(Deserialize)]
+struct Head {
+    v: Option<u32>,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+fn head(bytes: &[u8]) -> Result<Head, WireError> {
+    let head: Head = serde_json::from_slice(bytes)?;
+    if head.v != Some(WIRE_VERSION) {
+        return Err(WireError::Version(head.v));
+    }
+    Ok(head)
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, T: Serialize> {
+    v: u32,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    serde_json::to_vec(&Envelope {
+        v: WIRE_VERSION,
+        body,
+    })
+    .expect("wire messages always serialize")
+}
+
+/// The interpreter a script step runs under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Syntax {
+    #[default]
+    Bash,
+    Sh,
+    Python3,
+}
+
+impl Syntax {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Syntax::Bash => "bash",
+            Syntax::Sh => "sh",
+            Syntax::Python3 => "python3",
+        }
+    }
+}
+
+/// One step attempt to run, published once the dispatcher decided it may start.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    pub job_id: JobId,
+    pub task_id: TaskId,
+    pub task_name: String,
+    pub step_run_id: StepRunId,
+    pub step_name: String,
+    pub attempt: u32,
+    pub syntax: Syntax,
+    /// The script as written; `#{...}` references are resolved by the agent after its claim,
+    /// when it also has the sensitive values.
+    pub script: String,
+    /// Every non-sensitive variable the script may reference, including earlier steps'
+    /// outputs (`Steps.<step>.Output.<name>`) and `Gantry.*` values known at publication.
+    pub variables: BTreeMap<String, String>,
+    /// Names of sensitive variables, whose values come with the claim.
+    #[serde(default)]
+    pub sensitive_names: Vec<String>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// The pool's display name, for `#{Gantry.WorkerPool.Name}` and logs.
+    #[serde(default)]
+    pub pool_name: Option<String>,
+    #[serde(default)]
+    pub exclusive: bool,
+    #[serde(default)]
+    pub mutex: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type")]
+enum JobRef<'a> {
+    Job(&'a Job),
+}
+
+impl Job {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(&JobRef::Job(self))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let head = head(bytes)?;
+        match head.kind.as_str() {
+            "Job" => Ok(serde_json::from_slice(bytes)?),
+            other => Err(WireError::UnknownType(other.to_owned())),
+        }
+    }
+}
+
+/// Who sent an event and for which attempt: carried by every event, so that the dispatcher
+/// can refuse anything that does not come from the attempt's current claimant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub step_run_id: StepRunId,
+    pub attempt: u32,
+    pub job_id: JobId,
+    pub worker_id: WorkerId,
+}
+
+/// Where a log line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    /// Written by Gantry itself (agent or dispatcher), not by the script.
+    Gantry,
+}
+
+impl Stream {
+    pub fn as_i16(self) -> i16 {
+        match self {
+            Stream::Stdout => 1,
+            Stream::Stderr => 2,
+            Stream::Gantry => 0,
+        }
+    }
+    pub fn from_i16(v: i16) -> Self {
+        match v {
+            1 => Stream::Stdout,
+            2 => Stream::Stderr,
+            _ => Stream::Gantry,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+            Stream::Gantry => "gantry",
+        }
+    }
+}
+
+/// One line of output, already masked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub ts: DateTime<Utc>,
+    pub stream: Stream,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepStarted {
+    #[serde(flatten)]
+    pub origin: Origin,
+    /// The agent's clock when the script's process was spawned.
+    pub started_at: DateTime<Utc>,
+}
+
+/// Consecutive lines of one attempt: `lines[i]` has sequence number `first_seq + i`.
+/// Sequence numbers start at 0 per attempt and have no gaps.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogBatch {
+    #[serde(flatten)]
+    pub origin: Origin,
+    pub first_seq: u64,
+    pub lines: Vec<LogLine>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutputVariable {
+    #[serde(flatten)]
+    pub origin: Origin,
+    pub name: String,
+    /// Absent for sensitive outputs, whose values travel over the API instead.
+    pub value: Option<String>,
+    #[serde(default)]
+    pub sensitive: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Progress {
+    #[serde(flatten)]
+    pub origin: Origin,
+    pub percentage: u8,
+    pub message: String,
+}
+
+/// How an attempt ended, as its agent saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Success,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "Success",
+            Outcome::Failed => "Failed",
+            Outcome::TimedOut => "TimedOut",
+            Outcome::Cancelled => "Cancelled",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepFinished {
+    #[serde(flatten)]
+    pub origin: Origin,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    /// Lines sent for this attempt; the attempt is final only once all are stored.
+    pub line_count: u64,
+    /// Why it failed, when Gantry knows better than the exit code (spawn error, timeout...).
+    #[serde(default)]
+    pub error: Option<String>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Everything an agent reports about an attempt, on `<ns>.results`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    StepStarted(StepStarted),
+    LogBatch(LogBatch),
+    OutputVariable(OutputVariable),
+    Progress(Progress),
+    StepFinished(StepFinished),
+}
+
+impl Event {
+    pub fn origin(&self) -> &Origin {
+        match self {
+            Event::StepStarted(e) => &e.origin,
+            Event::LogBatch(e) => &e.origin,
+            Event::OutputVariable(e) => &e.origin,
+            Event::Progress(e) => &e.origin,
+            Event::StepFinished(e) => &e.origin,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::StepStarted(_) => "StepStarted",
+            Event::LogBatch(_) => "LogBatch",
+            Event::OutputVariable(_) => "OutputVariable",
+            Event::Progress(_) => "Progress",
+            Event::StepFinished(_) => "StepFinished",
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Parse the head first, then the one variant, so a large log batch is read once without
+    /// serde's buffering of internally tagged enums.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let head = head(bytes)?;
+        Ok(match head.kind.as_str() {
+            "StepStarted" => Event::StepStarted(serde_json::from_slice(bytes)?),
+            "LogBatch" => Event::LogBatch(serde_json::from_slice(bytes)?),
+            "OutputVariable" => Event::OutputVariable(serde_json::from_slice(bytes)?),
+            "Progress" => Event::Progress(serde_json::from_slice(bytes)?),
+            "StepFinished" => Event::StepFinished(serde_json::from_slice(bytes)?),
+            other => return Err(WireError::UnknownType(other.to_owned())),
+        })
+    }
+}
+
+/// An attempt an agent is working on, as reported in its heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningAttempt {
+    pub step_run_id: StepRunId,
+    pub attempt: u32,
+}
+
+/// Sent by each agent on `<ns>.heartbeats`, on a channel of its own, never behind logs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub worker_id: WorkerId,
+    pub sent_at: DateTime<Utc>,
+    pub running: Vec<RunningAttempt>,
+    pub max_concurrent_steps: u32,
+    pub free_slots: u32,
+    pub disk_free_bytes: Option<u64>,
+    pub version: String,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type")]
+enum HeartbeatRef<'a> {
+    Heartbeat(&'a Heartbeat),
+}
+
+impl Heartbeat {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(&HeartbeatRef::Heartbeat(self))
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let head = head(bytes)?;
+        match head.kind.as_str() {
+            "Heartbeat" => Ok(serde_json::from_slice(bytes)?),
+            other => Err(WireError::UnknownType(other.to_owned())),
+        }
+    }
+}
+
+/// Instructions for one agent, on its control queue.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Control {
+    /// Stop running this attempt (cancel): SIGTERM its process group, SIGKILL after a grace.
+    CancelAttempt {
+        step_run_id: StepRunId,
+        attempt: u32,
+        reason: String,
+    },
+    /// Change how many steps the agent runs at once, without a restart.
+    SetMaxConcurrentSteps { max_concurrent_steps: u32 },
+}
+
+impl Control {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        head(bytes)?;
+        Ok(serde_json::from_slice(bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin {
+            step_run_id: StepRunId::new(),
+            attempt: 1,
+            job_id: JobId::new(),
+            worker_id: WorkerId::new(),
+        }
+    }
+
+    #[test]
+    fn events_round_trip_with_version_and_type() {
+        let ev = Event::LogBatch(LogBatch {
+            origin: origin(),
+            first_seq: 7,
+            lines: vec![LogLine {
+                ts: Utc::now(),
+                stream: Stream::Stderr,
+                text: "hello\tworld".into(),
+            }],
+        });
+        let bytes = ev.encode();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["type"], "LogBatch");
+        assert!(v["step_run_id"].is_string());
+        match Event::decode(&bytes).unwrap() {
+            Event::LogBatch(b) => {
+                assert_eq!(b.first_seq, 7);
+                assert_eq!(b.lines[0].text, "hello\tworld");
+            }
+            other => panic!("wrong variant {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_bad_versions_refused() {
+        let o = origin();
+        let body = serde_json::json!({
+            "v": 1, "type": "StepStarted", "step_run_id": o.step_run_id, "attempt": 1,
+            "job_id": o.job_id, "worker_id": o.worker_id, "started_at": Utc::now(),
+            "from_the_future": true
+        });
+        assert!(Event::decode(body.to_string().as_bytes()).is_ok());
+        let mut bad = body.clone();
+        bad["v"] = 2.into();
+        assert!(matches!(
+            Event::decode(bad.to_string().as_bytes()),
+            Err(WireError::Version(Some(2)))
+        ));
+        assert!(matches!(
+            Event::decode(b"not json"),
+            Err(WireError::Malformed(_))
+        ));
+        let mut unknown = body;
+        unknown["type"] = "Nope".into();
+        assert!(matches!(
+            Event::decode(unknown.to_string().as_bytes()),
+            Err(WireError::UnknownType(_))
+        ));
+    }
+
+    #[test]
+    fn jobs_round_trip() {
+        let job = Job {
+            job_id: JobId::new(),
+            task_id: TaskId::new(),
+            task_name: "t".into(),
+            step_run_id: StepRunId::new(),
+            step_name: "s".into(),
+            attempt: 2,
+            syntax: Syntax::Python3,
+            script: "print(1)".into(),
+            variables: BTreeMap::from([("A".into(), "b".into())]),
+            sensitive_names: vec![],
+            timeout_secs: Some(5),
+            pool_name: None,
+            exclusive: false,
+            mutex: None,
+        };
+        let back = Job::decode(&job.encode()).unwrap();
+        assert_eq!(back.job_id, job.job_id);
+        assert_eq!(back.syntax, Syntax::Python3);
+        assert!(Job::decode(b"{\"v\":1,\"type\":\"Job\"}").is_err());
+    }
+}
