@@ -45,7 +45,7 @@ pub async fn wake(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()> {
 }
 
 /// An attempt and its step, both rows locked (step run first).
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct Locked {
     pub task_id: Uuid,
     pub step_name: String,
@@ -89,57 +89,45 @@ pub async fn lock(
     let Some((task_id, step_name, current_attempt, retries)) = step else {
         return Ok(None);
     };
-    let row: Option<(
-        String,
-        Uuid,
-        Option<Uuid>,
-        i64,
-        Option<i64>,
-        Option<String>,
-        Option<i32>,
-        Option<String>,
-        Option<chrono::DateTime<chrono::Utc>>,
-        Option<Uuid>,
-    )> = sqlx::query_as(
-        "SELECT state, job_id, worker_id, lines_stored, line_count, outcome, exit_code, error, started_at,
-                claim_id
+    let row: Option<AttemptRow> = sqlx::query_as(
+        "SELECT state, job_id, worker_id, lines_stored, line_count, outcome, exit_code, error,
+                started_at, claim_id
          FROM attempts WHERE step_run_id = $1 AND attempt = $2 FOR UPDATE",
     )
     .bind(step_run.0)
     .bind(attempt as i32)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(
-        |(
-            state,
-            job_id,
-            worker_id,
-            lines_stored,
-            line_count,
-            outcome,
-            exit_code,
-            error,
-            started_at,
-            claim_id,
-        )| {
-            Locked {
-                task_id,
-                step_name,
-                current_attempt,
-                retries,
-                state,
-                job_id,
-                worker_id,
-                lines_stored,
-                line_count,
-                outcome,
-                exit_code,
-                error,
-                started_at,
-                claim_id,
-            }
-        },
-    ))
+    Ok(row.map(|a| Locked {
+        task_id,
+        step_name,
+        current_attempt,
+        retries,
+        state: a.state,
+        job_id: a.job_id,
+        worker_id: a.worker_id,
+        lines_stored: a.lines_stored,
+        line_count: a.line_count,
+        outcome: a.outcome,
+        exit_code: a.exit_code,
+        error: a.error,
+        started_at: a.started_at,
+        claim_id: a.claim_id,
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct AttemptRow {
+    state: String,
+    job_id: Uuid,
+    worker_id: Option<Uuid>,
+    lines_stored: i64,
+    line_count: Option<i64>,
+    outcome: Option<String>,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    started_at: Option<chrono::DateTime<chrono::Utc>>,
+    claim_id: Option<Uuid>,
 }
 
 /// Retry backoff: `base` doubled for each attempt already made, at most a minute.

@@ -100,6 +100,10 @@ pub struct AgentSettings {
     pub work_dir: Option<PathBuf>,
     /// Keep a step's working directory after it ends (for debugging scripts).
     pub keep_work_dirs: bool,
+    /// On SIGTERM, how long running steps may go on before they are cancelled.
+    pub shutdown_grace_secs: u64,
+    /// Seconds between heartbeats.
+    pub heartbeat_secs: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -180,6 +184,8 @@ fn defaults() -> Vec<(&'static str, config::Value)> {
         ("dispatcher.sweep_interval_secs", 2_i64.into()),
         ("dispatcher.retry_backoff_ms", 1000_i64.into()),
         ("agent.keep_work_dirs", false.into()),
+        ("agent.shutdown_grace_secs", 600_i64.into()),
+        ("agent.heartbeat_secs", 10_i64.into()),
         ("log.format", "text".into()),
         ("log.level", "info".into()),
     ]
@@ -298,6 +304,12 @@ impl Settings {
         if self.dispatcher.sweep_interval_secs == 0 {
             return Err(ConfigError::key(
                 "dispatcher.sweep_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.agent.heartbeat_secs == 0 {
+            return Err(ConfigError::key(
+                "agent.heartbeat_secs",
                 "must be at least 1",
             ));
         }

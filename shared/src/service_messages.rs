@@ -126,7 +126,7 @@ fn parse_body(body: &str) -> Result<ServiceMessage, String> {
             let value = take("value").ok_or("mask needs value")?;
             Ok(ServiceMessage::Mask { value })
         }
-        other if other.is_empty() => Err("a service message needs a name".into()),
+        "" => Err("a service message needs a name".into()),
         _ => Err("unknown service message name".into()),
     }
 }

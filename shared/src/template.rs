@@ -60,7 +60,7 @@ pub fn references(s: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Render a template; the error is the first name `lookup` does not know.
-pub fn render<'a, F>(s: &'a str, mut lookup: F) -> Result<String, &'a str>
+pub fn render<F>(s: &str, mut lookup: F) -> Result<String, &str>
 where
     F: FnMut(&str) -> Option<String>,
 {

@@ -1,1 +1,21 @@
-//! placeholder
+//! # gantry-agent
+//!
+//! The worker agent: consumes step jobs from its pools' queues and its own queue, claims each
+//! from the dispatcher, runs the script, and streams the results back.
+//!
+//! # Layout
+//! - [`agent`]: `run`: wiring, signals, graceful drain.
+//! - [`slots`]: the concurrency limit, consumers and claims.
+//! - [`runner`]: running one step and streaming its output.
+//! - [`outbox`]: at-least-once, ordered delivery of events to `<ns>.results`.
+//! - [`api`]: calls to the dispatcher's API.
+//! - [`identity`]: the local identity written by `register`.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod api;
+pub mod identity;
+pub mod outbox;
+pub mod runner;
+pub mod slots;

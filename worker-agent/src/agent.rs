@@ -1,0 +1,307 @@
+//! # `gantry-agent run`
+//!
+//! Wires the agent together: its identity and configuration from the dispatcher, a
+//! self-healing broker connection, the outbox, the slot manager and its consumers, the
+//! control queue and heartbeats; then runs until a signal.
+//!
+//! Shutdown: the first SIGTERM or SIGINT stops taking work and lets running steps finish
+//! (for up to `agent.shutdown_grace_secs`, then they are cancelled); a second one cancels
+//! them at once. Results are flushed to the broker before the agent exits 0.
+
+use crate::api::{Api, ApiError};
+use crate::identity;
+use crate::outbox::Outbox;
+use crate::slots::{self, AgentContext, Slots};
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use gantry_shared::amqp::{Broker, DeclareFn, Publisher, json_properties};
+use gantry_shared::api::AgentConfig;
+use gantry_shared::config::Settings;
+use gantry_shared::topology::Topology;
+use gantry_shared::wire::{Control, Heartbeat};
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
+    let identity = identity::load(home)?;
+    let api = Api::new(&identity.server, Some(identity.token.clone()));
+    let config = fetch_config(&api, &identity.server).await?;
+    if !config.enabled {
+        tracing::warn!(
+            "this worker is disabled: it stays connected but the dispatcher gives it no steps"
+        );
+    }
+    let topology = Topology::new(&config.namespace);
+    let mut queues = vec![topology.worker_queue(config.worker_id)];
+    queues.extend(config.pools.iter().map(|p| topology.pool_queue(&p.slug)));
+    let declare: DeclareFn = {
+        let topology = topology.clone();
+        let slugs: Vec<String> = config.pools.iter().map(|p| p.slug.clone()).collect();
+        let worker = config.worker_id;
+        Arc::new(move |ch| {
+            let topology = topology.clone();
+            let slugs = slugs.clone();
+            Box::pin(async move {
+                topology.declare_base(&ch).await?;
+                for s in &slugs {
+                    topology.declare_pool(&ch, s).await?;
+                }
+                topology.declare_worker(&ch, worker).await
+            })
+        })
+    };
+    let broker_cancel = CancellationToken::new();
+    let broker = Broker::start(
+        settings.amqp.url.clone(),
+        format!("gantry-agent {}", config.name),
+        declare,
+        broker_cancel.clone(),
+    );
+    let (outbox, outbox_done) = Outbox::start(broker.clone(), topology.results_queue());
+    let slots = Slots::new(config.max_concurrent_steps);
+    let work_root = settings
+        .agent
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| home.join("work"));
+    std::fs::create_dir_all(&work_root)
+        .with_context(|| format!("creating the work directory {}", work_root.display()))?;
+    let fatal = CancellationToken::new();
+    let agent = Arc::new(AgentContext {
+        api,
+        outbox,
+        worker_id: config.worker_id,
+        worker_name: config.name.clone(),
+        work_root: work_root.clone(),
+        keep_work_dirs: settings.agent.keep_work_dirs,
+        fault_drop_before_ack: std::sync::atomic::AtomicBool::new(
+            std::env::var("GANTRY_AGENT_FAULT").as_deref() == Ok("drop-connection-before-ack"),
+        ),
+        fatal: fatal.clone(),
+    });
+    tracing::info!(
+        worker = config.name,
+        id = %config.worker_id,
+        pools = ?config.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        max_concurrent_steps = config.max_concurrent_steps,
+        "agent running"
+    );
+    // Printed for scripts and tests that wait for the agent to be up.
+    println!("gantry-agent {} running", config.name);
+
+    let stop = CancellationToken::new();
+    let bg = CancellationToken::new();
+    tokio::spawn(heartbeats(
+        broker.clone(),
+        topology.clone(),
+        config.clone(),
+        slots.clone(),
+        work_root.clone(),
+        Duration::from_secs(settings.agent.heartbeat_secs),
+        bg.clone(),
+    ));
+    tokio::spawn(control(
+        broker.clone(),
+        topology.clone(),
+        config.clone(),
+        slots.clone(),
+        bg.clone(),
+    ));
+    let manager = {
+        let (broker, slots, agent, stop) =
+            (broker.clone(), slots.clone(), agent.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    c = broker.connected() => c,
+                    _ = stop.cancelled() => return,
+                };
+                slots::manage(
+                    conn,
+                    queues.clone(),
+                    slots.clone(),
+                    agent.clone(),
+                    stop.clone(),
+                )
+                .await;
+                if stop.is_cancelled() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let failed = tokio::select! {
+        _ = term.recv() => false,
+        _ = int.recv() => false,
+        _ = fatal.cancelled() => true,
+    };
+    let running = slots.running().len();
+    tracing::info!(
+        running,
+        "stopping: no new steps; waiting for running ones to finish"
+    );
+    stop.cancel();
+    slots.drain();
+    let grace = Duration::from_secs(settings.agent.shutdown_grace_secs);
+    tokio::select! {
+        _ = slots.wait_idle() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; cancelling running steps");
+            slots.cancel_all();
+            slots.wait_idle().await;
+        }
+        _ = term.recv() => {
+            tracing::warn!("second signal: cancelling running steps");
+            slots.cancel_all();
+            slots.wait_idle().await;
+        }
+        _ = int.recv() => {
+            tracing::warn!("second signal: cancelling running steps");
+            slots.cancel_all();
+            slots.wait_idle().await;
+        }
+    }
+    let _ = manager.await;
+    // Every step has ended; dropping the last outbox handle lets the outbox drain and stop.
+    drop(agent);
+    if tokio::time::timeout(Duration::from_secs(30), outbox_done)
+        .await
+        .is_err()
+    {
+        tracing::warn!("could not deliver every result within 30 s (is RabbitMQ down?)");
+    }
+    bg.cancel();
+    broker_cancel.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if failed {
+        bail!("stopped: the dispatcher refused this agent's credential");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn fetch_config(api: &Api, server: &str) -> anyhow::Result<AgentConfig> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match api.agent_config().await {
+            Ok(c) => return Ok(c),
+            Err(ApiError::Unauthorized(m)) => {
+                bail!(
+                    "the dispatcher at {server} refused this agent's credential ({m}); register it again"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the dispatcher at {server}; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn heartbeats(
+    broker: Broker,
+    topology: Topology,
+    config: AgentConfig,
+    slots: Arc<Slots>,
+    work_root: std::path::PathBuf,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let publisher = Publisher::new(broker);
+    let queue = topology.heartbeats_queue();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let hb = Heartbeat {
+            worker_id: config.worker_id,
+            sent_at: chrono::Utc::now(),
+            running: slots.running(),
+            max_concurrent_steps: slots.max(),
+            free_slots: slots.free(),
+            disk_free_bytes: nix::sys::statvfs::statvfs(&work_root)
+                .ok()
+                .map(|s| s.blocks_available() * s.fragment_size()),
+            version: gantry_shared::VERSION.into(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            publisher.publish("", &queue, &hb.encode(), json_properties()),
+        )
+        .await;
+    }
+}
+
+/// Consume the control queue on every connection: it is exclusive and dies with the
+/// connection, which is how the dispatcher can tell a dead agent from a live one.
+async fn control(
+    broker: Broker,
+    topology: Topology,
+    config: AgentConfig,
+    slots: Arc<Slots>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            c = broker.connected() => c,
+            _ = cancel.cancelled() => return,
+        };
+        let consumer = async {
+            let ch = conn.create_channel().await?;
+            topology.declare_control(&ch, config.worker_id).await?;
+            ch.basic_consume(
+                topology.control_queue(config.worker_id).into(),
+                "control".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        }
+        .await;
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot consume the control queue; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                n = consumer.next() => n,
+                _ = cancel.cancelled() => return,
+            };
+            let Some(Ok(d)) = next else { break };
+            match Control::decode(&d.data) {
+                Ok(Control::SetMaxConcurrentSteps {
+                    max_concurrent_steps,
+                }) => slots.set_max(max_concurrent_steps),
+                Ok(Control::CancelAttempt {
+                    step_run_id,
+                    attempt,
+                    reason,
+                }) => {
+                    if slots.cancel_attempt(step_run_id, attempt) {
+                        tracing::info!(%step_run_id, attempt, %reason, "cancelling a step");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed control message"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,543 @@
+//! # Running one step
+//!
+//! After a granted claim: resolve `#{...}` (the job's variables plus the sensitive values
+//! from the claim), write the script into a fresh working directory, start it in its own
+//! process group, and stream what it prints.
+//!
+//! Output becomes numbered, timestamped, masked lines (`seq` from 0, no gaps), sent in
+//! batches of up to [`BATCH_LINES`] lines or [`BATCH_BYTES`] bytes, or whatever accumulated
+//! after [`BATCH_DELAY`]: never one message per line, never held back until the end.
+//! `##gantry[...]` lines on stdout are service messages, handled and not logged.
+//!
+//! The step ends when its script exits (or is killed on timeout or cancel); anything it left
+//! running in its process group is killed then, so a step's processes do not outlive it.
+//! `StepFinished` goes out after the last batch, with the number of lines sent.
+
+use crate::outbox::Outbox;
+use chrono::Utc;
+use gantry_shared::api::ClaimGrant;
+use gantry_shared::ids::WorkerId;
+use gantry_shared::mask::Masker;
+use gantry_shared::service_messages::{self, SHELL_HELPERS, ServiceMessage};
+use gantry_shared::template;
+use gantry_shared::wire::{
+    Event, Job, LogBatch, LogLine, Origin, Outcome, OutputVariable, Progress, StepFinished,
+    StepStarted, Stream, Syntax,
+};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Lines per batch, at most.
+pub const BATCH_LINES: usize = 1000;
+/// Bytes of text per batch, at most (roughly).
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// How long a line may wait for companions before its batch goes out.
+pub const BATCH_DELAY: Duration = Duration::from_millis(50);
+/// Longest line; longer output is split into several lines.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Between SIGTERM and SIGKILL when a step is stopped.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Everything a step needs from its agent.
+pub struct StepContext {
+    pub job: Job,
+    pub grant: ClaimGrant,
+    pub worker_id: WorkerId,
+    pub worker_name: String,
+    pub work_root: PathBuf,
+    pub keep_work_dir: bool,
+    pub outbox: Outbox,
+    /// Cancelled to stop the step (a cancel request or the agent's forced shutdown).
+    pub cancel: CancellationToken,
+}
+
+/// Numbers, masks and batches lines; sends events.
+struct Emitter {
+    origin: Origin,
+    outbox: Outbox,
+    masker: Masker,
+    next_seq: u64,
+    batch: Vec<LogLine>,
+    batch_bytes: usize,
+}
+
+impl Emitter {
+    async fn event(&self, ev: Event) {
+        self.outbox.send(ev.encode()).await;
+    }
+
+    async fn line(&mut self, stream: Stream, text: &str) {
+        let text = self.masker.mask(text).into_owned();
+        self.batch_bytes += text.len();
+        self.batch.push(LogLine {
+            ts: Utc::now(),
+            stream,
+            text,
+        });
+        if self.batch.len() >= BATCH_LINES || self.batch_bytes >= BATCH_BYTES {
+            self.flush().await;
+        }
+    }
+
+    async fn gantry(&mut self, text: &str) {
+        self.line(Stream::Gantry, text).await;
+    }
+
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut self.batch);
+        let first_seq = self.next_seq;
+        self.next_seq += lines.len() as u64;
+        self.batch_bytes = 0;
+        self.event(Event::LogBatch(LogBatch {
+            origin: self.origin.clone(),
+            first_seq,
+            lines,
+        }))
+        .await;
+    }
+}
+
+/// How the script's run ended.
+enum End {
+    Exited(std::process::ExitStatus),
+    TimedOut,
+    Cancelled,
+}
+
+/// Run a step to its end and report it. Never panics on script problems: they become a
+/// failed step with the reason in its log.
+pub async fn run(ctx: StepContext) {
+    let job = &ctx.job;
+    let origin = Origin {
+        step_run_id: job.step_run_id,
+        attempt: job.attempt,
+        job_id: job.job_id,
+        worker_id: ctx.worker_id,
+    };
+    let mut masker = Masker::new();
+    for v in ctx.grant.sensitive_variables.values() {
+        masker.add(v);
+    }
+    let mut em = Emitter {
+        origin: origin.clone(),
+        outbox: ctx.outbox.clone(),
+        masker,
+        next_seq: 0,
+        batch: Vec::new(),
+        batch_bytes: 0,
+    };
+    let started_at = Utc::now();
+    em.event(Event::StepStarted(StepStarted {
+        origin: origin.clone(),
+        started_at,
+    }))
+    .await;
+    em.gantry(&format!(
+        "Step {} attempt {} running on worker {} ({})",
+        job.step_name,
+        job.attempt,
+        ctx.worker_name,
+        job.syntax.as_str()
+    ))
+    .await;
+    let work_dir = ctx
+        .work_root
+        .join(format!("{}-{}", job.step_run_id, job.attempt));
+    let (outcome, exit_code, error) = match execute(&ctx, &mut em, &work_dir).await {
+        Ok(r) => r,
+        Err(message) => {
+            em.gantry(&format!("error: {message}")).await;
+            (Outcome::Failed, None, Some(message))
+        }
+    };
+    if !ctx.keep_work_dir {
+        let _ = tokio::fs::remove_dir_all(&work_dir).await;
+    }
+    em.flush().await;
+    let error = error.map(|e| em.masker.mask(&e).into_owned());
+    em.event(Event::StepFinished(StepFinished {
+        origin,
+        outcome,
+        exit_code,
+        line_count: em.next_seq,
+        error,
+        finished_at: Utc::now(),
+    }))
+    .await;
+}
+
+type StepResult = (Outcome, Option<i32>, Option<String>);
+
+async fn execute(
+    ctx: &StepContext,
+    em: &mut Emitter,
+    work_dir: &Path,
+) -> Result<StepResult, String> {
+    let job = &ctx.job;
+    let mut vars: BTreeMap<String, String> = job.variables.clone();
+    vars.extend(ctx.grant.sensitive_variables.clone());
+    vars.insert("Gantry.Worker.Name".into(), ctx.worker_name.clone());
+    let script = template::render(&job.script, |name| vars.get(name).cloned()).map_err(|name| {
+        match template::output_reference(name) {
+            Some((step, out)) => format!(
+                "the script reads #{{{name}}}, but step {step} set no output variable {out:?}"
+            ),
+            None => format!("the script reads #{{{name}}}, which has no value"),
+        }
+    })?;
+    tokio::fs::create_dir_all(work_dir.join(".gantry"))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot create working directory {}: {e}",
+                work_dir.display()
+            )
+        })?;
+    let helpers = work_dir.join(".gantry/helpers.sh");
+    tokio::fs::write(&helpers, SHELL_HELPERS)
+        .await
+        .map_err(|e| format!("cannot write helpers: {e}"))?;
+    let script_path = work_dir.join(match job.syntax {
+        Syntax::Python3 => ".gantry/script.py",
+        _ => ".gantry/script.sh",
+    });
+    tokio::fs::write(&script_path, script.as_bytes())
+        .await
+        .map_err(|e| format!("cannot write the script: {e}"))?;
+
+    let mut cmd = match job.syntax {
+        Syntax::Bash => {
+            let mut c = tokio::process::Command::new("bash");
+            c.arg("--noprofile").arg("--norc").arg(&script_path);
+            // Non-interactive bash sources $BASH_ENV first: that is how the helpers arrive
+            // without touching the user's script (and its line numbers).
+            c.env("BASH_ENV", &helpers);
+            c
+        }
+        Syntax::Sh => {
+            let mut c = tokio::process::Command::new("sh");
+            c.arg("-c")
+                .arg(". \"$GANTRY_HELPERS\"; . \"$1\"")
+                .arg("gantry-step")
+                .arg(&script_path);
+            c
+        }
+        Syntax::Python3 => {
+            let mut c = tokio::process::Command::new("python3");
+            c.arg("-u").arg(&script_path);
+            c
+        }
+    };
+    // The agent's own configuration (which may include credentials) stays with the agent.
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str()
+            && (k.starts_with("GANTRY_") || k == "BASH_ENV")
+        {
+            cmd.env_remove(k);
+        }
+    }
+    for (name, value) in &vars {
+        if let Some(env) = template::env_name(name) {
+            cmd.env(env, value);
+        }
+    }
+    cmd.env("GANTRY_HELPERS", &helpers)
+        .env("GANTRY_TASK_ID", job.task_id.to_string())
+        .env("GANTRY_STEP_NAME", &job.step_name)
+        .env("GANTRY_STEP_ATTEMPT", job.attempt.to_string())
+        .env("GANTRY_WORK_DIR", work_dir)
+        .env("PYTHONUNBUFFERED", "1")
+        .current_dir(work_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", job.syntax.as_str()))?;
+    let pgid = child.id().map(|p| p as i32);
+    let (line_tx, mut line_rx) = mpsc::channel::<(Stream, String)>(1024);
+    let readers = [
+        tokio::spawn(read_lines(
+            child.stdout.take().expect("piped"),
+            Stream::Stdout,
+            line_tx.clone(),
+        )),
+        tokio::spawn(read_lines(
+            child.stderr.take().expect("piped"),
+            Stream::Stderr,
+            line_tx,
+        )),
+    ];
+    let deadline = job
+        .timeout_secs
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let mut fail_message: Option<String> = None;
+    let mut ticker = tokio::time::interval(BATCH_DELAY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut end: Option<End> = None;
+    let mut lines_open = true;
+    // Until the script has exited and both pipes are drained.
+    while end.is_none() || lines_open {
+        tokio::select! {
+            biased;
+            msg = line_rx.recv(), if lines_open => match msg {
+                Some((stream, text)) => {
+                    handle_line(ctx, em, stream, text, &mut fail_message).await;
+                }
+                None => lines_open = false,
+            },
+            status = child.wait(), if end.is_none() => {
+                end = Some(match status {
+                    Ok(s) => End::Exited(s),
+                    Err(e) => return Err(format!("lost track of the script's process: {e}")),
+                });
+                // Whatever the script left behind in its group goes with it; this also
+                // closes pipes that background children held open.
+                if let Some(pg) = pgid {
+                    let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
+                }
+            }
+            _ = sleep_until(deadline), if end.is_none() => {
+                em.gantry(&format!(
+                    "Step exceeded timeout_secs = {}; stopping its processes",
+                    job.timeout_secs.unwrap_or_default()
+                )).await;
+                stop_group(pgid, &mut child).await;
+                end = Some(End::TimedOut);
+            }
+            _ = ctx.cancel.cancelled(), if end.is_none() => {
+                em.gantry("Step cancelled; stopping its processes").await;
+                stop_group(pgid, &mut child).await;
+                end = Some(End::Cancelled);
+            }
+            _ = ticker.tick() => {
+                if em.batch.first().is_some_and(|l| Utc::now() - l.ts >= chrono::Duration::from_std(BATCH_DELAY).expect("small")) {
+                    em.flush().await;
+                }
+            }
+        }
+    }
+    for r in readers {
+        let _ = r.await;
+    }
+    Ok(match end.expect("loop ends only once the script ended") {
+        End::Exited(status) => {
+            let code = status.code();
+            match (code, fail_message) {
+                (Some(0), None) => (Outcome::Success, Some(0), None),
+                (Some(c), Some(m)) => (Outcome::Failed, Some(c), Some(m)),
+                (Some(c), None) => (Outcome::Failed, Some(c), None),
+                (None, m) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let sig = status.signal().unwrap_or_default();
+                    (
+                        Outcome::Failed,
+                        None,
+                        Some(m.unwrap_or_else(|| format!("killed by signal {sig}"))),
+                    )
+                }
+            }
+        }
+        End::TimedOut => (
+            Outcome::TimedOut,
+            None,
+            Some(format!(
+                "exceeded timeout_secs = {}",
+                job.timeout_secs.unwrap_or_default()
+            )),
+        ),
+        End::Cancelled => (Outcome::Cancelled, None, Some("cancelled".into())),
+    })
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGTERM the group, then SIGKILL after [`KILL_GRACE`].
+async fn stop_group(pgid: Option<i32>, child: &mut tokio::process::Child) {
+    let Some(pg) = pgid else { return };
+    let pg = Pid::from_raw(pg);
+    let _ = killpg(pg, Signal::SIGTERM);
+    if tokio::time::timeout(KILL_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = killpg(pg, Signal::SIGKILL);
+        let _ = child.wait().await;
+    }
+    // Children that ignored SIGTERM while the leader exited.
+    let _ = killpg(pg, Signal::SIGKILL);
+}
+
+async fn handle_line(
+    ctx: &StepContext,
+    em: &mut Emitter,
+    stream: Stream,
+    text: String,
+    fail_message: &mut Option<String>,
+) {
+    if stream == Stream::Stdout
+        && let Some(parsed) = service_messages::parse_line(&text)
+    {
+        match parsed {
+            Err(reason) => {
+                em.gantry(&format!(
+                    "warning: ignored a malformed service message: {reason}"
+                ))
+                .await;
+            }
+            Ok(msg) => service_message(ctx, em, msg, fail_message).await,
+        }
+        return;
+    }
+    em.line(stream, &text).await;
+}
+
+async fn service_message(
+    _ctx: &StepContext,
+    em: &mut Emitter,
+    msg: ServiceMessage,
+    fail_message: &mut Option<String>,
+) {
+    match msg {
+        ServiceMessage::SetVariable {
+            name,
+            value,
+            sensitive,
+        } => {
+            if sensitive {
+                em.masker.add(&value);
+            }
+            em.gantry(&format!(
+                "Output variable {name} set{}",
+                if sensitive { " (sensitive)" } else { "" }
+            ))
+            .await;
+            let origin = em.origin.clone();
+            em.event(Event::OutputVariable(OutputVariable {
+                origin,
+                name,
+                value: (!sensitive).then_some(value),
+                sensitive,
+            }))
+            .await;
+        }
+        ServiceMessage::Mask { value } => {
+            em.masker.add(&value);
+        }
+        ServiceMessage::Progress {
+            percentage,
+            message,
+        } => {
+            em.gantry(&format!("Progress {percentage}%: {message}"))
+                .await;
+            let origin = em.origin.clone();
+            em.event(Event::Progress(Progress {
+                origin,
+                percentage,
+                message: em.masker.mask(&message).into_owned(),
+            }))
+            .await;
+        }
+        ServiceMessage::Fail { message } => {
+            em.gantry(&format!("Step failed: {message}")).await;
+            *fail_message = Some(if message.is_empty() {
+                "the script called fail_step".into()
+            } else {
+                message
+            });
+        }
+        ServiceMessage::CreateArtifact { path, .. } => {
+            em.gantry(&format!(
+                "warning: artifact {path} not collected: artifacts are not supported by this version of Gantry yet"
+            ))
+            .await;
+        }
+    }
+}
+
+/// Read lines (split at [`MAX_LINE`]), decoding invalid UTF-8 lossily, until EOF.
+async fn read_lines(
+    pipe: impl AsyncRead + Unpin,
+    stream: Stream,
+    tx: mpsc::Sender<(Stream, String)>,
+) {
+    let mut reader = BufReader::with_capacity(64 * 1024, pipe);
+    let mut line: Vec<u8> = Vec::new();
+    while let Ok(available) = reader.fill_buf().await {
+        if available.is_empty() {
+            break;
+        }
+        let room = MAX_LINE - line.len();
+        let (take, complete) = match memchr(available, room) {
+            Some(i) => (i + 1, true),
+            None => (
+                available.len().min(room),
+                line.len() + available.len() >= MAX_LINE,
+            ),
+        };
+        line.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        if complete && tx.send((stream, finish_line(&mut line))).await.is_err() {
+            return;
+        }
+    }
+    if !line.is_empty() {
+        let _ = tx.send((stream, finish_line(&mut line))).await;
+    }
+}
+
+fn memchr(buf: &[u8], limit: usize) -> Option<usize> {
+    buf[..buf.len().min(limit)].iter().position(|b| *b == b'\n')
+}
+
+fn finish_line(line: &mut Vec<u8>) -> String {
+    let mut end = line.len();
+    if end > 0 && line[end - 1] == b'\n' {
+        end -= 1;
+        if end > 0 && line[end - 1] == b'\r' {
+            end -= 1;
+        }
+    }
+    let s = String::from_utf8_lossy(&line[..end]).into_owned();
+    line.clear();
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn splits_lines_and_long_output() {
+        let long = "x".repeat(MAX_LINE + 10);
+        let input = format!("a\r\nb\n{long}\nlast-without-newline");
+        let (tx, mut rx) = mpsc::channel(16);
+        read_lines(std::io::Cursor::new(input.into_bytes()), Stream::Stdout, tx).await;
+        let mut got = Vec::new();
+        while let Some((_, l)) = rx.recv().await {
+            got.push(l);
+        }
+        assert_eq!(got[0], "a");
+        assert_eq!(got[1], "b");
+        assert_eq!(got[2].len(), MAX_LINE);
+        assert_eq!(got[3], "x".repeat(10));
+        assert_eq!(got[4], "last-without-newline");
+    }
+}

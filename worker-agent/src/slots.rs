@@ -1,0 +1,558 @@
+//! # Slots: how many jobs an agent holds, and from which queues
+//!
+//! An agent never holds more running steps plus unstarted deliveries than
+//! `max_concurrent_steps`. Quorum queues refuse a channel-wide prefetch and a live consumer's
+//! prefetch cannot change, so every queue is consumed with prefetch 1 and the agent keeps at
+//! most as many consumers as it has free slots:
+//!
+//! ```text
+//!   running + reserving consumers <= max_concurrent_steps
+//! ```
+//!
+//! A consumer reserves one slot: it may receive one delivery at any moment. When its
+//! delivery's claim is granted the step starts (running + 1); if that leaves no room, the
+//! consumer is cancelled *before* the delivery is acked (prefetch 1: the broker cannot send
+//! it another one meanwhile), and its reservation ends. When a step ends, a consumer is
+//! started again on a queue that has none, the worker's own queue first, then the pools,
+//! preferring queues that hold messages. With fewer free slots than queues, a consumer idling
+//! on an empty queue is moved once a second to a queue with waiting jobs.
+//!
+//! Each delivery is claimed over the API before anything runs (see `api::claim`): refused
+//! claims are acked and dropped, granted ones run, and a claim whose answer was lost is
+//! repeated with the same claim id until the dispatcher answers.
+
+use crate::api::{Api, ApiError};
+use crate::outbox::Outbox;
+use crate::runner::{self, StepContext};
+use futures::StreamExt;
+use gantry_shared::ids::{ClaimId, JobId, StepRunId, WorkerId};
+use gantry_shared::wire::{Job, RunningAttempt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// What every step needs from the agent, fixed for its lifetime.
+pub struct AgentContext {
+    pub api: Api,
+    pub outbox: Outbox,
+    pub worker_id: WorkerId,
+    pub worker_name: String,
+    pub work_root: PathBuf,
+    pub keep_work_dirs: bool,
+    /// Fault injection for tests: close the broker connection after the first granted claim,
+    /// before its ack (`GANTRY_AGENT_FAULT=drop-connection-before-ack`).
+    pub fault_drop_before_ack: std::sync::atomic::AtomicBool,
+    /// Set when the dispatcher refuses this agent's credential.
+    pub fatal: CancellationToken,
+}
+
+struct Consumer {
+    queue: String,
+    /// May still receive a delivery.
+    reserves: bool,
+    /// Holds a delivery it has not resolved yet.
+    busy: bool,
+    stop: CancellationToken,
+}
+
+struct RunningStep {
+    step_run_id: StepRunId,
+    attempt: u32,
+    cancel: CancellationToken,
+}
+
+struct State {
+    max: u32,
+    running: HashMap<JobId, RunningStep>,
+    consumers: HashMap<u64, Consumer>,
+    next_id: u64,
+    draining: bool,
+    /// Messages last seen in each queue (only probed while queues outnumber free slots).
+    depths: HashMap<String, u32>,
+}
+
+impl State {
+    fn units(&self) -> u32 {
+        self.running.len() as u32 + self.consumers.values().filter(|c| c.reserves).count() as u32
+    }
+}
+
+/// Shared between the consumers, the steps and the control channel.
+pub struct Slots {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl Slots {
+    pub fn new(max: u32) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                max: max.max(1),
+                running: HashMap::new(),
+                consumers: HashMap::new(),
+                next_id: 0,
+                draining: false,
+                depths: HashMap::new(),
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("slots lock poisoned")
+    }
+
+    pub fn set_max(&self, max: u32) {
+        let mut s = self.lock();
+        s.max = max.max(1);
+        // Idle consumers beyond the new limit stop; running steps finish.
+        let mut excess = s.units().saturating_sub(s.max);
+        for c in s.consumers.values_mut() {
+            if excess == 0 {
+                break;
+            }
+            if c.reserves && !c.busy && !c.stop.is_cancelled() {
+                c.stop.cancel();
+                excess -= 1;
+            }
+        }
+        drop(s);
+        tracing::info!(max, "max_concurrent_steps changed");
+        self.changed.notify_waiters();
+    }
+
+    pub fn max(&self) -> u32 {
+        self.lock().max
+    }
+
+    /// Stop taking work; running steps go on.
+    pub fn drain(&self) {
+        let mut s = self.lock();
+        s.draining = true;
+        for c in s.consumers.values() {
+            c.stop.cancel();
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Cancel every running step (forced shutdown).
+    pub fn cancel_all(&self) {
+        for r in self.lock().running.values() {
+            r.cancel.cancel();
+        }
+    }
+
+    /// Cancel one attempt if it runs here.
+    pub fn cancel_attempt(&self, step_run: StepRunId, attempt: u32) -> bool {
+        let s = self.lock();
+        let mut found = false;
+        for r in s.running.values() {
+            if r.step_run_id == step_run && r.attempt == attempt {
+                r.cancel.cancel();
+                found = true;
+            }
+        }
+        found
+    }
+
+    pub fn running(&self) -> Vec<RunningAttempt> {
+        self.lock()
+            .running
+            .values()
+            .map(|r| RunningAttempt {
+                step_run_id: r.step_run_id,
+                attempt: r.attempt,
+            })
+            .collect()
+    }
+
+    pub fn free(&self) -> u32 {
+        let s = self.lock();
+        s.max.saturating_sub(s.running.len() as u32)
+    }
+
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.lock().running.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn step_done(&self, job: JobId) {
+        self.lock().running.remove(&job);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Keep the right consumers alive on one connection until it dies or `stop` fires.
+/// `queues` is in priority order: the worker's own queue first, then its pools.
+pub async fn manage(
+    conn: Arc<Connection>,
+    queues: Vec<String>,
+    slots: Arc<Slots>,
+    agent: Arc<AgentContext>,
+    stop: CancellationToken,
+) {
+    let ch = match open_channel(&conn).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a channel for jobs");
+            return;
+        }
+    };
+    let conn_gone = CancellationToken::new();
+    let mut probe = tokio::time::interval(Duration::from_secs(1));
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if !ch.status().connected() || !conn.status().connected() {
+            break;
+        }
+        let notified = slots.changed.notified();
+        rebalance(&conn, &ch, &queues, &slots, &agent, &conn_gone);
+        tokio::select! {
+            _ = notified => {}
+            _ = probe.tick() => {
+                if needs_probe(&slots, &queues) {
+                    probe_depths(&conn, &queues, &slots).await;
+                    move_idle_consumers(&slots, &queues);
+                }
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    // The consumers end with the channel; deliveries they held are requeued by the broker.
+    conn_gone.cancel();
+    let mut s = slots.lock();
+    for c in s.consumers.values_mut() {
+        c.stop.cancel();
+    }
+}
+
+async fn open_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let ch = conn.create_channel().await?;
+    // Per consumer (global = false), for consumers created after this call.
+    ch.basic_qos(1, BasicQosOptions { global: false }).await?;
+    Ok(ch)
+}
+
+/// Start consumers while there are free slots and queues without one.
+fn rebalance(
+    conn: &Arc<Connection>,
+    ch: &Channel,
+    queues: &[String],
+    slots: &Arc<Slots>,
+    agent: &Arc<AgentContext>,
+    conn_gone: &CancellationToken,
+) {
+    let mut s = slots.lock();
+    if s.draining {
+        return;
+    }
+    while s.units() < s.max {
+        let without: Vec<&String> = queues
+            .iter()
+            .filter(|q| {
+                !s.consumers
+                    .values()
+                    .any(|c| &c.queue == *q && c.reserves && !c.stop.is_cancelled())
+            })
+            .collect();
+        // Prefer a queue known to hold jobs; otherwise the first in priority order.
+        let pick = without
+            .iter()
+            .find(|q| s.depths.get(q.as_str()).is_some_and(|d| *d > 0))
+            .or_else(|| without.first())
+            .map(|q| (*q).clone());
+        let Some(queue) = pick else { break };
+        let id = s.next_id;
+        s.next_id += 1;
+        let stop = conn_gone.child_token();
+        s.consumers.insert(
+            id,
+            Consumer {
+                queue: queue.clone(),
+                reserves: true,
+                busy: false,
+                stop: stop.clone(),
+            },
+        );
+        tokio::spawn(consume(
+            conn.clone(),
+            ch.clone(),
+            queue,
+            id,
+            slots.clone(),
+            agent.clone(),
+            stop,
+        ));
+    }
+}
+
+fn needs_probe(slots: &Slots, queues: &[String]) -> bool {
+    let s = slots.lock();
+    !s.draining
+        && queues.iter().any(|q| {
+            !s.consumers
+                .values()
+                .any(|c| &c.queue == q && c.reserves && !c.stop.is_cancelled())
+        })
+}
+
+async fn probe_depths(conn: &Connection, queues: &[String], slots: &Slots) {
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    let mut depths = HashMap::new();
+    for q in queues {
+        if let Ok(info) = ch
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        {
+            depths.insert(q.clone(), info.message_count());
+        } else {
+            break;
+        }
+    }
+    let _ = ch.close(200, "probed".into()).await;
+    slots.lock().depths = depths;
+}
+
+/// A consumer idling on an empty queue while another queue with jobs has none: stop it, so
+/// that the next rebalance starts one on the queue with jobs.
+fn move_idle_consumers(slots: &Slots, queues: &[String]) {
+    let mut s = slots.lock();
+    let hungry = queues.iter().any(|q| {
+        s.depths.get(q).is_some_and(|d| *d > 0)
+            && !s
+                .consumers
+                .values()
+                .any(|c| &c.queue == q && c.reserves && !c.stop.is_cancelled())
+    });
+    if !hungry {
+        return;
+    }
+    let depths = s.depths.clone();
+    if let Some(c) = s.consumers.values_mut().find(|c| {
+        c.reserves && !c.busy && !c.stop.is_cancelled() && depths.get(&c.queue) == Some(&0)
+    }) {
+        tracing::debug!(
+            queue = c.queue,
+            "moving an idle consumer to a queue with jobs"
+        );
+        c.stop.cancel();
+    }
+}
+
+async fn consume(
+    conn: Arc<Connection>,
+    ch: Channel,
+    queue: String,
+    id: u64,
+    slots: Arc<Slots>,
+    agent: Arc<AgentContext>,
+    stop: CancellationToken,
+) {
+    let tag = format!("{}-{id}", agent.worker_id);
+    let consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let mut consumer = match consumer {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, queue, "cannot consume");
+            slots.lock().consumers.remove(&id);
+            // Let the manager notice a dead channel rather than spin on it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            slots.changed.notify_waiters();
+            return;
+        }
+    };
+    let mut cancelled = false;
+    loop {
+        let next = tokio::select! {
+            n = consumer.next() => n,
+            _ = stop.cancelled(), if !cancelled => {
+                cancelled = true;
+                // Deliveries sent before the broker saw the cancel still arrive; the stream
+                // ends after them.
+                if ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, queue, "consumer ended");
+                break;
+            }
+            None => break,
+        };
+        if let Some(c) = slots.lock().consumers.get_mut(&id) {
+            c.busy = true;
+        }
+        let keep = handle_delivery(&conn, &ch, &tag, delivery, id, &slots, &agent).await;
+        if let Some(c) = slots.lock().consumers.get_mut(&id) {
+            c.busy = false;
+        }
+        if !keep && !cancelled {
+            cancelled = true;
+        }
+    }
+    slots.lock().consumers.remove(&id);
+    slots.changed.notify_waiters();
+}
+
+/// Handle one delivery. Returns false when this consumer was cancelled to respect the limit.
+async fn handle_delivery(
+    conn: &Connection,
+    ch: &Channel,
+    tag: &str,
+    delivery: lapin::message::Delivery,
+    id: u64,
+    slots: &Arc<Slots>,
+    agent: &Arc<AgentContext>,
+) -> bool {
+    let job = match Job::decode(&delivery.data) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!(error = %e, "dead-lettering a malformed job");
+            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            return true;
+        }
+    };
+    let (already_running, full) = {
+        let s = slots.lock();
+        (
+            s.running.contains_key(&job.job_id),
+            s.running.len() as u32 >= s.max,
+        )
+    };
+    if already_running {
+        // A redelivery of a job running here (after a reconnect): already ours.
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        return true;
+    }
+    if full {
+        // Only after the limit was lowered: give the job back for another agent.
+        let _ = delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
+        return false;
+    }
+    let claim_id = ClaimId::new();
+    let mut delay = Duration::from_millis(100);
+    let grant = loop {
+        match agent.api.claim(job.job_id, claim_id).await {
+            Ok(g) => break Some(g),
+            Err(ApiError::Refused { message, .. }) => {
+                tracing::info!(job_id = %job.job_id, step = job.step_name, %message, "claim refused; dropping the job");
+                break None;
+            }
+            Err(ApiError::Unauthorized(m)) => {
+                tracing::error!(message = %m, "the dispatcher refused this agent's credential");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                agent.fatal.cancel();
+                return false;
+            }
+            Err(ApiError::Unavailable(m)) => {
+                // Keep asking with the same claim id: if the dispatcher granted it and the
+                // answer was lost, the same claim is granted again; abandoning it would leave
+                // the attempt claimed and never run.
+                if delay >= Duration::from_secs(2) {
+                    tracing::warn!(job_id = %job.job_id, error = %m, "cannot claim yet; retrying");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let Some(grant) = grant else {
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        return true;
+    };
+    let cancel = CancellationToken::new();
+    let keep = {
+        let mut s = slots.lock();
+        s.running.insert(
+            job.job_id,
+            RunningStep {
+                step_run_id: job.step_run_id,
+                attempt: job.attempt,
+                cancel: cancel.clone(),
+            },
+        );
+        let over = s.units() > s.max || s.draining;
+        if over && let Some(c) = s.consumers.get_mut(&id) {
+            c.reserves = false;
+        }
+        !over
+    };
+    if !keep {
+        // Cancel before the ack, so the broker cannot hand this consumer another job.
+        let _ = ch
+            .basic_cancel(tag.into(), BasicCancelOptions::default())
+            .await;
+    }
+    if agent
+        .fault_drop_before_ack
+        .swap(false, std::sync::atomic::Ordering::SeqCst)
+    {
+        tracing::warn!("fault injection: closing the broker connection before the ack");
+        let _ = conn.close(320, "fault injection".into()).await;
+    } else if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        // Redelivered elsewhere; that claim will be refused.
+        tracing::debug!(error = %e, "ack failed after a granted claim");
+    }
+    let ctx = StepContext {
+        job,
+        grant,
+        worker_id: agent.worker_id,
+        worker_name: agent.worker_name.clone(),
+        work_root: agent.work_root.clone(),
+        keep_work_dir: agent.keep_work_dirs,
+        outbox: agent.outbox.clone(),
+        cancel,
+    };
+    let slots = slots.clone();
+    tokio::spawn(async move {
+        let job_id = ctx.job.job_id;
+        runner::run(ctx).await;
+        slots.step_done(job_id);
+    });
+    keep
+}
