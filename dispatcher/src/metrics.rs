@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Upper bounds of the step duration buckets, in seconds.
 const BUCKETS: [f64; 14] = [
@@ -13,6 +14,8 @@ const BUCKETS: [f64; 14] = [
 #[derive(Default)]
 pub struct Metrics {
     durations: Mutex<Histogram>,
+    log_batches: AtomicU64,
+    log_lines: AtomicU64,
 }
 
 #[derive(Default)]
@@ -32,6 +35,27 @@ impl Metrics {
         }
         h.count += 1;
         h.sum += seconds;
+    }
+
+    /// A log batch stored with `lines` new lines.
+    pub fn observe_log_batch(&self, lines: u64) {
+        self.log_batches.fetch_add(1, Ordering::Relaxed);
+        self.log_lines.fetch_add(lines, Ordering::Relaxed);
+    }
+
+    pub fn render_counters(&self, out: &mut String) {
+        out.push_str("# HELP gantry_log_batches_total Log batches stored by this node.\n# TYPE gantry_log_batches_total counter\n");
+        let _ = writeln!(
+            out,
+            "gantry_log_batches_total {}",
+            self.log_batches.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP gantry_log_lines_total Log lines stored by this node.\n# TYPE gantry_log_lines_total counter\n");
+        let _ = writeln!(
+            out,
+            "gantry_log_lines_total {}",
+            self.log_lines.load(Ordering::Relaxed)
+        );
     }
 
     pub fn render_histogram(&self, out: &mut String) {

@@ -206,6 +206,8 @@ impl ResultConsumer {
                     )
                     .await?;
                     if stored != locked.lines_stored {
+                        self.metrics
+                            .observe_log_batch((stored - locked.lines_stored) as u64);
                         sqlx::query(
                             "UPDATE attempts SET lines_stored = $3 WHERE step_run_id = $1 AND attempt = $2",
                         )

@@ -197,6 +197,9 @@ pub enum PublishError {
     Timeout(Duration),
 }
 
+/// How long a publish waits for a missing connection before it fails.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
 /// Publishes with confirms on a channel of its own, re-opened on each new connection.
 pub struct Publisher {
     broker: Broker,
@@ -244,10 +247,12 @@ impl Publisher {
             return Ok(ch.clone());
         }
         *guard = None;
+        // Right after start, or during a reconnect, the connection is moments away: wait a
+        // little rather than fail the publish at once.
         let conn = self
             .broker
-            .current()
-            .filter(|c| c.status().connected())
+            .connected_within(CONNECT_WAIT)
+            .await
             .ok_or_else(|| PublishError::Unavailable("not connected".into()))?;
         let ch = conn
             .create_channel()

@@ -90,7 +90,15 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
         max_concurrent_steps = config.max_concurrent_steps,
         "agent running"
     );
-    // Printed for scripts and tests that wait for the agent to be up.
+    // Printed for scripts and tests that wait for the agent to be up: connected, with its
+    // queues declared.
+    if broker
+        .connected_within(Duration::from_secs(10))
+        .await
+        .is_none()
+    {
+        tracing::warn!("RabbitMQ is not reachable yet; the agent will take steps once it is");
+    }
     println!("gantry-agent {} running", config.name);
 
     let stop = CancellationToken::new();

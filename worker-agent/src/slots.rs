@@ -456,6 +456,7 @@ async fn handle_delivery(
     };
     if already_running {
         // A redelivery of a job running here (after a reconnect): already ours.
+        tracing::info!(job_id = %job.job_id, "redelivery of a job already running here; acking it");
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return true;
     }

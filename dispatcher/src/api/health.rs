@@ -119,6 +119,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         let _ = ch.close(200, "metrics".into()).await;
     }
     state.metrics.render_histogram(&mut out);
+    state.metrics.render_counters(&mut out);
     (
         [(
             header::CONTENT_TYPE,
