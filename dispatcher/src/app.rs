@@ -93,6 +93,7 @@ impl Dispatcher {
             notifier: Notifier::start(db.clone(), cancel.clone()),
             redis: Arc::new(RedisLink::new(&settings.redis.url).context("redis.url")?),
             control: Arc::new(Publisher::new(broker.clone())),
+            retry_base,
             db,
             topology,
             broker,

@@ -596,3 +596,27 @@ async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
         }
     }
 }
+
+/// Give an unclaimed attempt a new job id, voiding the one in circulation (whose message an
+/// agent acked without running it), so the sweep or [`Orchestrator::republish`] sends it out
+/// again. The caller holds the step run's row lock.
+pub async fn void_job(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE attempts SET job_id = $3, state = 'Pending'
+         WHERE step_run_id = $1 AND attempt = $2 AND state IN ('Pending', 'Queued')",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(JobId::new().0)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE step_runs SET state = 'Pending' WHERE id = $1 AND state = 'Queued'")
+        .bind(step_run.0)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

@@ -292,12 +292,6 @@ impl ResultConsumer {
                             f.outcome.as_str(),
                         )
                         .await?;
-                        let duration = locked
-                            .started_at
-                            .map(|s| (f.finished_at - s).num_milliseconds().max(0) as f64 / 1000.0);
-                        if let Some(d) = duration {
-                            self.metrics.observe_step_duration(d);
-                        }
                         kick = Some(locked.task());
                     }
                 }
@@ -315,6 +309,10 @@ impl ResultConsumer {
         attempt: u32,
         outcome: &str,
     ) -> sqlx::Result<()> {
+        if let Some(started) = locked.started_at {
+            let secs = (chrono::Utc::now() - started).num_milliseconds().max(0) as f64 / 1000.0;
+            self.metrics.observe_step_duration(secs);
+        }
         attempts::conclude(
             conn,
             locked,

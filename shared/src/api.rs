@@ -302,3 +302,12 @@ pub struct ClaimGrant {
     /// Values of the job's `sensitive_names`; they never travel through the broker.
     pub sensitive_variables: BTreeMap<String, String>,
 }
+
+/// A sensitive output variable, sent by the agent over the API (`POST /api/jobs/{id}/outputs`)
+/// rather than through the broker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensitiveOutput {
+    pub name: String,
+    pub value: String,
+}

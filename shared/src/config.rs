@@ -155,13 +155,19 @@ impl From<config::ConfigError> for ConfigError {
             config::ConfigError::NotFound(k) => Some(k.clone()),
             _ => None,
         };
-        // Unknown fields come back as a bare message; pull the field name out of serde's text.
-        let key = key.or_else(|| {
-            let text = e.to_string();
-            text.strip_prefix("unknown field `")
-                .and_then(|rest| rest.split('`').next())
-                .map(str::to_owned)
-        });
+        // Unknown fields come back as serde's message, keyed by their section at best; name
+        // the field itself (`amqp.urll`, not `amqp`).
+        let text = e.to_string();
+        let unknown = text
+            .split("unknown field `")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_owned);
+        let key = match (key, unknown) {
+            (Some(section), Some(field)) => Some(format!("{section}.{field}")),
+            (None, Some(field)) => Some(field),
+            (key, None) => key,
+        };
         Self {
             key,
             message: e.to_string(),
@@ -295,6 +301,21 @@ impl Settings {
                 "must be at least 16 characters",
             ));
         }
+        if let Some(key) = &self.secrets.key {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(key.trim())
+                .map_err(|_| ConfigError::key("secrets.key", "is not valid base64"))?;
+            if raw.len() != 32 {
+                return Err(ConfigError::key(
+                    "secrets.key",
+                    format!(
+                        "must be the base64 of exactly 32 bytes (openssl rand -base64 32), not {}",
+                        raw.len()
+                    ),
+                ));
+            }
+        }
         if self.dispatcher.task_cap == 0 {
             return Err(ConfigError::key(
                 "dispatcher.task_cap",
@@ -426,7 +447,20 @@ mod tests {
         let dir = tempdir();
         let file = write(&dir, "[amqp]\nurll = \"amqp://x\"\n");
         let err = Settings::load_with_env(Some(&file), env(&[])).unwrap_err();
-        assert!(err.to_string().contains("urll"), "{err}");
+        assert_eq!(err.key.as_deref(), Some("amqp.urll"), "{err}");
+        let err =
+            Settings::load_with_env(Some(&file), env(&[("GANTRY__SECRETS__KEY", "c2hvcnQ=")]))
+                .unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("amqp.urll"),
+            "the first problem wins: {err}"
+        );
+        let file = write(&dir, "");
+        let err =
+            Settings::load_with_env(Some(&file), env(&[("GANTRY__SECRETS__KEY", "c2hvcnQ=")]))
+                .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("secrets.key"), "{err}");
     }
 
     #[test]

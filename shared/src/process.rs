@@ -31,7 +31,7 @@ pub struct Process {
 
 /// A variable: a plain value (`Name = "x"`, numbers and booleans as their text) or a table
 /// `{ value = "x", sensitive = true }`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize)]
 #[serde(untagged)]
 pub enum VariableValue {
     Plain(String),
@@ -47,6 +47,39 @@ pub struct DetailedValue {
     pub value: String,
     #[serde(default)]
     pub sensitive: bool,
+}
+
+impl<'de> Deserialize<'de> for VariableValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        const SHAPE: &str =
+            "a variable is a string, a number, a boolean, or { value = \"...\", sensitive = true }";
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => Ok(Self::Plain(s)),
+            serde_json::Value::Bool(b) => Ok(Self::Bool(b)),
+            serde_json::Value::Number(n) => Ok(match n.as_i64() {
+                Some(i) => Self::Integer(i),
+                None => Self::Float(n.as_f64().unwrap_or_default()),
+            }),
+            serde_json::Value::Object(mut m) => {
+                if let Some(k) = m.keys().find(|k| *k != "value" && *k != "sensitive") {
+                    return Err(D::Error::custom(format!("unknown field `{k}`: {SHAPE}")));
+                }
+                let value = match m.remove("value") {
+                    Some(serde_json::Value::String(v)) => v,
+                    Some(_) => return Err(D::Error::custom("`value` must be a string")),
+                    None => return Err(D::Error::custom(format!("missing `value`: {SHAPE}"))),
+                };
+                let sensitive = match m.remove("sensitive") {
+                    None => false,
+                    Some(serde_json::Value::Bool(b)) => b,
+                    Some(_) => return Err(D::Error::custom("`sensitive` must be true or false")),
+                };
+                Ok(Self::Detailed(DetailedValue { value, sensitive }))
+            }
+            _ => Err(D::Error::custom(SHAPE)),
+        }
+    }
 }
 
 impl VariableValue {
@@ -253,12 +286,14 @@ impl Process {
             match step.kind {
                 StepKind::Script => {}
                 StepKind::Manual | StepKind::Email => {
+                    let kind = if step.kind == StepKind::Manual {
+                        "manual"
+                    } else {
+                        "email"
+                    };
                     return Err(invalid(
                         at("kind"),
-                        format!(
-                            "kind = {:?} is not supported by this version of Gantry yet",
-                            step.kind
-                        ),
+                        format!("kind = \"{kind}\" is not supported by this version of Gantry yet"),
                     ));
                 }
             }
@@ -482,6 +517,20 @@ script = "true""#,
             let err = parse(text).validate().unwrap_err();
             assert_eq!(err.field, field, "{text}\n=> {err}");
         }
+    }
+
+    #[test]
+    fn variable_shapes_are_explained() {
+        let bad = Process::from_toml(
+            "name = \"x\"\n[variables]\nA = [1, 2]\n[[steps]]\nname = \"a\"\nscript = \"true\"\n",
+        )
+        .unwrap_err();
+        assert!(bad.message.contains("a variable is a string"), "{bad}");
+        let bad = Process::from_toml(
+            "name = \"x\"\n[variables]\nA = { value = 3 }\n[[steps]]\nname = \"a\"\nscript = \"true\"\n",
+        )
+        .unwrap_err();
+        assert!(bad.message.contains("`value` must be a string"), "{bad}");
     }
 
     #[test]

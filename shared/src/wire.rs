@@ -357,6 +357,8 @@ pub enum Control {
     },
     /// Change how many steps the agent runs at once, without a restart.
     SetMaxConcurrentSteps { max_concurrent_steps: u32 },
+    /// A disabled worker takes no new steps (running ones finish); enabling resumes it.
+    SetEnabled { enabled: bool },
 }
 
 impl Control {

@@ -65,14 +65,9 @@ fn ensure_binaries() {
         let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args([
-            "build",
-            "--bins",
-            "-p",
-            "gantry-dispatcher",
-            "-p",
-            "gantry-agent",
-        ]);
+        // The whole workspace, as `cargo nextest run --workspace` and the quick start build
+        // it: the same feature set, so nothing is rebuilt back and forth.
+        cmd.args(["build", "--workspace", "--bins"]);
         if profile == "release" {
             cmd.arg("--release");
         }

@@ -92,6 +92,17 @@ async fn malformed_processes_get_a_400_naming_the_field() {
     assert_eq!(resp.status(), 400);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("JSON"));
+    let huge = "x".repeat(9 * 1024 * 1024);
+    let (status, body) = post_task(
+        &stack,
+        json!({ "name": "p", "steps": [{ "name": "s", "script": huge }] }),
+    )
+    .await;
+    assert_eq!(status, 413, "a body over the limit is refused as JSON too");
+    assert!(
+        body["error"].as_str().unwrap().contains("larger than"),
+        "{body}"
+    );
     let (status, body) = stack
         .request(Method::GET, "/api/tasks/not-a-uuid", Some(API_KEY), None)
         .await
@@ -139,6 +150,7 @@ async fn requests_without_a_valid_key_are_refused() {
             (Method::POST, "/api/tasks", Some(process.clone())),
             (Method::GET, "/api/workers", None),
             (Method::GET, "/api/pools", None),
+            (Method::GET, "/metrics", None),
         ] {
             let (status, err) = stack.request(method, path, key, body).await.unwrap();
             assert_eq!(status, expected, "{path} with {key:?}");
@@ -366,6 +378,7 @@ async fn metrics_report_steps_queues_durations_and_workers() {
         let t = stack
             .http
             .get(format!("{}/metrics", stack.url))
+            .header("X-Gantry-ApiKey", API_KEY)
             .send()
             .await
             .ok()?

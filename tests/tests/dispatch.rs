@@ -374,6 +374,7 @@ script = "seq 0 99999 | sed 's/^/line /'"
     let metrics = stack
         .http
         .get(format!("{}/metrics", stack.url))
+        .bearer_auth(gantry_tests::API_KEY)
         .send()
         .await
         .unwrap()
@@ -451,5 +452,143 @@ echo second
             .unwrap()
             .iter()
             .any(|l| l.text == "second")
+    );
+}
+
+#[tokio::test]
+async fn sensitive_outputs_flow_to_later_steps_masked_and_sealed() {
+    // Arrange
+    let mut stack = Stack::start().await.unwrap();
+    stack
+        .add_agent("secretive", AgentOpts::default())
+        .await
+        .unwrap();
+
+    // Act
+    let task = stack
+        .submit(
+            r##"
+name = "secret-output"
+[variables]
+PATH = "not-a-path"
+[[steps]]
+name = "mint"
+script = "set_gantryvariable token tok-8c1d2e3f4a sensitive; set_gantryvariable plain visible-1"
+[[steps]]
+name = "use"
+syntax = "python3"
+script = """
+import os
+print("token is #{Steps.mint.Output.token}")
+print("env has", os.environ["Steps_mint_Output_token"][::-1])
+print("plain is #{Steps.mint.Output.plain}, PATH var #{PATH}")
+"""
+"##,
+        )
+        .await
+        .unwrap();
+    let done = stack
+        .wait_task(task, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(done.summary.state, "Success", "{done:#?}");
+    let mint = done.steps.iter().find(|s| s.name == "mint").unwrap();
+    assert_eq!(mint.outputs["token"], "********");
+    assert_eq!(mint.outputs["plain"], "visible-1");
+    let texts: Vec<String> = stack
+        .log(task)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert!(texts.contains(&"token is ********".to_owned()), "{texts:?}");
+    assert!(
+        texts.contains(&"env has a4f3e2d1c8-kot".to_owned()),
+        "the value reached the environment"
+    );
+    assert!(texts.contains(&"plain is visible-1, PATH var not-a-path".to_owned()));
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("not exported to the environment") && t.contains("PATH")),
+        "a reserved name is not exported, and the step says so: {texts:?}"
+    );
+    let db = stack.db().await;
+    let leaks: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM log_lines WHERE text LIKE '%tok-8c1d2e3f4a%')
+              + (SELECT count(*) FROM output_variables WHERE value LIKE '%tok-8c1d2e3f4a%'
+                 OR position('tok-8c1d2e3f4a'::bytea in COALESCE(sealed, ''::bytea)) > 0)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(leaks, 0, "the sensitive output is nowhere in clear");
+}
+
+#[tokio::test]
+async fn a_disabled_worker_takes_no_steps_until_enabled_and_limits_change_live() {
+    // Arrange
+    let mut stack = Stack::start().await.unwrap();
+    stack
+        .add_agent(
+            "switch",
+            AgentOpts {
+                max_concurrent_steps: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let workers: Vec<gantry_tests::gantry_shared::api::Worker> =
+        stack.get("/api/workers").await.unwrap();
+    let id = workers[0].id;
+    let patch = |body: serde_json::Value| {
+        let stack = &stack;
+        async move {
+            let (status, b) = stack
+                .request(
+                    reqwest::Method::PATCH,
+                    &format!("/api/workers/{id}"),
+                    Some(gantry_tests::API_KEY),
+                    Some(body),
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{b}");
+        }
+    };
+
+    // Act 1: disabled, a submitted step waits in the queue.
+    patch(serde_json::json!({ "enabled": false })).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = stack.submit(SLEEPER).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = stack.task(waiting).await.unwrap();
+    assert_eq!(
+        still.steps[0].state, "Queued",
+        "a disabled worker takes nothing"
+    );
+
+    // Act 2: enabled with a limit of 3, four steps at once.
+    patch(serde_json::json!({ "enabled": true, "max_concurrent_steps": 3 })).await;
+    let mut tasks = vec![waiting];
+    for _ in 0..3 {
+        tasks.push(stack.submit(SLEEPER).await.unwrap());
+    }
+    for t in &tasks {
+        let done = stack.wait_task(*t, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(done.summary.state, "Success");
+    }
+
+    // Assert
+    let by_worker = intervals_by_worker(&stack, &tasks).await;
+    let iv = &by_worker["switch"];
+    assert_eq!(
+        max_overlap(iv),
+        3,
+        "the new limit applied without a restart: {iv:?}"
     );
 }

@@ -63,6 +63,7 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     );
     let (outbox, outbox_done) = Outbox::start(broker.clone(), topology.results_queue());
     let slots = Slots::new(config.max_concurrent_steps);
+    slots.set_enabled(config.enabled);
     let work_root = settings
         .agent
         .work_dir
@@ -298,6 +299,7 @@ async fn control(
                 Ok(Control::SetMaxConcurrentSteps {
                     max_concurrent_steps,
                 }) => slots.set_max(max_concurrent_steps),
+                Ok(Control::SetEnabled { enabled }) => slots.set_enabled(enabled),
                 Ok(Control::CancelAttempt {
                     step_run_id,
                     attempt,

@@ -1,8 +1,8 @@
 //! The agent's calls to the dispatcher's API.
 
 use gantry_shared::api::{
-    API_KEY_HEADER, AgentConfig, ClaimGrant, ClaimRequest, ErrorBody, WORKER_TOKEN_HEADER,
-    WorkerRegister, WorkerRegistered,
+    API_KEY_HEADER, AgentConfig, ClaimGrant, ClaimRequest, ErrorBody, SensitiveOutput,
+    WORKER_TOKEN_HEADER, WorkerRegister, WorkerRegistered,
 };
 use gantry_shared::ids::{ClaimId, JobId, WorkerId};
 use std::time::Duration;
@@ -107,6 +107,24 @@ impl Api {
     pub async fn agent_config(&self) -> Result<AgentConfig, ApiError> {
         self.call(self.req(reqwest::Method::GET, "/api/agent/config"))
             .await
+    }
+
+    /// Store a sensitive output variable of a running job (never sent through the broker).
+    pub async fn sensitive_output(
+        &self,
+        job: JobId,
+        name: &str,
+        value: &str,
+    ) -> Result<(), ApiError> {
+        self.call::<serde_json::Value>(
+            self.req(reqwest::Method::POST, &format!("/api/jobs/{job}/outputs"))
+                .json(&SensitiveOutput {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                }),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn claim(&self, job: JobId, claim_id: ClaimId) -> Result<ClaimGrant, ApiError> {

@@ -42,11 +42,14 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 pub const BATCH_DELAY: Duration = Duration::from_millis(50);
 /// Longest line; longer output is split into several lines.
 pub const MAX_LINE: usize = 64 * 1024;
+/// How long output may still arrive after the script's process group is gone.
+pub const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Between SIGTERM and SIGKILL when a step is stopped.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Everything a step needs from its agent.
 pub struct StepContext {
+    pub api: crate::api::Api,
     pub job: Job,
     pub grant: ClaimGrant,
     pub worker_id: WorkerId,
@@ -219,9 +222,6 @@ async fn execute(
         Syntax::Bash => {
             let mut c = tokio::process::Command::new("bash");
             c.arg("--noprofile").arg("--norc").arg(&script_path);
-            // Non-interactive bash sources $BASH_ENV first: that is how the helpers arrive
-            // without touching the user's script (and its line numbers).
-            c.env("BASH_ENV", &helpers);
             c
         }
         Syntax::Sh => {
@@ -246,10 +246,27 @@ async fn execute(
             cmd.env_remove(k);
         }
     }
+    let mut not_exported = Vec::new();
     for (name, value) in &vars {
-        if let Some(env) = template::env_name(name) {
-            cmd.env(env, value);
+        match template::env_name(name) {
+            Some(env) if !is_reserved_env(&env) => {
+                cmd.env(env, value);
+            }
+            Some(_) => not_exported.push(name.as_str()),
+            None => {}
         }
+    }
+    if !not_exported.is_empty() {
+        em.gantry(&format!(
+            "warning: not exported to the environment (reserved names): {}; #{{...}} substitution still works",
+            not_exported.join(", ")
+        ))
+        .await;
+    }
+    if job.syntax == Syntax::Bash {
+        // Non-interactive bash sources $BASH_ENV first: that is how the helpers arrive
+        // without touching the user's script (and its line numbers).
+        cmd.env("BASH_ENV", &helpers);
     }
     cmd.env("GANTRY_HELPERS", &helpers)
         .env("GANTRY_TASK_ID", job.task_id.to_string())
@@ -288,8 +305,14 @@ async fn execute(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut end: Option<End> = None;
     let mut lines_open = true;
+    // Set once the script ended: output still open after it comes from a process that left
+    // the step's process group (setsid) and is not waited for.
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
     // Until the script has exited and both pipes are drained.
     while end.is_none() || lines_open {
+        if end.is_some() && drain_deadline.is_none() {
+            drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+        }
         tokio::select! {
             biased;
             msg = line_rx.recv(), if lines_open => match msg {
@@ -322,6 +345,10 @@ async fn execute(
                 stop_group(pgid, &mut child).await;
                 end = Some(End::Cancelled);
             }
+            _ = sleep_until(drain_deadline), if drain_deadline.is_some() => {
+                em.gantry("warning: a process outside the step's process group still holds its output open; no longer reading it").await;
+                break;
+            }
             _ = ticker.tick() => {
                 if em.batch.first().is_some_and(|l| Utc::now() - l.ts >= chrono::Duration::from_std(BATCH_DELAY).expect("small")) {
                     em.flush().await;
@@ -329,8 +356,12 @@ async fn execute(
             }
         }
     }
+    // Lines read before we stopped listening still belong to the log.
+    while let Ok((stream, text)) = line_rx.try_recv() {
+        handle_line(ctx, em, stream, text, &mut fail_message).await;
+    }
     for r in readers {
-        let _ = r.await;
+        r.abort();
     }
     Ok(match end.expect("loop ends only once the script ended") {
         End::Exited(status) => {
@@ -360,6 +391,32 @@ async fn execute(
         ),
         End::Cancelled => (Outcome::Cancelled, None, Some("cancelled".into())),
     })
+}
+
+/// Environment names a process variable may not override: the shell's and the runtime's own,
+/// and Gantry's.
+fn is_reserved_env(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "PWD",
+        "OLDPWD",
+        "TMPDIR",
+        "LANG",
+        "TERM",
+        "IFS",
+        "ENV",
+        "CDPATH",
+        "PS4",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "HOSTNAME",
+    ];
+    const PREFIXES: &[&str] = &["GANTRY_", "BASH_", "LD_", "LC_", "PYTHON"];
+    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -410,7 +467,7 @@ async fn handle_line(
 }
 
 async fn service_message(
-    _ctx: &StepContext,
+    ctx: &StepContext,
     em: &mut Emitter,
     msg: ServiceMessage,
     fail_message: &mut Option<String>,
@@ -423,18 +480,29 @@ async fn service_message(
         } => {
             if sensitive {
                 em.masker.add(&value);
+                // Sensitive values never travel through the broker: straight to the
+                // dispatcher, which seals them.
+                match send_sensitive_output(ctx, &name, &value).await {
+                    Ok(()) => {
+                        em.gantry(&format!("Output variable {name} set (sensitive)"))
+                            .await
+                    }
+                    Err(e) => {
+                        em.gantry(&format!(
+                            "warning: sensitive output variable {name} was not stored: {e}"
+                        ))
+                        .await
+                    }
+                }
+                return;
             }
-            em.gantry(&format!(
-                "Output variable {name} set{}",
-                if sensitive { " (sensitive)" } else { "" }
-            ))
-            .await;
+            em.gantry(&format!("Output variable {name} set")).await;
             let origin = em.origin.clone();
             em.event(Event::OutputVariable(OutputVariable {
                 origin,
                 name,
-                value: (!sensitive).then_some(value),
-                sensitive,
+                value: Some(value),
+                sensitive: false,
             }))
             .await;
         }
@@ -468,6 +536,23 @@ async fn service_message(
                 "warning: artifact {path} not collected: artifacts are not supported by this version of Gantry yet"
             ))
             .await;
+        }
+    }
+}
+
+/// Store a sensitive output over the API, retrying while the dispatcher is unreachable.
+async fn send_sensitive_output(ctx: &StepContext, name: &str, value: &str) -> Result<(), String> {
+    let mut delay = Duration::from_millis(100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match ctx.api.sensitive_output(ctx.job.job_id, name, value).await {
+            Ok(()) => return Ok(()),
+            Err(crate::api::ApiError::Unavailable(m)) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %m, "cannot store a sensitive output yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.to_string()),
         }
     }
 }

@@ -76,6 +76,8 @@ struct State {
     consumers: HashMap<u64, Consumer>,
     next_id: u64,
     draining: bool,
+    /// Disabled by the dispatcher: no new work until enabled again.
+    paused: bool,
     /// Messages last seen in each queue (only probed while queues outnumber free slots).
     depths: HashMap<String, u32>,
 }
@@ -101,6 +103,7 @@ impl Slots {
                 consumers: HashMap::new(),
                 next_id: 0,
                 draining: false,
+                paused: false,
                 depths: HashMap::new(),
             }),
             changed: Notify::new(),
@@ -132,6 +135,20 @@ impl Slots {
 
     pub fn max(&self) -> u32 {
         self.lock().max
+    }
+
+    /// Take no new work while disabled (running steps go on); resume when enabled.
+    pub fn set_enabled(&self, enabled: bool) {
+        let mut s = self.lock();
+        s.paused = !enabled;
+        if !enabled {
+            for c in s.consumers.values() {
+                c.stop.cancel();
+            }
+        }
+        drop(s);
+        tracing::info!(enabled, "worker enabled state changed");
+        self.changed.notify_waiters();
     }
 
     /// Stop taking work; running steps go on.
@@ -258,7 +275,7 @@ fn rebalance(
     conn_gone: &CancellationToken,
 ) {
     let mut s = slots.lock();
-    if s.draining {
+    if s.draining || s.paused {
         return;
     }
     while s.units() < s.max {
@@ -304,6 +321,7 @@ fn rebalance(
 fn needs_probe(slots: &Slots, queues: &[String]) -> bool {
     let s = slots.lock();
     !s.draining
+        && !s.paused
         && queues.iter().any(|q| {
             !s.consumers
                 .values()
@@ -517,7 +535,7 @@ async fn handle_delivery(
                 cancel: cancel.clone(),
             },
         );
-        let over = s.units() > s.max || s.draining;
+        let over = s.units() > s.max || s.draining || s.paused;
         if over && let Some(c) = s.consumers.get_mut(&id) {
             c.reserves = false;
         }
@@ -540,6 +558,7 @@ async fn handle_delivery(
         tracing::debug!(error = %e, "ack failed after a granted claim");
     }
     let ctx = StepContext {
+        api: agent.api.clone(),
         job,
         grant,
         worker_id: agent.worker_id,

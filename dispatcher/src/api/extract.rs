@@ -22,9 +22,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::BadRequest {
-                message: format!("cannot read the request body: {}", e.body_text()),
-                field: None,
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge(format!("the request body is larger than {MAX_BODY} bytes"))
+                } else {
+                    ApiError::BadRequest {
+                        message: format!("cannot read the request body: {}", e.body_text()),
+                        field: None,
+                    }
+                }
             })?;
         parse_json(&bytes).map(AppJson)
     }
@@ -71,10 +77,18 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // `X-Gantry-ApiKey: KEY`, or `Authorization: Bearer KEY` (what Prometheus can send).
         let key = parts
             .headers
             .get(API_KEY_HEADER)
             .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            })
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::Unauthorized)?;

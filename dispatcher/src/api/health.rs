@@ -40,8 +40,13 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     (code, axum::Json(body))
 }
 
-/// Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus text format. Needs an API key, as every route but `/api/health` does;
+/// Prometheus can send it as `Authorization: Bearer KEY` (`authorization.credentials`).
+pub async fn metrics(
+    State(state): State<AppState>,
+    caller: super::extract::Caller,
+) -> Result<impl IntoResponse, super::error::ApiError> {
+    caller.require(gantry_shared::api::Permission::TaskView)?;
     let mut out = String::new();
     let steps: Vec<(String, i64)> =
         sqlx::query_as("SELECT state, count(*) FROM step_runs GROUP BY state ORDER BY state")
@@ -120,11 +125,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     state.metrics.render_histogram(&mut out);
     state.metrics.render_counters(&mut out);
-    (
+    Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         out,
-    )
+    ))
 }

@@ -14,7 +14,7 @@ use crate::attempts;
 use crate::store::workers;
 use axum::Json;
 use axum::extract::{Path, State};
-use gantry_shared::api::{AgentConfig, ClaimGrant, ClaimRequest};
+use gantry_shared::api::{AgentConfig, ClaimGrant, ClaimRequest, SensitiveOutput};
 use gantry_shared::ids::{JobId, StepRunId};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -50,7 +50,7 @@ pub async fn claim(
     .await?;
     let Some((step_run, attempt, task)) = found else {
         return Err(ApiError::Conflict(format!(
-            "job {job_id} is not current: it was superseded by a newer publication of its attempt"
+            "job {job_id} is unknown: never published, or superseded by a newer publication of its attempt"
         )));
     };
     let step_run = StepRunId(step_run);
@@ -65,14 +65,26 @@ pub async fn claim(
     }
     match locked.state.as_str() {
         "Pending" | "Queued" => {
-            if !worker.enabled {
-                drop(tx);
-                // Disabled workers get no new steps: send the job back out for another.
-                s.orchestrator.republish(step_run, attempt as u32).await;
-                return Err(ApiError::Conflict(format!(
+            let refusal = if !worker.enabled {
+                Some(format!(
                     "worker {} is disabled and takes no new steps",
                     worker.name
-                )));
+                ))
+            } else if !serves_pool(&mut tx, worker.worker_id, step_run).await? {
+                Some(format!(
+                    "worker {} does not serve this step's pool",
+                    worker.name
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
+                // The agent acks a refused job, so this job is gone: void it and send the
+                // attempt out again for a worker that may run it.
+                crate::orchestrator::void_job(&mut tx, step_run, attempt as u32).await?;
+                tx.commit().await?;
+                s.orchestrator.republish(step_run, attempt as u32).await;
+                return Err(ApiError::Conflict(why));
             }
         }
         "Running"
@@ -92,11 +104,21 @@ pub async fn claim(
             )));
         }
     }
-    let sealed: Vec<(String, Vec<u8>)> =
+    let mut sealed: Vec<(String, Vec<u8>)> =
         sqlx::query_as("SELECT name, value FROM task_secrets WHERE task_id = $1")
             .bind(task)
             .fetch_all(&mut *tx)
             .await?;
+    // Sensitive outputs of earlier steps, named as the script references them.
+    let outputs: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT 'Steps.' || s.name || '.Output.' || o.name, o.sealed FROM output_variables o
+         JOIN step_runs s ON s.id = o.step_run_id AND o.attempt = s.attempt
+         WHERE s.task_id = $1 AND o.sensitive AND o.sealed IS NOT NULL",
+    )
+    .bind(task)
+    .fetch_all(&mut *tx)
+    .await?;
+    sealed.extend(outputs);
     let mut sensitive_variables = BTreeMap::new();
     for (name, value) in sealed {
         match s.secrets.open(&value) {
@@ -114,7 +136,7 @@ pub async fn claim(
                     attempt as u32,
                     "Failed",
                     Some(&why),
-                    std::time::Duration::from_secs(1),
+                    s.retry_base,
                 )
                 .await?;
                 tx.commit().await?;
@@ -149,4 +171,66 @@ pub async fn claim(
         worker_name: worker.name,
         sensitive_variables,
     }))
+}
+
+/// Whether the worker belongs to the pool of the step run.
+async fn serves_pool(
+    conn: &mut sqlx::PgConnection,
+    worker: gantry_shared::ids::WorkerId,
+    step_run: StepRunId,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM step_runs s JOIN worker_pools wp ON wp.pool_id = s.pool_id
+                        WHERE s.id = $1 AND wp.worker_id = $2)",
+    )
+    .bind(step_run.0)
+    .bind(worker.0)
+    .fetch_one(&mut *conn)
+    .await
+}
+
+/// `POST /api/jobs/{job_id}/outputs`: a sensitive output variable from the job's claimant,
+/// sealed before it is stored. It never travels through the broker.
+pub async fn sensitive_output(
+    State(s): State<AppState>,
+    worker: WorkerCaller,
+    Path(job_id): Path<String>,
+    AppJson(req): AppJson<SensitiveOutput>,
+) -> ApiResult<axum::http::StatusCode> {
+    let job_id: JobId = parse_id(&job_id, "job")?;
+    if req.name.is_empty() || req.name.len() > 200 {
+        return Err(ApiError::bad("name", "must be 1 to 200 characters"));
+    }
+    let found: Option<(Uuid, i32)> =
+        sqlx::query_as("SELECT step_run_id, attempt FROM attempts WHERE job_id = $1")
+            .bind(job_id.0)
+            .fetch_optional(&s.db)
+            .await?;
+    let Some((step_run, attempt)) = found else {
+        return Err(ApiError::not_found(format!("no job {job_id}")));
+    };
+    let mut tx = s.db.begin().await?;
+    let Some(locked) = attempts::lock(&mut tx, StepRunId(step_run), attempt as u32).await? else {
+        return Err(ApiError::not_found(format!("no job {job_id}")));
+    };
+    if !locked.is_claimant(job_id, worker.worker_id) || locked.state != "Running" {
+        return Err(ApiError::Conflict(format!(
+            "job {job_id} is not running on worker {}",
+            worker.name
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO output_variables (step_run_id, attempt, name, value, sensitive, sealed)
+         VALUES ($1, $2, $3, NULL, true, $4)
+         ON CONFLICT (step_run_id, attempt, name)
+         DO UPDATE SET value = NULL, sensitive = true, sealed = EXCLUDED.sealed",
+    )
+    .bind(step_run)
+    .bind(attempt)
+    .bind(&req.name)
+    .bind(s.secrets.seal(&req.value))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -41,6 +41,8 @@ pub struct AppState {
     pub secrets: SecretBox,
     pub metrics: Arc<Metrics>,
     pub redis: Arc<crate::redis_link::RedisLink>,
+    /// Delay before a failed step's next attempt (doubled per attempt).
+    pub retry_base: std::time::Duration,
     /// Publishes control messages to agents.
     pub control: Arc<gantry_shared::amqp::Publisher>,
     pub cancel: CancellationToken,
@@ -63,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/agent/config", get(jobs::agent_config))
         .route("/api/jobs/{job_id}/claim", post(jobs::claim))
+        .route("/api/jobs/{job_id}/outputs", post(jobs::sensitive_output))
         .route(
             "/api/keys",
             get(keys::list)

@@ -1,11 +1,10 @@
 //! `/api/tasks`: start a task from a process (`TaskCreate`), list and read them (`TaskView`).
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Caller, parse_id, parse_json};
+use super::extract::{AppJson, Caller, parse_id};
 use super::{AppState, query_map};
 use crate::store::{pools, tasks};
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use gantry_shared::api::{Permission, Task, TaskCreated, TaskSummary};
@@ -25,10 +24,9 @@ const STATES: [&str; 7] = [
 pub async fn create(
     State(s): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    AppJson(process): AppJson<Process>,
 ) -> ApiResult<(StatusCode, Json<TaskCreated>)> {
     caller.require(Permission::TaskCreate)?;
-    let process: Process = parse_json(&body)?;
     process.validate()?;
     let default_pool = pools::default_pool(&s.db).await?;
     let mut step_pools: Vec<PoolId> = Vec::with_capacity(process.steps.len());

@@ -85,12 +85,18 @@ pub async fn patch(
     caller.require(Permission::ConfigureServer)?;
     let id: WorkerId = parse_id(&id, "worker")?;
     let worker = workers::patch(&s.db, id, &req).await?;
+    // Best effort: an agent that is not connected reads both when it starts.
+    let mut messages = Vec::new();
     if let Some(n) = req.max_concurrent_steps {
-        // Best effort: an agent that is not connected reads the limit when it starts.
-        let msg = Control::SetMaxConcurrentSteps {
+        messages.push(Control::SetMaxConcurrentSteps {
             max_concurrent_steps: n,
-        };
-        let _ = s
+        });
+    }
+    if let Some(enabled) = req.enabled {
+        messages.push(Control::SetEnabled { enabled });
+    }
+    for msg in messages {
+        if let Err(e) = s
             .control
             .publish(
                 &s.topology.control_exchange(),
@@ -98,7 +104,10 @@ pub async fn patch(
                 &msg.encode(),
                 json_properties(),
             )
-            .await;
+            .await
+        {
+            tracing::debug!(error = %e, worker = %id, "control message not delivered (agent not connected?)");
+        }
     }
     Ok(Json(worker))
 }
