@@ -16,7 +16,6 @@
 //! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
 //! - [`metrics`]: Prometheus text.
 //! - [`secrets`]: sensitive values sealed at rest.
-//! - [`redis_link`]: the Redis connection.
 //! - [`auth`]: API keys and worker credentials.
 //! - [`cli`]: the `gantry` client.
 
@@ -33,7 +32,6 @@ pub mod metrics;
 pub mod monitors;
 pub mod notify;
 pub mod orchestrator;
-pub mod redis_link;
 pub mod results;
 pub mod secrets;
 pub mod store;

@@ -15,6 +15,8 @@
 //! - [`template`]: `#{Name}` substitution.
 //! - [`service_messages`]: `##gantry[...]` lines scripts print to talk back.
 //! - [`mask`]: hiding sensitive values in log lines.
+//! - [`locks`]: the fair, leased, fenced mutex on Redis.
+//! - [`redis_link`]: a Redis connection that survives Redis being away.
 
 #![forbid(unsafe_code)]
 
@@ -22,8 +24,10 @@ pub mod amqp;
 pub mod api;
 pub mod config;
 pub mod ids;
+pub mod locks;
 pub mod mask;
 pub mod process;
+pub mod redis_link;
 pub mod service_messages;
 pub mod telemetry;
 pub mod template;

@@ -40,7 +40,7 @@ pub struct AppState {
     pub notifier: Notifier,
     pub secrets: SecretBox,
     pub metrics: Arc<Metrics>,
-    pub redis: Arc<crate::redis_link::RedisLink>,
+    pub redis: Arc<gantry_shared::redis_link::RedisLink>,
     /// Delay before a failed step's next attempt (doubled per attempt).
     pub retry_base: std::time::Duration,
     /// Publishes control messages to agents.

@@ -1,6 +1,6 @@
-//! The dispatcher's Redis connection: created lazily and re-created after failures, so that
-//! a Redis that is down at start (or restarts) never stops the dispatcher. Locks (issue 4) and
-//! the health check use it.
+//! A Redis connection created lazily and re-created after failures, so that a Redis that is
+//! down at start (or restarts) never stops a program: calls fail until it is back. The mutex
+//! scripts ([`crate::locks`]) and the dispatcher's health check use it.
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
@@ -12,7 +12,7 @@ pub struct RedisLink {
 }
 
 impl RedisLink {
-    pub fn new(url: &str) -> anyhow::Result<Self> {
+    pub fn new(url: &str) -> redis::RedisResult<Self> {
         Ok(Self {
             client: redis::Client::open(url)?,
             manager: Mutex::new(None),
