@@ -3,6 +3,7 @@
 
 use crate::api::{self, AppState};
 use crate::db;
+use crate::locks::{Locks, LocksConfig};
 use crate::metrics::Metrics;
 use crate::monitors;
 use crate::notify::Notifier;
@@ -62,16 +63,33 @@ impl Dispatcher {
             cancel.clone(),
         );
         let retry_base = Duration::from_millis(settings.dispatcher.retry_backoff_ms);
+        let locks_wake = Arc::new(tokio::sync::Notify::new());
         let orchestrator = Orchestrator::start(
             db.clone(),
             topology.clone(),
             broker.clone(),
             Duration::from_secs(settings.dispatcher.sweep_interval_secs),
+            locks_wake.clone(),
+            cancel.clone(),
+        );
+        let redis = Arc::new(RedisLink::new(&settings.redis.url).context("redis.url")?);
+        let locks = Locks::start(
+            db.clone(),
+            redis.clone(),
+            LocksConfig {
+                namespace: settings.namespace.clone(),
+                redis_url: settings.redis.url.clone(),
+                lease: Duration::from_millis(settings.locks.lease_ms),
+                retry_base,
+            },
+            orchestrator.clone(),
+            locks_wake,
             cancel.clone(),
         );
         let metrics = Arc::new(Metrics::default());
         ResultConsumer {
             db: db.clone(),
+            locks: locks.clone(),
             topology: topology.clone(),
             broker: broker.clone(),
             orchestrator: orchestrator.clone(),
@@ -81,6 +99,15 @@ impl Dispatcher {
         .spawn(cancel.clone());
         monitors::spawn_heartbeats(db.clone(), broker.clone(), &topology, cancel.clone());
         monitors::spawn_availability(db.clone(), cancel.clone());
+        monitors::spawn_worker_loss(
+            db.clone(),
+            broker.clone(),
+            &topology,
+            orchestrator.clone(),
+            locks.clone(),
+            retry_base,
+            cancel.clone(),
+        );
         monitors::spawn_dead_letters(
             db.clone(),
             broker.clone(),
@@ -91,7 +118,8 @@ impl Dispatcher {
         );
         let state = AppState {
             notifier: Notifier::start(db.clone(), cancel.clone()),
-            redis: Arc::new(RedisLink::new(&settings.redis.url).context("redis.url")?),
+            redis,
+            locks: locks.clone(),
             control: Arc::new(Publisher::new(broker.clone())),
             retry_base,
             db,

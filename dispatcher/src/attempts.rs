@@ -1,6 +1,7 @@
 //! # Attempts: the state machine of one try at a step
 //!
 //! ```text
+//!   Waiting (mutex) ──granted──▶
 //!   Pending ──confirm──▶ Queued ──claim──▶ Running ──StepFinished + all lines──▶ Success
 //!      │                   │                  │                                  Failed
 //!      └──claim────────────┴──────────────────┘                                  TimedOut
@@ -23,7 +24,8 @@ use sqlx::PgConnection;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Attempt states after which nothing changes.
+/// Attempt states after which nothing changes. (`Waiting` — for a mutex — comes before
+/// `Pending`.)
 pub const FINAL_STATES: [&str; 5] = ["Success", "Failed", "TimedOut", "Cancelled", "WorkerLost"];
 /// Final states that count as a failure of the step.
 pub const FAILURE_STATES: [&str; 4] = ["Failed", "TimedOut", "Cancelled", "WorkerLost"];
@@ -61,6 +63,10 @@ pub struct Locked {
     pub error: Option<String>,
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
     pub claim_id: Option<Uuid>,
+    /// The step's named mutex, if it has one.
+    pub mutex: Option<String>,
+    /// The fencing token of the attempt's mutex grant.
+    pub mutex_token: Option<i64>,
 }
 
 impl Locked {
@@ -79,19 +85,19 @@ pub async fn lock(
     step_run: StepRunId,
     attempt: u32,
 ) -> sqlx::Result<Option<Locked>> {
-    let step: Option<(Uuid, String, i32, i32)> = sqlx::query_as(
-        "SELECT task_id, name, attempt, COALESCE((spec->>'retries')::int, 0)
+    let step: Option<(Uuid, String, i32, i32, Option<String>)> = sqlx::query_as(
+        "SELECT task_id, name, attempt, COALESCE((spec->>'retries')::int, 0), spec->>'mutex'
          FROM step_runs WHERE id = $1 FOR UPDATE",
     )
     .bind(step_run.0)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((task_id, step_name, current_attempt, retries)) = step else {
+    let Some((task_id, step_name, current_attempt, retries, mutex)) = step else {
         return Ok(None);
     };
     let row: Option<AttemptRow> = sqlx::query_as(
         "SELECT state, job_id, worker_id, lines_stored, line_count, outcome, exit_code, error,
-                started_at, claim_id
+                started_at, claim_id, mutex_token
          FROM attempts WHERE step_run_id = $1 AND attempt = $2 FOR UPDATE",
     )
     .bind(step_run.0)
@@ -113,6 +119,8 @@ pub async fn lock(
         error: a.error,
         started_at: a.started_at,
         claim_id: a.claim_id,
+        mutex,
+        mutex_token: a.mutex_token,
     }))
 }
 
@@ -128,6 +136,7 @@ struct AttemptRow {
     error: Option<String>,
     started_at: Option<chrono::DateTime<chrono::Utc>>,
     claim_id: Option<Uuid>,
+    mutex_token: Option<i64>,
 }
 
 /// Retry backoff: `base` doubled for each attempt already made, at most a minute.

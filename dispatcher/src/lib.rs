@@ -12,6 +12,7 @@
 //! - [`attempts`]: the attempt state machine shared by the orchestrator, claims and results.
 //! - [`results`]: consumes agent events into PostgreSQL.
 //! - [`logs`]: gapless, ordered log storage and reading.
+//! - [`locks`]: waiting for named mutexes, granting and renewing them before a claim.
 //! - [`monitors`]: heartbeats, worker availability, dead letters.
 //! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
 //! - [`metrics`]: Prometheus text.
@@ -27,6 +28,7 @@ pub mod attempts;
 pub mod auth;
 pub mod cli;
 pub mod db;
+pub mod locks;
 pub mod logs;
 pub mod metrics;
 pub mod monitors;

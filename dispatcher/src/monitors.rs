@@ -219,3 +219,182 @@ pub fn spawn_dead_letters(
         },
     ));
 }
+
+/// A worker's agent is lost when its control queue (exclusive to its broker connection) has
+/// been gone for this long while the dispatcher itself was connected.
+pub const LOST_AFTER_CONNECTION: Duration = Duration::from_secs(3);
+
+/// Detect lost workers among those running steps: an agent killed outright (its connection,
+/// and so its control queue, is gone for [`LOST_AFTER_CONNECTION`]) or silent (no heartbeat
+/// for [`UNAVAILABLE_AFTER`]). Their running attempts become `WorkerLost`, which retries them
+/// elsewhere if the step allows it. A lost attempt's mutex is *not* released: it expires with
+/// its lease, so a script the agent left behind cannot overlap the next holder.
+pub fn spawn_worker_loss(
+    db: PgPool,
+    broker: Broker,
+    topology: &Topology,
+    orchestrator: Orchestrator,
+    locks: crate::locks::Locks,
+    retry_base: Duration,
+    cancel: CancellationToken,
+) {
+    let topology = topology.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut missing_since: std::collections::HashMap<uuid::Uuid, std::time::Instant> =
+            Default::default();
+        let mut connected_since: Option<std::time::Instant> = None;
+        let mut probe: Option<lapin::Channel> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cancel.cancelled() => return,
+            }
+            // Time without a broker connection does not count against agents.
+            let Some(conn) = broker.current().filter(|c| c.status().connected()) else {
+                connected_since = None;
+                missing_since.clear();
+                probe = None;
+                continue;
+            };
+            let since = *connected_since.get_or_insert_with(std::time::Instant::now);
+            let running: Vec<(uuid::Uuid, String, bool)> = match sqlx::query_as(
+                "SELECT DISTINCT w.id, w.name,
+                        (w.last_heartbeat_at IS NOT NULL
+                         AND w.last_heartbeat_at < now() - make_interval(secs => $1)) AS silent
+                 FROM attempts a JOIN workers w ON w.id = a.worker_id WHERE a.state = 'Running'",
+            )
+            .bind(UNAVAILABLE_AFTER.as_secs() as f64)
+            .fetch_all(&db)
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    // Nor does time without PostgreSQL.
+                    missing_since.clear();
+                    continue;
+                }
+            };
+            missing_since.retain(|w, _| running.iter().any(|(id, _, _)| id == w));
+            for (id, name, silent) in running {
+                if silent {
+                    lose(
+                        &db,
+                        &orchestrator,
+                        &locks,
+                        id,
+                        &name,
+                        &format!("no heartbeat for {} s", UNAVAILABLE_AFTER.as_secs()),
+                        retry_base,
+                    )
+                    .await;
+                    continue;
+                }
+                let ch = match probe.as_ref().filter(|c| c.status().connected()) {
+                    Some(c) => c.clone(),
+                    None => match conn.create_channel().await {
+                        Ok(c) => {
+                            probe = Some(c.clone());
+                            c
+                        }
+                        Err(_) => break,
+                    },
+                };
+                let exists = match ch
+                    .queue_declare(
+                        topology.control_queue(id).into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                {
+                    Ok(_) => true,
+                    // Another connection's exclusive queue answers RESOURCE_LOCKED: it exists.
+                    Err(e) => !e.to_string().contains("NOT_FOUND"),
+                };
+                if exists {
+                    missing_since.remove(&id);
+                    continue;
+                }
+                let first = *missing_since
+                    .entry(id)
+                    .or_insert_with(std::time::Instant::now);
+                if first.elapsed() >= LOST_AFTER_CONNECTION
+                    && since.elapsed() >= LOST_AFTER_CONNECTION
+                {
+                    missing_since.remove(&id);
+                    lose(
+                        &db,
+                        &orchestrator,
+                        &locks,
+                        id,
+                        &name,
+                        "its agent's connection to RabbitMQ closed (agent killed or cut off)",
+                        retry_base,
+                    )
+                    .await;
+                }
+            }
+        }
+    });
+}
+
+/// Mark a worker lost: its running attempts end `WorkerLost` (retried elsewhere if allowed).
+async fn lose(
+    db: &PgPool,
+    orchestrator: &Orchestrator,
+    locks: &crate::locks::Locks,
+    worker: uuid::Uuid,
+    name: &str,
+    reason: &str,
+    retry_base: Duration,
+) {
+    let r = async {
+        let mut tx = db.begin().await?;
+        let attempts_of: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+            "SELECT step_run_id, attempt FROM attempts WHERE worker_id = $1 AND state = 'Running'",
+        )
+        .bind(worker)
+        .fetch_all(&mut *tx)
+        .await?;
+        let why = format!("worker {name} was lost: {reason}");
+        let mut tasks = Vec::new();
+        for (step_run, attempt) in attempts_of {
+            let step_run = gantry_shared::ids::StepRunId(step_run);
+            if let Some(locked) = attempts::lock(&mut tx, step_run, attempt as u32).await?
+                && locked.state == "Running"
+            {
+                attempts::conclude(&mut tx, &locked, step_run, attempt as u32, "WorkerLost", Some(&why), retry_base)
+                    .await?;
+                tasks.push(locked.task());
+            }
+        }
+        sqlx::query(
+            "UPDATE workers SET health = 'Unavailable', health_reason = $2, lost_at = now() WHERE id = $1",
+        )
+        .bind(worker)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(tasks)
+    }
+    .await;
+    match r {
+        Ok(tasks) => {
+            tracing::warn!(worker = name, reason, attempts = tasks.len(), "worker lost");
+            // A waiter for a lost step's mutex may go once the lease has expired too.
+            locks.wake();
+            for t in tasks {
+                orchestrator.kick(t);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, worker = name, "could not mark a worker lost; will retry")
+        }
+    }
+}

@@ -58,6 +58,8 @@ struct Inner {
     publishing: Mutex<HashSet<(StepRunId, u32)>>,
     /// Tasks being advanced, and whether another kick arrived meanwhile.
     advancing: Mutex<HashMap<TaskId, bool>>,
+    /// Wakes the mutex loop when an attempt starts waiting for a mutex.
+    locks_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A job ready to go out.
@@ -87,6 +89,7 @@ impl Orchestrator {
         topology: Topology,
         broker: Broker,
         sweep_every: Duration,
+        locks_wake: Arc<tokio::sync::Notify>,
         cancel: CancellationToken,
     ) -> Self {
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
@@ -98,6 +101,7 @@ impl Orchestrator {
             kick_tx,
             publishing: Mutex::new(HashSet::new()),
             advancing: Mutex::new(HashMap::new()),
+            locks_wake,
         });
         tokio::spawn(run(inner.clone(), kick_rx, sweep_every, cancel));
         Self { inner }
@@ -182,7 +186,7 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
     }
     let unconfirmed: Vec<(Uuid, i32)> = sqlx::query_as(
         "SELECT step_run_id, attempt FROM attempts
-         WHERE state = 'Pending' AND created_at < now() - $1::interval LIMIT 1000",
+         WHERE state = 'Pending' AND pending_since < now() - $1::interval LIMIT 1000",
     )
     .bind(REPUBLISH_AFTER)
     .fetch_all(&inner.db)
@@ -239,6 +243,7 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
         return Ok(Vec::new());
     };
     let mut outgoing = Vec::new();
+    let mut wake_locks = false;
     if !is_terminal(&task_state) {
         let mut steps: Vec<StepState> = sqlx::query_as(
             "SELECT s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
@@ -302,6 +307,34 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
                 }
                 let attempt = (step.attempt + 1) as u32;
                 let job_id = JobId::new();
+                if let Some(mutex) = step.spec.0.mutex.clone() {
+                    // Waits for its mutex before anything is published (see `locks`).
+                    sqlx::query(
+                        "INSERT INTO attempts (step_run_id, attempt, job_id, state, waiting_since)
+                         VALUES ($1, $2, $3, 'Waiting', now())",
+                    )
+                    .bind(step.id)
+                    .bind(attempt as i32)
+                    .bind(job_id.0)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE step_runs SET attempt = $2, not_before = NULL, state = 'Waiting',
+                             waiting_for = $3
+                         WHERE id = $1",
+                    )
+                    .bind(step.id)
+                    .bind(attempt as i32)
+                    .bind(format!("mutex {mutex}"))
+                    .execute(&mut *tx)
+                    .await?;
+                    step.attempt = attempt as i32;
+                    step.attempt_state = Some("Waiting".into());
+                    step.state = "Waiting".into();
+                    started_any = true;
+                    wake_locks = true;
+                    continue;
+                }
                 sqlx::query(
                     "INSERT INTO attempts (step_run_id, attempt, job_id, state) VALUES ($1, $2, $3, 'Pending')",
                 )
@@ -396,6 +429,9 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
                 .remove(&(o.job.step_run_id, o.job.attempt));
         }
         return Err(e.into());
+    }
+    if wake_locks {
+        inner.locks_wake.notify_one();
     }
     Ok(outgoing)
 }
@@ -552,7 +588,7 @@ async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
         .context("loading step for re-publication")?;
         let job_id = JobId::new();
         let r = sqlx::query(
-            "UPDATE attempts SET job_id = $3, state = 'Pending'
+            "UPDATE attempts SET job_id = $3, state = 'Pending', pending_since = now()
              WHERE step_run_id = $1 AND attempt = $2 AND state IN ('Pending', 'Queued')",
         )
         .bind(step_run.0)
@@ -606,7 +642,7 @@ pub async fn void_job(
     attempt: u32,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE attempts SET job_id = $3, state = 'Pending'
+        "UPDATE attempts SET job_id = $3, state = 'Pending', pending_since = now()
          WHERE step_run_id = $1 AND attempt = $2 AND state IN ('Pending', 'Queued')",
     )
     .bind(step_run.0)

@@ -34,6 +34,7 @@ const PREFETCH: u16 = 256;
 #[derive(Clone)]
 pub struct ResultConsumer {
     pub db: PgPool,
+    pub locks: crate::locks::Locks,
     pub topology: Topology,
     pub broker: Broker,
     pub orchestrator: Orchestrator,
@@ -42,8 +43,16 @@ pub struct ResultConsumer {
 }
 
 enum Handled {
-    /// Stored (or a harmless duplicate); the task may need a look.
-    Done(Option<TaskId>),
+    /// Stored (or a harmless duplicate); the task may need a look; a mutex may be free.
+    Done(Option<TaskId>, Option<Release>),
+}
+
+/// A mutex to release once the attempt's end is committed.
+struct Release {
+    mutex: String,
+    step_run: StepRunId,
+    attempt: u32,
+    token: u64,
 }
 
 impl ResultConsumer {
@@ -118,7 +127,19 @@ impl ResultConsumer {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.handle(&event).await {
-                Ok(Handled::Done(kick)) => {
+                Ok(Handled::Done(kick, release)) => {
+                    if let Some(r) = release {
+                        // The agent released it already when its step ended; this covers an
+                        // agent that could not (the lease would expire anyway). Either way the
+                        // next waiter may go now that the attempt's end is stored.
+                        let locks = self.locks.clone();
+                        tokio::spawn(async move {
+                            locks
+                                .release(&r.mutex, r.step_run, r.attempt, r.token)
+                                .await;
+                            locks.wake();
+                        });
+                    }
                     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                         // Redelivered later; handling it again changes nothing.
                         tracing::debug!(error = %e, "ack failed");
@@ -154,7 +175,7 @@ impl ResultConsumer {
         else {
             stale(&mut tx, origin, event.kind(), "no such attempt").await?;
             tx.commit().await?;
-            return Ok(Handled::Done(None));
+            return Ok(Handled::Done(None, None));
         };
         if !locked.is_claimant(origin.job_id, origin.worker_id) {
             stale(
@@ -165,11 +186,55 @@ impl ResultConsumer {
             )
             .await?;
             tx.commit().await?;
-            return Ok(Handled::Done(None));
+            return Ok(Handled::Done(None, None));
+        }
+        if let Some(current) = locked.mutex_token {
+            match origin.mutex_token.map(|t| t as i64) {
+                Some(t) if t >= current => {
+                    if t > current {
+                        // Re-claimed under a higher token after Redis lost its data.
+                        sqlx::query(
+                            "UPDATE attempts SET mutex_token = $3 WHERE step_run_id = $1 AND attempt = $2",
+                        )
+                        .bind(origin.step_run_id.0)
+                        .bind(origin.attempt as i32)
+                        .bind(t)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                _ => {
+                    stale(&mut tx, origin, event.kind(), "stale mutex fencing token").await?;
+                    tx.commit().await?;
+                    return Ok(Handled::Done(None, None));
+                }
+            }
         }
         let live = locked.state == "Running";
         let mut kick = None;
         match event {
+            Event::StepWaiting(w) => {
+                if live {
+                    let r = sqlx::query(
+                        "UPDATE step_runs SET state = 'Waiting', waiting_for = $3
+                         WHERE id = $1 AND attempt = $2 AND state = 'Running'",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(&w.waiting_for)
+                    .execute(&mut *tx)
+                    .await?;
+                    if r.rows_affected() == 1 {
+                        logs::append_system(
+                            &mut tx,
+                            locked.task(),
+                            Some((origin.step_run_id, origin.attempt)),
+                            &format!("Step {} waiting for {}", locked.step_name, w.waiting_for),
+                        )
+                        .await?;
+                    }
+                }
+            }
             Event::StepStarted(e) => {
                 if live {
                     sqlx::query(
@@ -178,6 +243,14 @@ impl ResultConsumer {
                     .bind(origin.step_run_id.0)
                     .bind(origin.attempt as i32)
                     .bind(e.started_at)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE step_runs SET state = 'Running', waiting_for = NULL
+                         WHERE id = $1 AND attempt = $2 AND state = 'Waiting'",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -282,6 +355,7 @@ impl ResultConsumer {
                         let locked = Locked {
                             exit_code: f.exit_code,
                             error: f.error.clone(),
+                            mutex: locked.mutex.clone(),
                             ..locked
                         };
                         self.finish(
@@ -298,7 +372,17 @@ impl ResultConsumer {
             }
         }
         tx.commit().await?;
-        Ok(Handled::Done(kick))
+        // An attempt that ended here gives its mutex back.
+        let release = match (&kick, &locked.mutex, origin.mutex_token) {
+            (Some(_), Some(mutex), Some(token)) => Some(Release {
+                mutex: mutex.clone(),
+                step_run: origin.step_run_id,
+                attempt: origin.attempt,
+                token,
+            }),
+            _ => None,
+        };
+        Ok(Handled::Done(kick, release))
     }
 
     async fn finish(

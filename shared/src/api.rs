@@ -301,6 +301,17 @@ pub struct ClaimGrant {
     pub worker_name: String,
     /// Values of the job's `sensitive_names`; they never travel through the broker.
     pub sensitive_variables: BTreeMap<String, String>,
+    /// For a step with a mutex: the lease the agent now holds and must renew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutex: Option<MutexGrant>,
+}
+
+/// A mutex lease handed to the agent with its claim.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MutexGrant {
+    pub name: String,
+    pub token: u64,
+    pub lease_ms: u64,
 }
 
 /// A sensitive output variable, sent by the agent over the API (`POST /api/jobs/{id}/outputs`)

@@ -37,6 +37,7 @@ pub struct Settings {
     pub api: ApiSettings,
     pub dispatcher: DispatcherSettings,
     pub agent: AgentSettings,
+    pub locks: LocksSettings,
     pub log: LogSettings,
     #[serde(default)]
     pub secrets: SecretsSettings,
@@ -104,6 +105,14 @@ pub struct AgentSettings {
     pub shutdown_grace_secs: u64,
     /// Seconds between heartbeats.
     pub heartbeat_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocksSettings {
+    /// Lease of a named mutex: a holder that cannot renew within it loses the mutex (and its
+    /// step is stopped); a crashed holder's mutex is free again after it.
+    pub lease_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -192,6 +201,7 @@ fn defaults() -> Vec<(&'static str, config::Value)> {
         ("agent.keep_work_dirs", false.into()),
         ("agent.shutdown_grace_secs", 600_i64.into()),
         ("agent.heartbeat_secs", 10_i64.into()),
+        ("locks.lease_ms", 30_000_i64.into()),
         ("log.format", "text".into()),
         ("log.level", "info".into()),
     ]
@@ -327,6 +337,9 @@ impl Settings {
                 "dispatcher.sweep_interval_secs",
                 "must be at least 1",
             ));
+        }
+        if self.locks.lease_ms < 500 {
+            return Err(ConfigError::key("locks.lease_ms", "must be at least 500"));
         }
         if self.agent.heartbeat_secs == 0 {
             return Err(ConfigError::key(

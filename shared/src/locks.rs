@@ -145,6 +145,7 @@ end
 local rank = redis.call('ZRANK', KEYS[2], waiter)
 if hw then return {'WAIT', hw, tostring(rank)} end
 if redis.call('EXISTS', KEYS[7]) == 1 then return {'QUIET'} end
+if ARGV[4] == '0' then return {'WAIT', '', tostring(rank)} end
 if rank ~= 0 then return {'WAIT', '', tostring(rank)} end
 local f = redis.call('INCR', KEYS[5])
 local token = string.format('%.0f', tonumber(epoch) * 4294967296 + f)
@@ -242,6 +243,18 @@ pub async fn acquire(
     waiter: &str,
     lease: Duration,
 ) -> redis::RedisResult<Acquire> {
+    queue_or_acquire(redis, keys, waiter, lease, true).await
+}
+
+/// Queue for the mutex (or refresh our place); with `may_grant = false` never take it, even
+/// if it is free and our turn (the caller knows the previous holder has not ended yet).
+pub async fn queue_or_acquire(
+    redis: &RedisLink,
+    keys: &MutexKeys,
+    waiter: &str,
+    lease: Duration,
+    may_grant: bool,
+) -> redis::RedisResult<Acquire> {
     let mut conn = redis.connection().await?;
     let r: Vec<String> = ACQUIRE
         .key(&keys.holder)
@@ -254,6 +267,7 @@ pub async fn acquire(
         .arg(waiter)
         .arg(lease.as_millis() as u64)
         .arg(WAITER_ALIVE.as_millis() as u64)
+        .arg(if may_grant { "1" } else { "0" })
         .invoke_async(&mut conn)
         .await?;
     match r.first().map(String::as_str) {

@@ -333,17 +333,26 @@ impl Process {
                     "artifacts are not supported by this version of Gantry yet",
                 ));
             }
-            if step.mutex.is_some() || step.mutex_timeout_secs.is_some() {
+            if let Some(m) = &step.mutex
+                && !crate::locks::is_valid_name(m)
+            {
                 return Err(invalid(
                     at("mutex"),
-                    "named mutexes are not supported by this version of Gantry yet",
+                    format!(
+                        "{m:?} is not a valid mutex name: use 1 to 100 of A-Z, a-z, 0-9, '.', '-' and '_'"
+                    ),
                 ));
             }
-            if step.exclusive {
-                return Err(invalid(
-                    at("exclusive"),
-                    "exclusive steps are not supported by this version of Gantry yet",
-                ));
+            if let Some(t) = step.mutex_timeout_secs {
+                if step.mutex.is_none() {
+                    return Err(invalid(
+                        at("mutex_timeout_secs"),
+                        "only a step with a mutex waits for one",
+                    ));
+                }
+                if t == 0 {
+                    return Err(invalid(at("mutex_timeout_secs"), "must be at least 1"));
+                }
             }
             for field in ["instructions", "to", "subject", "body"] {
                 let set = match field {

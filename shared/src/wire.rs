@@ -141,6 +141,10 @@ pub struct Origin {
     pub attempt: u32,
     pub job_id: JobId,
     pub worker_id: WorkerId,
+    /// The fencing token of the step's mutex, for steps with one: results carrying a token
+    /// lower than the attempt's are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutex_token: Option<u64>,
 }
 
 /// Where a log line came from.
@@ -191,6 +195,15 @@ pub struct StepStarted {
     pub origin: Origin,
     /// The agent's clock when the script's process was spawned.
     pub started_at: DateTime<Utc>,
+}
+
+/// The claimed step waits on its agent before it can start (an exclusive step waiting for
+/// the steps running there, or a step waiting for an exclusive one to finish).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepWaiting {
+    #[serde(flatten)]
+    pub origin: Origin,
+    pub waiting_for: String,
 }
 
 /// Consecutive lines of one attempt: `lines[i]` has sequence number `first_seq + i`.
@@ -260,6 +273,7 @@ pub struct StepFinished {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type")]
 pub enum Event {
+    StepWaiting(StepWaiting),
     StepStarted(StepStarted),
     LogBatch(LogBatch),
     OutputVariable(OutputVariable),
@@ -270,6 +284,7 @@ pub enum Event {
 impl Event {
     pub fn origin(&self) -> &Origin {
         match self {
+            Event::StepWaiting(e) => &e.origin,
             Event::StepStarted(e) => &e.origin,
             Event::LogBatch(e) => &e.origin,
             Event::OutputVariable(e) => &e.origin,
@@ -280,6 +295,7 @@ impl Event {
 
     pub fn kind(&self) -> &'static str {
         match self {
+            Event::StepWaiting(_) => "StepWaiting",
             Event::StepStarted(_) => "StepStarted",
             Event::LogBatch(_) => "LogBatch",
             Event::OutputVariable(_) => "OutputVariable",
@@ -297,6 +313,7 @@ impl Event {
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let head = head(bytes)?;
         Ok(match head.kind.as_str() {
+            "StepWaiting" => Event::StepWaiting(serde_json::from_slice(bytes)?),
             "StepStarted" => Event::StepStarted(serde_json::from_slice(bytes)?),
             "LogBatch" => Event::LogBatch(serde_json::from_slice(bytes)?),
             "OutputVariable" => Event::OutputVariable(serde_json::from_slice(bytes)?),
@@ -381,6 +398,7 @@ mod tests {
             attempt: 1,
             job_id: JobId::new(),
             worker_id: WorkerId::new(),
+            mutex_token: None,
         }
     }
 

@@ -72,8 +72,13 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("creating the work directory {}", work_root.display()))?;
     let fatal = CancellationToken::new();
+    let redis = Arc::new(
+        gantry_shared::redis_link::RedisLink::new(&settings.redis.url).context("redis.url")?,
+    );
     let agent = Arc::new(AgentContext {
         api,
+        redis,
+        namespace: config.namespace.clone(),
         outbox,
         worker_id: config.worker_id,
         worker_name: config.name.clone(),

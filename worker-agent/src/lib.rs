@@ -7,6 +7,7 @@
 //! - [`agent`]: `run`: wiring, signals, graceful drain.
 //! - [`slots`]: the concurrency limit, consumers and claims.
 //! - [`runner`]: running one step and streaming its output.
+//! - [`guard`]: the process that makes a step's processes die with their agent.
 //! - [`outbox`]: at-least-once, ordered delivery of events to `<ns>.results`.
 //! - [`api`]: calls to the dispatcher's API.
 //! - [`identity`]: the local identity written by `register`.
@@ -15,6 +16,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod guard;
 pub mod identity;
 pub mod outbox;
 pub mod runner;

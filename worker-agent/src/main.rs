@@ -56,10 +56,20 @@ enum Command {
     },
     /// Run: take steps from the worker's pools until SIGTERM (graceful) or a second signal.
     Run,
+    /// Internal: run one step's script so that it dies with the agent (see `guard.rs`).
+    #[command(hide = true)]
+    Guard {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Guard { command } = cli.command {
+        // No configuration, no logging: the guard must start fast and print nothing.
+        return gantry_agent::guard::run(command);
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -130,6 +140,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Run => gantry_agent::agent::run(settings, &home).await,
+            Command::Guard { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -15,20 +15,23 @@
 
 use crate::outbox::Outbox;
 use chrono::Utc;
-use gantry_shared::api::ClaimGrant;
+use gantry_shared::api::{ClaimGrant, MutexGrant};
 use gantry_shared::ids::WorkerId;
+use gantry_shared::locks::{self, MutexKeys};
 use gantry_shared::mask::Masker;
 use gantry_shared::service_messages::{self, SHELL_HELPERS, ServiceMessage};
 use gantry_shared::template;
 use gantry_shared::wire::{
     Event, Job, LogBatch, LogLine, Origin, Outcome, OutputVariable, Progress, StepFinished,
-    StepStarted, Stream, Syntax,
+    StepStarted, StepWaiting, Stream, Syntax,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -50,6 +53,9 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// Everything a step needs from its agent.
 pub struct StepContext {
     pub api: crate::api::Api,
+    pub slots: std::sync::Arc<crate::slots::Slots>,
+    pub redis: std::sync::Arc<gantry_shared::redis_link::RedisLink>,
+    pub namespace: String,
     pub job: Job,
     pub grant: ClaimGrant,
     pub worker_id: WorkerId,
@@ -64,6 +70,8 @@ pub struct StepContext {
 /// Numbers, masks and batches lines; sends events.
 struct Emitter {
     origin: Origin,
+    /// The current fencing token of the step's mutex (it grows if re-claimed).
+    token: Option<Arc<AtomicU64>>,
     outbox: Outbox,
     masker: Masker,
     next_seq: u64,
@@ -72,7 +80,24 @@ struct Emitter {
 }
 
 impl Emitter {
-    async fn event(&self, ev: Event) {
+    fn origin(&self) -> Origin {
+        let mut o = self.origin.clone();
+        o.mutex_token = self.token.as_ref().map(|t| t.load(Ordering::SeqCst));
+        o
+    }
+
+    async fn event(&self, mut ev: Event) {
+        if let Some(t) = &self.token {
+            let token = Some(t.load(Ordering::SeqCst));
+            match &mut ev {
+                Event::StepWaiting(e) => e.origin.mutex_token = token,
+                Event::StepStarted(e) => e.origin.mutex_token = token,
+                Event::LogBatch(e) => e.origin.mutex_token = token,
+                Event::OutputVariable(e) => e.origin.mutex_token = token,
+                Event::Progress(e) => e.origin.mutex_token = token,
+                Event::StepFinished(e) => e.origin.mutex_token = token,
+            }
+        }
         self.outbox.send(ev.encode()).await;
     }
 
@@ -115,6 +140,20 @@ enum End {
     Exited(std::process::ExitStatus),
     TimedOut,
     Cancelled,
+    /// The step's mutex lease was lost: it was killed at once.
+    LockLost(String),
+}
+
+/// The step's hold on its mutex, renewed in the background while it runs.
+struct MutexHold {
+    keys: MutexKeys,
+    waiter: String,
+    token: Arc<AtomicU64>,
+    /// Fires when the lease is lost; the reason is in `why`.
+    lost: CancellationToken,
+    why: Arc<std::sync::Mutex<Option<String>>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Run a step to its end and report it. Never panics on script problems: they become a
@@ -126,22 +165,63 @@ pub async fn run(ctx: StepContext) {
         attempt: job.attempt,
         job_id: job.job_id,
         worker_id: ctx.worker_id,
+        mutex_token: ctx.grant.mutex.as_ref().map(|m| m.token),
     };
     let mut masker = Masker::new();
     for v in ctx.grant.sensitive_variables.values() {
         masker.add(v);
     }
+    let hold = ctx.grant.mutex.as_ref().map(|m| hold_mutex(&ctx, m));
     let mut em = Emitter {
         origin: origin.clone(),
+        token: hold.as_ref().map(|h| h.token.clone()),
         outbox: ctx.outbox.clone(),
         masker,
         next_seq: 0,
         batch: Vec::new(),
         batch_bytes: 0,
     };
+    // Exclusive steps run alone on the agent: wait for the gate (and say so).
+    if let Some(waiting_for) = ctx.slots.gate_wait_reason(job.exclusive, &ctx.worker_name) {
+        em.event(Event::StepWaiting(StepWaiting {
+            origin: em.origin(),
+            waiting_for,
+        }))
+        .await;
+    }
+    let entered = tokio::select! {
+        _ = ctx.slots.gate_enter(job.exclusive) => true,
+        _ = ctx.cancel.cancelled() => false,
+        _ = lost(&hold) => false,
+    };
+    if !entered {
+        // Cancelled (or its mutex lost) before it could start: it never ran.
+        ctx.slots.gate_abandon(job.exclusive);
+        let why = hold
+            .as_ref()
+            .and_then(|h| h.why.lock().expect("lock").clone())
+            .unwrap_or_else(|| "cancelled before it started".into());
+        em.gantry(&format!("Step did not start: {why}")).await;
+        end_hold(&ctx, hold).await;
+        em.flush().await;
+        em.event(Event::StepFinished(StepFinished {
+            origin: em.origin(),
+            outcome: if ctx.cancel.is_cancelled() {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            },
+            exit_code: None,
+            line_count: em.next_seq,
+            error: Some(why),
+            finished_at: Utc::now(),
+        }))
+        .await;
+        return;
+    }
     let started_at = Utc::now();
     em.event(Event::StepStarted(StepStarted {
-        origin: origin.clone(),
+        origin: em.origin(),
         started_at,
     }))
     .await;
@@ -156,7 +236,17 @@ pub async fn run(ctx: StepContext) {
     let work_dir = ctx
         .work_root
         .join(format!("{}-{}", job.step_run_id, job.attempt));
-    let (outcome, exit_code, error) = match execute(&ctx, &mut em, &work_dir).await {
+    if let Some(m) = &ctx.grant.mutex {
+        em.gantry(&format!(
+            "Holding mutex {} (fencing token {})",
+            m.name, m.token
+        ))
+        .await;
+    }
+    let result = execute(&ctx, &mut em, &work_dir, hold.as_ref()).await;
+    ctx.slots.gate_exit(job.exclusive);
+    end_hold(&ctx, hold).await;
+    let (outcome, exit_code, error) = match result {
         Ok(r) => r,
         Err(message) => {
             em.gantry(&format!("error: {message}")).await;
@@ -169,7 +259,7 @@ pub async fn run(ctx: StepContext) {
     em.flush().await;
     let error = error.map(|e| em.masker.mask(&e).into_owned());
     em.event(Event::StepFinished(StepFinished {
-        origin,
+        origin: em.origin(),
         outcome,
         exit_code,
         line_count: em.next_seq,
@@ -185,6 +275,7 @@ async fn execute(
     ctx: &StepContext,
     em: &mut Emitter,
     work_dir: &Path,
+    hold: Option<&MutexHold>,
 ) -> Result<StepResult, String> {
     let job = &ctx.job;
     let mut vars: BTreeMap<String, String> = job.variables.clone();
@@ -218,23 +309,32 @@ async fn execute(
         .await
         .map_err(|e| format!("cannot write the script: {e}"))?;
 
-    let mut cmd = match job.syntax {
-        Syntax::Bash => {
-            let mut c = tokio::process::Command::new("bash");
-            c.arg("--noprofile").arg("--norc").arg(&script_path);
+    let script_arg = script_path.display().to_string();
+    let argv: Vec<&str> = match job.syntax {
+        Syntax::Bash => vec!["bash", "--noprofile", "--norc", &script_arg],
+        Syntax::Sh => vec![
+            "sh",
+            "-c",
+            ". \"$GANTRY_HELPERS\"; . \"$1\"",
+            "gantry-step",
+            &script_arg,
+        ],
+        Syntax::Python3 => vec!["python3", "-u", &script_arg],
+    };
+    // Through the guard, so that the script dies with this agent (see `guard`).
+    let mut cmd = match std::env::current_exe() {
+        Ok(me) => {
+            let mut c = tokio::process::Command::new(me);
+            c.arg("guard").arg("--").args(&argv);
             c
         }
-        Syntax::Sh => {
-            let mut c = tokio::process::Command::new("sh");
-            c.arg("-c")
-                .arg(". \"$GANTRY_HELPERS\"; . \"$1\"")
-                .arg("gantry-step")
-                .arg(&script_path);
-            c
-        }
-        Syntax::Python3 => {
-            let mut c = tokio::process::Command::new("python3");
-            c.arg("-u").arg(&script_path);
+        Err(e) => {
+            em.gantry(&format!(
+                "warning: cannot find the agent's own binary ({e}); running the script unguarded"
+            ))
+            .await;
+            let mut c = tokio::process::Command::new(argv[0]);
+            c.args(&argv[1..]);
             c
         }
     };
@@ -268,6 +368,10 @@ async fn execute(
         // without touching the user's script (and its line numbers).
         cmd.env("BASH_ENV", &helpers);
     }
+    if let Some(m) = &ctx.grant.mutex {
+        cmd.env("GANTRY_MUTEX", &m.name)
+            .env("GANTRY_MUTEX_TOKEN", m.token.to_string());
+    }
     cmd.env("GANTRY_HELPERS", &helpers)
         .env("GANTRY_TASK_ID", job.task_id.to_string())
         .env("GANTRY_STEP_NAME", &job.step_name)
@@ -275,7 +379,8 @@ async fn execute(
         .env("GANTRY_WORK_DIR", work_dir)
         .env("PYTHONUNBUFFERED", "1")
         .current_dir(work_dir)
-        .stdin(Stdio::null())
+        // Held open by this agent for the step's life: the guard's signal that we live.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -284,6 +389,7 @@ async fn execute(
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", job.syntax.as_str()))?;
     let pgid = child.id().map(|p| p as i32);
+    let _lifeline = child.stdin.take();
     let (line_tx, mut line_rx) = mpsc::channel::<(Stream, String)>(1024);
     let readers = [
         tokio::spawn(read_lines(
@@ -345,6 +451,18 @@ async fn execute(
                 stop_group(pgid, &mut child).await;
                 end = Some(End::Cancelled);
             }
+            _ = lost_ref(hold), if end.is_none() => {
+                // No grace: a step must not go on without its mutex.
+                if let Some(pg) = pgid {
+                    let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
+                }
+                let _ = child.wait().await;
+                let why = hold
+                    .and_then(|h| h.why.lock().expect("lock").clone())
+                    .unwrap_or_else(|| "its mutex lease was lost".into());
+                em.gantry(&format!("Step stopped: {why}")).await;
+                end = Some(End::LockLost(why));
+            }
             _ = sleep_until(drain_deadline), if drain_deadline.is_some() => {
                 em.gantry("warning: a process outside the step's process group still holds its output open; no longer reading it").await;
                 break;
@@ -390,7 +508,125 @@ async fn execute(
             )),
         ),
         End::Cancelled => (Outcome::Cancelled, None, Some("cancelled".into())),
+        End::LockLost(why) => (Outcome::Failed, None, Some(why)),
     })
+}
+
+/// Renew the step's mutex lease every third of the lease; on losing it, say why and fire
+/// `lost`. Unreachable Redis counts as lost once half the lease has passed since the last
+/// renewal, so the step is dead well before anyone else can be granted the mutex.
+fn hold_mutex(ctx: &StepContext, grant: &MutexGrant) -> MutexHold {
+    let keys = MutexKeys::new(&ctx.namespace, &grant.name);
+    let waiter = locks::waiter(ctx.job.step_run_id, ctx.job.attempt);
+    let token = Arc::new(AtomicU64::new(grant.token));
+    let lost = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let why = Arc::new(std::sync::Mutex::new(None));
+    let lease = Duration::from_millis(grant.lease_ms);
+    let task = tokio::spawn({
+        let (redis, keys, waiter, token, lost, stop, why) = (
+            ctx.redis.clone(),
+            keys.clone(),
+            waiter.clone(),
+            token.clone(),
+            lost.clone(),
+            stop.clone(),
+            why.clone(),
+        );
+        let name = grant.name.clone();
+        async move {
+            let mut last_ok = tokio::time::Instant::now();
+            let mut wait = lease / 3;
+            let fail = |reason: String| {
+                *why.lock().expect("lock") = Some(reason);
+                lost.cancel();
+            };
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => return,
+                }
+                let current = token.load(Ordering::SeqCst);
+                match locks::renew(&redis, &keys, &waiter, current, lease).await {
+                    Ok(locks::Renew::Held) => {
+                        last_ok = tokio::time::Instant::now();
+                        wait = lease / 3;
+                    }
+                    Ok(locks::Renew::Lost) => {
+                        return fail(format!(
+                            "its lease on mutex {name} is gone (expired or taken over)"
+                        ));
+                    }
+                    Ok(locks::Renew::NoEpoch) => {
+                        match locks::reclaim(&redis, &keys, &waiter, lease).await {
+                            Ok(locks::Reclaim::Held(new)) => {
+                                token.store(new, Ordering::SeqCst);
+                                last_ok = tokio::time::Instant::now();
+                                wait = lease / 3;
+                                tracing::info!(
+                                    mutex = name,
+                                    token = new,
+                                    "re-claimed a mutex after Redis lost its data"
+                                );
+                            }
+                            Ok(locks::Reclaim::Lost) => {
+                                return fail(format!(
+                                    "mutex {name} could not be re-claimed after Redis lost its data"
+                                ));
+                            }
+                            // Waiting for the dispatcher to set the new epoch.
+                            Ok(locks::Reclaim::NoEpoch) | Err(_) => {
+                                wait = Duration::from_millis(250)
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, mutex = name, "cannot renew the mutex lease");
+                        wait = Duration::from_millis(250);
+                    }
+                }
+                if last_ok.elapsed() >= lease / 2 {
+                    return fail(format!(
+                        "could not renew its lease on mutex {name} within half the lease ({} ms): Redis unreachable",
+                        lease.as_millis()
+                    ));
+                }
+            }
+        }
+    });
+    MutexHold {
+        keys,
+        waiter,
+        token,
+        lost,
+        why,
+        stop,
+        task,
+    }
+}
+
+/// Stop renewing and release the mutex (unless it was lost).
+async fn end_hold(ctx: &StepContext, hold: Option<MutexHold>) {
+    let Some(h) = hold else { return };
+    h.stop.cancel();
+    let _ = h.task.await;
+    if !h.lost.is_cancelled() {
+        let token = h.token.load(Ordering::SeqCst);
+        if let Err(e) = locks::release(&ctx.redis, &h.keys, &h.waiter, Some(token)).await {
+            tracing::warn!(error = %e, mutex = h.keys.name, "could not release the mutex; its lease will expire");
+        }
+    }
+}
+
+async fn lost(hold: &Option<MutexHold>) {
+    lost_ref(hold.as_ref()).await
+}
+
+async fn lost_ref(hold: Option<&MutexHold>) {
+    match hold {
+        Some(h) => h.lost.cancelled().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Environment names a process variable may not override: the shell's and the runtime's own,

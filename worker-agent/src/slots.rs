@@ -43,6 +43,9 @@ use tokio_util::sync::CancellationToken;
 /// What every step needs from the agent, fixed for its lifetime.
 pub struct AgentContext {
     pub api: Api,
+    /// For the leases of steps with a named mutex.
+    pub redis: Arc<gantry_shared::redis_link::RedisLink>,
+    pub namespace: String,
     pub outbox: Outbox,
     pub worker_id: WorkerId,
     pub worker_name: String,
@@ -80,6 +83,23 @@ struct State {
     paused: bool,
     /// Messages last seen in each queue (only probed while queues outnumber free slots).
     depths: HashMap<String, u32>,
+    /// The reader/writer gate of exclusive steps.
+    gate: Gate,
+}
+
+/// Ordinary steps are readers, exclusive ones writers. Writers are preferred: once an
+/// exclusive step waits, no ordinary step starts, and the agent takes no new work.
+#[derive(Default)]
+struct Gate {
+    ordinary: u32,
+    exclusive_running: bool,
+    exclusive_waiting: u32,
+}
+
+impl Gate {
+    fn busy(&self) -> bool {
+        self.exclusive_running || self.exclusive_waiting > 0
+    }
 }
 
 impl State {
@@ -105,6 +125,7 @@ impl Slots {
                 draining: false,
                 paused: false,
                 depths: HashMap::new(),
+                gate: Gate::default(),
             }),
             changed: Notify::new(),
         })
@@ -198,6 +219,88 @@ impl Slots {
         s.max.saturating_sub(s.running.len() as u32)
     }
 
+    /// Why a step would have to wait at the gate now, if it would.
+    pub fn gate_wait_reason(&self, exclusive: bool, worker: &str) -> Option<String> {
+        let s = self.lock();
+        let g = &s.gate;
+        if exclusive {
+            if g.exclusive_running || g.exclusive_waiting > 0 {
+                Some(format!(
+                    "exclusive access to worker {worker}: another exclusive step is ahead"
+                ))
+            } else if g.ordinary > 0 {
+                Some(format!(
+                    "exclusive access to worker {worker}: {} other step(s) running there",
+                    g.ordinary
+                ))
+            } else {
+                None
+            }
+        } else if g.busy() {
+            Some(format!("an exclusive step on worker {worker} to finish"))
+        } else {
+            None
+        }
+    }
+
+    /// Pass the gate: an exclusive step when nothing else runs, an ordinary one when no
+    /// exclusive step runs or waits. An exclusive step stops the agent's intake meanwhile.
+    pub async fn gate_enter(&self, exclusive: bool) {
+        if exclusive {
+            self.lock().gate.exclusive_waiting += 1;
+            // Stop the consumers: nothing new comes in while we wait or run.
+            self.pause_intake();
+        }
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut s = self.lock();
+                let g = &mut s.gate;
+                if exclusive && !g.exclusive_running && g.ordinary == 0 {
+                    g.exclusive_waiting -= 1;
+                    g.exclusive_running = true;
+                    return;
+                }
+                if !exclusive && !g.busy() {
+                    g.ordinary += 1;
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Leave the gate after the step ran.
+    pub fn gate_exit(&self, exclusive: bool) {
+        {
+            let mut s = self.lock();
+            if exclusive {
+                s.gate.exclusive_running = false;
+            } else {
+                s.gate.ordinary = s.gate.ordinary.saturating_sub(1);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Give up waiting at the gate (cancelled before starting).
+    pub fn gate_abandon(&self, exclusive: bool) {
+        if exclusive {
+            let mut s = self.lock();
+            s.gate.exclusive_waiting = s.gate.exclusive_waiting.saturating_sub(1);
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn pause_intake(&self) {
+        let s = self.lock();
+        for c in s.consumers.values() {
+            c.stop.cancel();
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
     pub async fn wait_idle(&self) {
         loop {
             let notified = self.changed.notified();
@@ -275,7 +378,7 @@ fn rebalance(
     conn_gone: &CancellationToken,
 ) {
     let mut s = slots.lock();
-    if s.draining || s.paused {
+    if s.draining || s.paused || s.gate.busy() {
         return;
     }
     while s.units() < s.max {
@@ -322,6 +425,7 @@ fn needs_probe(slots: &Slots, queues: &[String]) -> bool {
     let s = slots.lock();
     !s.draining
         && !s.paused
+        && !s.gate.busy()
         && queues.iter().any(|q| {
             !s.consumers
                 .values()
@@ -535,7 +639,7 @@ async fn handle_delivery(
                 cancel: cancel.clone(),
             },
         );
-        let over = s.units() > s.max || s.draining || s.paused;
+        let over = s.units() > s.max || s.draining || s.paused || s.gate.busy();
         if over && let Some(c) = s.consumers.get_mut(&id) {
             c.reserves = false;
         }
@@ -559,6 +663,9 @@ async fn handle_delivery(
     }
     let ctx = StepContext {
         api: agent.api.clone(),
+        slots: slots.clone(),
+        redis: agent.redis.clone(),
+        namespace: agent.namespace.clone(),
         job,
         grant,
         worker_id: agent.worker_id,

@@ -14,7 +14,7 @@ use crate::attempts;
 use crate::store::workers;
 use axum::Json;
 use axum::extract::{Path, State};
-use gantry_shared::api::{AgentConfig, ClaimGrant, ClaimRequest, SensitiveOutput};
+use gantry_shared::api::{AgentConfig, ClaimGrant, ClaimRequest, MutexGrant, SensitiveOutput};
 use gantry_shared::ids::{JobId, StepRunId};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -145,6 +145,50 @@ pub async fn claim(
             }
         }
     }
+    let mutex = match (&locked.mutex, locked.mutex_token) {
+        (Some(name), Some(token)) => {
+            match s
+                .locks
+                .confirm(name, step_run, attempt as u32, token as u64)
+                .await
+            {
+                Ok(true) => Some(MutexGrant {
+                    name: name.clone(),
+                    token: token as u64,
+                    lease_ms: s.locks.lease().as_millis() as u64,
+                }),
+                Ok(false) if locked.state != "Running" => {
+                    drop(tx);
+                    s.locks
+                        .requeue(
+                            step_run,
+                            attempt as u32,
+                            "its lease expired before the claim",
+                        )
+                        .await;
+                    return Err(ApiError::Conflict(format!(
+                        "job {job_id}'s mutex {name} lease was lost before it started; the step waits for the mutex again"
+                    )));
+                }
+                Ok(false) => {
+                    return Err(ApiError::Conflict(format!(
+                        "job {job_id} no longer holds mutex {name}"
+                    )));
+                }
+                Err(e) => {
+                    return Err(ApiError::Unavailable(format!(
+                        "Redis is unavailable, so mutex {name} cannot be confirmed; try again ({e})"
+                    )));
+                }
+            }
+        }
+        (Some(name), None) => {
+            return Err(ApiError::Conflict(format!(
+                "job {job_id} was published without its mutex {name}; refusing it"
+            )));
+        }
+        _ => None,
+    };
     if locked.state != "Running" {
         sqlx::query(
             "UPDATE attempts SET state = 'Running', worker_id = $3, worker_name = $4,
@@ -170,6 +214,7 @@ pub async fn claim(
         attempt: attempt as u32,
         worker_name: worker.name,
         sensitive_variables,
+        mutex,
     }))
 }
 

@@ -41,6 +41,7 @@ pub struct AppState {
     pub secrets: SecretBox,
     pub metrics: Arc<Metrics>,
     pub redis: Arc<gantry_shared::redis_link::RedisLink>,
+    pub locks: crate::locks::Locks,
     /// Delay before a failed step's next attempt (doubled per attempt).
     pub retry_base: std::time::Duration,
     /// Publishes control messages to agents.

@@ -1,0 +1,257 @@
+//! Tests that restart or reconfigure a shared service. Their names start with `serial_`, and
+//! `.config/nextest.toml` runs each of them alone.
+
+use gantry_tests::gantry_shared::ids::TaskId;
+use gantry_tests::{AgentOpts, Stack, eventually};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn mark(file: &Path, what: &str) -> String {
+    format!(
+        "echo \"{what} $(date +%s%N) #{{Gantry.Task.Id}}\" >> '{}'",
+        file.display()
+    )
+}
+
+fn intervals(file: &Path) -> Vec<(i128, i128)> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut starts = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let ts: i128 = parts[1].parse().unwrap();
+        match parts[0] {
+            "start" => {
+                starts.insert(parts[2].to_owned(), ts);
+            }
+            _ => out.push((starts[parts[2]], ts)),
+        }
+    }
+    out
+}
+
+fn max_overlap(iv: &[(i128, i128)]) -> usize {
+    let mut points: Vec<(i128, i32)> = iv.iter().flat_map(|(a, b)| [(*a, 1), (*b, -1)]).collect();
+    points.sort();
+    let (mut cur, mut best) = (0, 0);
+    for (_, d) in points {
+        cur += d;
+        best = best.max(cur);
+    }
+    best as usize
+}
+
+fn redis_up() -> bool {
+    Command::new("redis-cli")
+        .arg("ping")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+}
+
+/// Start Redis the way the machine starts it (no persistence), if it is down.
+fn start_redis() {
+    if redis_up() {
+        return;
+    }
+    let status = Command::new("redis-server")
+        .args([
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "-::1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/var/lib/redis",
+            "--logfile",
+            "/var/log/redis/ci.log",
+        ])
+        .status()
+        .expect("redis-server");
+    assert!(status.success());
+    for _ in 0..100 {
+        if redis_up() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("Redis did not come back");
+}
+
+/// Puts Redis back even if the test fails half-way.
+struct RedisBack;
+impl Drop for RedisBack {
+    fn drop(&mut self) {
+        start_redis();
+    }
+}
+
+#[tokio::test]
+async fn serial_restarting_redis_mid_run_keeps_mutex_steps_apart_and_everything_finishes() {
+    // Arrange: a 10 s lease; six mutex steps and four free ones on two agents.
+    let _back = RedisBack;
+    let mut stack = Stack::start_with(vec![("GANTRY__LOCKS__LEASE_MS".into(), "10000".into())])
+        .await
+        .unwrap();
+    for name in ["r1", "r2"] {
+        stack
+            .add_agent(
+                name,
+                AgentOpts {
+                    max_concurrent_steps: 3,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let mutexed = stack.dir.path().join("mutexed");
+    let free = stack.dir.path().join("free");
+    let process = |file: &Path, mutex: bool, secs: f64| {
+        format!(
+            "name = \"r\"\n[[steps]]\nname = \"s\"\n{}script = '''\n{}\nsleep {secs}\n{}\n'''\n",
+            if mutex { "mutex = \"stateful\"\n" } else { "" },
+            mark(file, "start"),
+            mark(file, "end")
+        )
+    };
+    let mut tasks: Vec<TaskId> = Vec::new();
+    for _ in 0..6 {
+        tasks.push(stack.submit(&process(&mutexed, true, 1.5)).await.unwrap());
+    }
+    stack
+        .wait_task_until(tasks[0], Duration::from_secs(30), |t| {
+            t.steps[0].state == "Running"
+        })
+        .await
+        .unwrap();
+
+    // Act: Redis goes away (losing everything), steps without a mutex are submitted meanwhile,
+    // and Redis comes back.
+    let out = Command::new("redis-cli")
+        .args(["shutdown", "nosave"])
+        .output()
+        .unwrap();
+    assert!(!redis_up(), "redis stopped: {out:?}");
+    for _ in 0..4 {
+        tasks.push(stack.submit(&process(&free, false, 0.5)).await.unwrap());
+    }
+    let free_tasks = tasks[6..].to_vec();
+    for t in &free_tasks {
+        let done = stack.wait_task(*t, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(
+            done.summary.state, "Success",
+            "steps without a mutex ran while Redis was down"
+        );
+    }
+    let said = eventually(Duration::from_secs(10), "waiting steps say why", || async {
+        for t in &tasks[1..6] {
+            let log = stack.log(*t).await.ok()?;
+            if log.iter().any(|l| l.text.contains("Redis is unavailable")) {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    start_redis();
+    for t in &tasks {
+        let done = stack.wait_task(*t, Duration::from_secs(120)).await.unwrap();
+        assert_eq!(done.summary.state, "Success", "{done:#?}");
+    }
+
+    // Assert
+    said.unwrap();
+    let m = intervals(&mutexed);
+    assert_eq!(m.len(), 6);
+    assert_eq!(
+        max_overlap(&m),
+        1,
+        "no two mutex steps overlapped across the restart"
+    );
+    let db = stack.db().await;
+    let tokens: Vec<i64> = sqlx::query_scalar(
+        "SELECT mutex_token FROM attempts WHERE mutex_token IS NOT NULL ORDER BY started_at",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens kept growing: {tokens:?}"
+    );
+    assert!(
+        tokens.last().unwrap() >> 32 > tokens.first().unwrap() >> 32,
+        "a new epoch after Redis came back empty"
+    );
+}
+
+fn set_consumer_timeout(ms: u64) {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "eval",
+            &format!("application:set_env(rabbit, consumer_timeout, {ms})."),
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Puts the broker's consumer timeout back to its default (30 minutes).
+struct TimeoutBack;
+impl Drop for TimeoutBack {
+    fn drop(&mut self) {
+        set_consumer_timeout(1_800_000);
+    }
+}
+
+#[tokio::test]
+async fn serial_a_step_outliving_the_consumer_timeout_finishes_once() {
+    // Arrange: RabbitMQ closes channels holding a delivery unacked for 5 s (checked once a
+    // minute); the agents connect after the change, so it applies to them.
+    let _back = TimeoutBack;
+    set_consumer_timeout(5_000);
+    let mut stack = Stack::start().await.unwrap();
+    stack
+        .add_agent("patient", AgentOpts::default())
+        .await
+        .unwrap();
+    stack
+        .add_agent("other", AgentOpts::default())
+        .await
+        .unwrap();
+    let counter = stack.dir.path().join("runs");
+
+    // Act: a step longer than the timeout plus the broker's check interval.
+    let task = stack
+        .submit(&format!(
+            "name = \"long\"\n[[steps]]\nname = \"s\"\nscript = '''\necho ran >> '{}'\nsleep 75\necho done\n'''\n",
+            counter.display()
+        ))
+        .await
+        .unwrap();
+    let done = stack
+        .wait_task(task, Duration::from_secs(150))
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(done.summary.state, "Success", "{done:#?}");
+    assert_eq!(done.steps[0].attempts.len(), 1, "one attempt");
+    let runs = std::fs::read_to_string(&counter).unwrap();
+    assert_eq!(runs.lines().count(), 1, "the script ran once");
+    assert!(
+        stack
+            .log(task)
+            .await
+            .unwrap()
+            .iter()
+            .any(|l| l.text == "done")
+    );
+}
