@@ -49,6 +49,8 @@ struct Inner {
     wake: Arc<Notify>,
     /// What each waiting attempt was last reported as waiting for.
     reported: Mutex<HashMap<(Uuid, i32), String>>,
+    /// When each waiting attempt last asked Redis (to keep its place in the queue alive).
+    refreshed: Mutex<HashMap<(Uuid, i32), Instant>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -100,6 +102,7 @@ impl Locks {
                 orchestrator,
                 wake,
                 reported: Mutex::new(HashMap::new()),
+                refreshed: Mutex::new(HashMap::new()),
             }),
         };
         tokio::spawn(run(me.inner.clone(), cancel.clone()));
@@ -231,24 +234,92 @@ async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
             .lock()
             .expect("lock")
             .retain(|k, _| live.contains(k));
+        inner
+            .refreshed
+            .lock()
+            .expect("lock")
+            .retain(|k, _| live.contains(k));
     }
+    // Per mutex, in arrival order. Only the waiters that may be next need Redis on every
+    // pass; the others only keep their place in the queue alive, every few seconds, so a
+    // release costs one or two round trips however many steps wait.
+    let mut groups: Vec<(String, Vec<Waiter>)> = Vec::new();
     for w in waiters {
         let Some(mutex) = w.mutex.clone() else {
             continue;
         };
-        serve_one(inner, &w, &mutex).await?;
+        match groups.iter_mut().find(|(m, _)| *m == mutex) {
+            Some((_, ws)) => ws.push(w),
+            None => groups.push((mutex, vec![w])),
+        }
+    }
+    for (mutex, ws) in groups {
+        // The previous holder's attempt must have ended in PostgreSQL too, not only its lease
+        // in Redis: a lost worker's lease can expire before the worker is declared lost, and
+        // its step must be marked lost before the next holder starts.
+        let previous: Option<(Uuid, String)> = sqlx::query_as(
+            "SELECT s.task_id, s.name FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
+             WHERE a.mutex_token IS NOT NULL AND a.state IN ('Pending', 'Queued', 'Running')
+               AND s.spec->>'mutex' = $1
+             LIMIT 1",
+        )
+        .bind(&mutex)
+        .fetch_optional(&inner.db)
+        .await?;
+        let mut held = previous.is_some();
+        for w in ws {
+            let key = (w.step_run_id, w.attempt);
+            let due = inner
+                .refreshed
+                .lock()
+                .expect("lock")
+                .get(&key)
+                .is_none_or(|t| t.elapsed() >= REFRESH_PLACE);
+            if held && !due && !timed_out(&w) {
+                continue;
+            }
+            let answer = serve_one(inner, &w, &mutex, previous.as_ref(), !held).await?;
+            inner
+                .refreshed
+                .lock()
+                .expect("lock")
+                .insert(key, Instant::now());
+            match answer {
+                Some(Acquire::Waiting { holder, .. })
+                    if holder.is_empty() && previous.is_none() =>
+                {
+                    // Free, but another waiter is ahead in Redis's queue: ask the next one.
+                }
+                None => {}
+                Some(_) => held = true,
+            }
+        }
     }
     Ok(())
 }
 
-async fn serve_one(inner: &Arc<Inner>, w: &Waiter, mutex: &str) -> anyhow::Result<()> {
+/// How often a waiter that is not next refreshes its place (well within `WAITER_ALIVE`).
+const REFRESH_PLACE: Duration = Duration::from_secs(4);
+
+fn timed_out(w: &Waiter) -> bool {
+    matches!((w.mutex_timeout_secs, w.waiting_since),
+        (Some(limit), Some(since)) if Utc::now() - since >= chrono::Duration::seconds(limit))
+}
+
+/// Ask Redis for one waiter's turn (or only refresh its place when `may_grant` is false) and
+/// act on the answer. `None` when the waiter timed out and was failed.
+async fn serve_one(
+    inner: &Arc<Inner>,
+    w: &Waiter,
+    mutex: &str,
+    previous: Option<&(Uuid, String)>,
+    may_grant: bool,
+) -> anyhow::Result<Option<Acquire>> {
     let keys = MutexKeys::new(&inner.ns, mutex);
     let step_run = StepRunId(w.step_run_id);
     let attempt = w.attempt as u32;
     let waiter = locks::waiter(step_run, attempt);
-    if let (Some(limit), Some(since)) = (w.mutex_timeout_secs, w.waiting_since)
-        && Utc::now() - since >= chrono::Duration::seconds(limit)
-    {
+    if let (true, Some(limit)) = (timed_out(w), w.mutex_timeout_secs) {
         let last = inner
             .reported
             .lock()
@@ -277,22 +348,8 @@ async fn serve_one(inner: &Arc<Inner>, w: &Waiter, mutex: &str) -> anyhow::Resul
             tx.commit().await?;
             inner.orchestrator.kick(TaskId(w.task_id));
         }
-        return Ok(());
+        return Ok(None);
     }
-    // The previous holder's attempt must have ended in PostgreSQL too, not only its lease in
-    // Redis: a lost worker's lease can expire before the worker is declared lost, and its
-    // step must be marked lost before the next holder starts.
-    let previous: Option<(Uuid, String)> = sqlx::query_as(
-        "SELECT s.task_id, s.name FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
-         WHERE a.mutex_token IS NOT NULL AND a.state IN ('Pending', 'Queued', 'Running')
-           AND s.spec->>'mutex' = $1 AND a.step_run_id <> $2
-         LIMIT 1",
-    )
-    .bind(mutex)
-    .bind(w.step_run_id)
-    .fetch_optional(&inner.db)
-    .await?;
-    let may_grant = previous.is_none();
     let answer =
         match locks::queue_or_acquire(&inner.redis, &keys, &waiter, inner.lease, may_grant).await {
             Ok(Acquire::NoEpoch) => {
@@ -301,21 +358,21 @@ async fn serve_one(inner: &Arc<Inner>, w: &Waiter, mutex: &str) -> anyhow::Resul
             }
             other => other,
         };
-    match answer {
-        Ok(Acquire::Granted(token)) => grant(inner, w, mutex, token).await?,
+    match &answer {
+        Ok(Acquire::Granted(token)) => grant(inner, w, mutex, *token).await?,
         Ok(Acquire::Waiting { holder, position }) => {
             let mut msg = format!("mutex {mutex}");
-            if let Some((task, step)) = &previous {
+            if let Some((task, step)) = previous {
                 msg.push_str(&format!(" held by task {task} (step {step})"));
             } else if holder.is_empty() {
                 msg.push_str(" (being handed over)");
             } else {
                 msg.push_str(&format!(
                     " held by {}",
-                    describe_holder(inner, &holder).await
+                    describe_holder(inner, holder).await
                 ));
             }
-            if position > 0 {
+            if *position > 0 {
                 msg.push_str(&format!(", {position} ahead in the queue"));
             }
             report(inner, w, &msg).await?;
@@ -338,7 +395,9 @@ async fn serve_one(inner: &Arc<Inner>, w: &Waiter, mutex: &str) -> anyhow::Resul
             .await?
         }
     }
-    Ok(())
+    // An unreachable Redis answers nothing: count it as held, so the next waiters only
+    // refresh their places.
+    Ok(Some(answer.unwrap_or(Acquire::Quiet)))
 }
 
 /// "task T (step S)" for a holder's waiter id.
