@@ -171,7 +171,12 @@ pub async fn conclude(
     let task = locked.task();
     let what = describe(state, locked.exit_code, error.or(locked.error.as_deref()));
     let is_current = locked.current_attempt == attempt as i32;
-    if state != "Success" && is_current && (attempt as i32) <= locked.retries {
+    // A cancelled attempt is never retried: a cancel means stop.
+    if state != "Success"
+        && state != "Cancelled"
+        && is_current
+        && (attempt as i32) <= locked.retries
+    {
         let delay = backoff(retry_base, attempt);
         let reason = format!(
             "attempt {attempt} {what}; attempt {} of {} starts after {:.1}s",

@@ -128,6 +128,23 @@ impl Locks {
         }
     }
 
+    /// Give up a mutex for an attempt that ended before it ran: release its lease if it had
+    /// one, else leave the queue; then let the next waiter go.
+    pub async fn release_or_withdraw(
+        &self,
+        mutex: &str,
+        step_run: StepRunId,
+        attempt: u32,
+        token: Option<u64>,
+    ) {
+        let keys = MutexKeys::new(&self.inner.ns, mutex);
+        let waiter = locks::waiter(step_run, attempt);
+        if let Err(e) = locks::release(&self.inner.redis, &keys, &waiter, token).await {
+            tracing::debug!(error = %e, mutex, "could not release a mutex; its lease will expire");
+        }
+        self.wake();
+    }
+
     /// At a claim: confirm the attempt still holds its lease (and extend it).
     pub async fn confirm(
         &self,

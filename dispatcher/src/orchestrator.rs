@@ -25,10 +25,10 @@ use crate::store::tasks::is_terminal;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use gantry_shared::amqp::{Broker, PublishError, Publisher, json_properties};
-use gantry_shared::ids::{JobId, StepRunId, TaskId};
+use gantry_shared::ids::{JobId, StepRunId, TaskId, WorkerId};
 use gantry_shared::process::{Condition, StepSpec, group_ranges};
 use gantry_shared::topology::Topology;
-use gantry_shared::wire::Job;
+use gantry_shared::wire::{Control, Job};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -112,6 +112,11 @@ impl Orchestrator {
         let _ = self.inner.kick_tx.send(task);
     }
 
+    /// Tell an agent to stop a running attempt.
+    pub async fn cancel_running(&self, worker: WorkerId, step_run: StepRunId, attempt: u32) {
+        send_cancel(&self.inner, worker, step_run, attempt).await
+    }
+
     /// Void an unclaimed attempt's job and publish it again (a refused claim that should run
     /// elsewhere, a returned message).
     pub async fn republish(&self, step_run: StepRunId, attempt: u32) {
@@ -191,6 +196,18 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
     .bind(REPUBLISH_AFTER)
     .fetch_all(&inner.db)
     .await?;
+    // Running steps of cancelled tasks: tell their agents (again; a control message sent
+    // while an agent was reconnecting is lost, and cancelling twice is harmless).
+    let cancelling: Vec<(Uuid, Uuid, i32)> = sqlx::query_as(
+        "SELECT a.worker_id, a.step_run_id, a.attempt FROM attempts a
+         JOIN step_runs s ON s.id = a.step_run_id JOIN tasks t ON t.id = s.task_id
+         WHERE t.state = 'Cancelling' AND a.state = 'Running' AND a.worker_id IS NOT NULL",
+    )
+    .fetch_all(&inner.db)
+    .await?;
+    for (worker, step_run, attempt) in cancelling {
+        send_cancel(inner, WorkerId(worker), StepRunId(step_run), attempt as u32).await;
+    }
     for (step_run, attempt) in unconfirmed {
         let key = (StepRunId(step_run), attempt as u32);
         if inner.publishing.lock().expect("lock").contains(&key) {
@@ -244,7 +261,9 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
     };
     let mut outgoing = Vec::new();
     let mut wake_locks = false;
-    if !is_terminal(&task_state) {
+    if task_state == "Cancelling" {
+        settle_cancel(&mut tx, task, &task_name).await?;
+    } else if !is_terminal(&task_state) {
         let mut steps: Vec<StepState> = sqlx::query_as(
             "SELECT s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
                     p.slug AS pool_slug, p.name AS pool_name, a.state AS attempt_state
@@ -434,6 +453,52 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
         inner.locks_wake.notify_one();
     }
     Ok(outgoing)
+}
+
+/// A task being cancelled: steps that never started are `Cancelled`; once no attempt is
+/// live any more, the task is `Cancelled`.
+async fn settle_cancel(conn: &mut PgConnection, task: TaskId, task_name: &str) -> sqlx::Result<()> {
+    let never_started: Vec<(Uuid, String)> = sqlx::query_as(
+        "UPDATE step_runs s SET state = 'Cancelled', reason = 'cancelled before it started',
+             waiting_for = NULL, not_before = NULL
+         WHERE s.task_id = $1 AND s.state = 'Pending'
+           AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.step_run_id = s.id
+                           AND a.attempt = s.attempt
+                           AND a.state IN ('Waiting', 'Pending', 'Queued', 'Running'))
+         RETURNING s.id, s.name",
+    )
+    .bind(task.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (id, name) in never_started {
+        logs::append_system(
+            conn,
+            task,
+            Some((StepRunId(id), 0)),
+            &format!("Step {name} cancelled before it started"),
+        )
+        .await?;
+    }
+    let live: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
+                        WHERE s.task_id = $1 AND a.state IN ('Waiting', 'Pending', 'Queued', 'Running'))",
+    )
+    .bind(task.0)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !live {
+        sqlx::query(
+            "UPDATE tasks SET state = 'Cancelled', error = 'cancelled', finished_at = now(),
+                 started_at = COALESCE(started_at, now())
+             WHERE id = $1",
+        )
+        .bind(task.0)
+        .execute(&mut *conn)
+        .await?;
+        logs::append_system(conn, task, None, &format!("Task {task_name} cancelled")).await?;
+        logs::notify(conn, logs::TASK_CHANNEL, task).await?;
+    }
+    Ok(())
 }
 
 /// The job for an attempt: the step's script and every non-sensitive value it may reference.
@@ -630,6 +695,28 @@ async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
             inner.publishing.lock().expect("lock").remove(&key);
             tracing::warn!(error = %e, step_run = %step_run, "re-publishing failed; the sweep will retry");
         }
+    }
+}
+
+/// Ask an agent to stop a running attempt (SIGTERM to its process group, SIGKILL after a
+/// grace).
+async fn send_cancel(inner: &Inner, worker: WorkerId, step_run: StepRunId, attempt: u32) {
+    let msg = Control::CancelAttempt {
+        step_run_id: step_run,
+        attempt,
+        reason: "the task was cancelled".into(),
+    };
+    if let Err(e) = inner
+        .publisher
+        .publish(
+            &inner.topology.control_exchange(),
+            &worker.to_string(),
+            &msg.encode(),
+            json_properties(),
+        )
+        .await
+    {
+        tracing::debug!(error = %e, %worker, "cancel not delivered (agent not connected?); will retry");
     }
 }
 

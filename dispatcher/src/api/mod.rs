@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/keys/{id}", axum::routing::delete(keys::delete))
         .route("/api/tasks", get(tasks::list).post(tasks::create))
         .route("/api/tasks/{id}", get(tasks::get))
+        .route("/api/tasks/{id}/cancel", post(tasks::cancel))
         .route("/api/tasks/{id}/log", get(logs::log))
         .route("/metrics", get(health::metrics))
         .fallback(not_found)

@@ -3,12 +3,13 @@
 use super::error::{ApiError, ApiResult};
 use super::extract::{AppJson, Caller, parse_id};
 use super::{AppState, query_map};
+use crate::attempts;
 use crate::store::{pools, tasks};
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use gantry_shared::api::{Permission, Task, TaskCreated, TaskSummary};
-use gantry_shared::ids::PoolId;
+use gantry_shared::ids::{PoolId, StepRunId, TaskId, WorkerId};
 use gantry_shared::process::{Location, Process};
 
 const STATES: [&str; 7] = [
@@ -100,4 +101,104 @@ pub async fn get(
 ) -> ApiResult<Json<Task>> {
     caller.require(Permission::TaskView)?;
     Ok(Json(tasks::get(&s.db, parse_id(&id, "task")?).await?))
+}
+
+/// `POST /api/tasks/{id}/cancel`: steps not started never start (jobs already queued are
+/// refused at their claim), waiting and queued attempts end at once (giving up their mutexes),
+/// and running scripts are stopped by their agents: SIGTERM to the process group, SIGKILL
+/// after a grace. The task ends `Cancelled` once nothing runs any more.
+pub async fn cancel(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<TaskCreated>)> {
+    caller.require(Permission::TaskCreate)?;
+    let task: TaskId = parse_id(&id, "task")?;
+    let mut tx = s.db.begin().await?;
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT name, state FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(task.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((name, state)) = row else {
+        return Err(ApiError::not_found(format!("no task with id {task}")));
+    };
+    if tasks::is_terminal(&state) {
+        return Err(ApiError::Conflict(format!(
+            "task {task} has already ended ({state}); there is nothing to cancel"
+        )));
+    }
+    if state == "Cancelling" {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(TaskCreated {
+                id: task,
+                name,
+                state,
+            }),
+        ));
+    }
+    sqlx::query("UPDATE tasks SET state = 'Cancelling' WHERE id = $1")
+        .bind(task.0)
+        .execute(&mut *tx)
+        .await?;
+    crate::logs::append_system(&mut tx, task, None, "Cancellation requested").await?;
+    let live: Vec<(uuid::Uuid, i32, String, Option<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT a.step_run_id, a.attempt, a.state, a.worker_id FROM attempts a
+         JOIN step_runs s ON s.id = a.step_run_id
+         WHERE s.task_id = $1 AND a.state IN ('Waiting', 'Pending', 'Queued', 'Running')",
+    )
+    .bind(task.0)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut releases = Vec::new();
+    let mut running = Vec::new();
+    for (step_run, attempt, state, worker) in live {
+        let step_run = StepRunId(step_run);
+        let attempt = attempt as u32;
+        if state == "Running" {
+            if let Some(w) = worker {
+                running.push((WorkerId(w), step_run, attempt));
+            }
+            continue;
+        }
+        if let Some(locked) = attempts::lock(&mut tx, step_run, attempt).await? {
+            attempts::conclude(
+                &mut tx,
+                &locked,
+                step_run,
+                attempt,
+                "Cancelled",
+                Some("cancelled before it started"),
+                s.retry_base,
+            )
+            .await?;
+            if let Some(mutex) = locked.mutex.clone() {
+                releases.push((mutex, step_run, attempt, locked.mutex_token));
+            }
+        }
+    }
+    attempts::wake(&mut tx, task).await?;
+    tx.commit().await?;
+    for (mutex, step_run, attempt, token) in releases {
+        // Give up the lease, or leave the queue for a step that was still waiting.
+        s.locks
+            .release_or_withdraw(&mutex, step_run, attempt, token.map(|t| t as u64))
+            .await;
+    }
+    for (worker, step_run, attempt) in running {
+        s.orchestrator
+            .cancel_running(worker, step_run, attempt)
+            .await;
+    }
+    s.orchestrator.kick(task);
+    tracing::info!(%task, "cancellation requested");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(TaskCreated {
+            id: task,
+            name,
+            state: "Cancelling".into(),
+        }),
+    ))
 }

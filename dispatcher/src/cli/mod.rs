@@ -71,6 +71,13 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Cancel a task: steps not started never start, running scripts are stopped.
+    Cancel {
+        id: String,
+        /// Wait until the task has ended, then print its final state.
+        #[arg(long)]
+        wait: bool,
+    },
     /// List workers with their health and running steps.
     Workers,
     /// List worker pools, or create and delete them.
@@ -189,6 +196,30 @@ async fn dispatch(client: &Client, cli: &Cli) -> Result<ExitCode, CliError> {
                     break;
                 }
                 after = page.next;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { id, wait } => {
+            let r: TaskCreated = client
+                .post(
+                    &format!("/api/tasks/{}/cancel", urlencode(id)),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if json && !wait {
+                print_json(&r);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("task {} ({}): {}", r.id, r.name, r.state);
+            if *wait {
+                loop {
+                    let t: Task = client.get(&format!("/api/tasks/{}", r.id)).await?;
+                    if matches!(t.summary.state.as_str(), "Success" | "Failed" | "Cancelled") {
+                        println!("task {}: {}", r.id, t.summary.state);
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
