@@ -130,7 +130,12 @@ impl Dispatcher {
             metrics,
             cancel: cancel.clone(),
         };
-        let router = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+        // 5xx answers here are deliberate (503 while a service is away) and logged where they
+        // arise; the trace layer reports them at debug level only.
+        let router =
+            api::router(state).layer(tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ));
         let listener = tokio::net::TcpListener::bind(settings.http_bind())
             .await
             .with_context(|| format!("binding http.bind = {}", settings.http.bind))?;

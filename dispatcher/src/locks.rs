@@ -545,8 +545,11 @@ async fn renew_unclaimed(inner: &Arc<Inner>) -> anyhow::Result<()> {
         let token = h.mutex_token as u64;
         match locks::renew(&inner.redis, &keys, &waiter, token, inner.lease).await {
             Ok(Renew::Held) => {}
-            Ok(Renew::NoEpoch) => {
-                ensure_epoch(inner).await?;
+            Ok(answer @ (Renew::NoEpoch | Renew::Lost)) => {
+                if answer == Renew::NoEpoch {
+                    ensure_epoch(inner).await?;
+                }
+                // Taken back only during the quiet period after Redis lost its data.
                 match locks::reclaim(&inner.redis, &keys, &waiter, inner.lease).await {
                     Ok(Reclaim::Held(new)) => {
                         sqlx::query(
@@ -560,26 +563,18 @@ async fn renew_unclaimed(inner: &Arc<Inner>) -> anyhow::Result<()> {
                         .await?;
                         tracing::info!(mutex, token = new, task = %h.task_id, step = h.step_name, "re-claimed a mutex after Redis lost its data");
                     }
-                    Ok(_) => {
+                    Ok(Reclaim::Lost) => {
                         requeue(
                             inner,
                             step_run,
                             h.attempt as u32,
-                            "its lease was lost when Redis restarted",
+                            "its lease expired or was lost when Redis restarted",
                         )
                         .await?
                     }
+                    Ok(Reclaim::NoEpoch) => {}
                     Err(e) => tracing::warn!(error = %e, mutex, "cannot re-claim a mutex yet"),
                 }
-            }
-            Ok(Renew::Lost) => {
-                requeue(
-                    inner,
-                    step_run,
-                    h.attempt as u32,
-                    "its lease expired before an agent took the step",
-                )
-                .await?
             }
             Err(e) => {
                 tracing::warn!(error = %e, mutex, "cannot renew a mutex lease (Redis unavailable?)")
@@ -655,11 +650,18 @@ async fn ensure_epoch(inner: &Inner) -> anyhow::Result<()> {
         .await?;
     let quiet = if holders { inner.lease } else { Duration::ZERO };
     if locks::set_epoch(&inner.redis, &inner.ns, epoch as u64, quiet).await? {
-        tracing::warn!(
-            epoch,
-            quiet_ms = quiet.as_millis() as u64,
-            "Redis had no mutex epoch (first use, or it restarted empty): set a new one"
-        );
+        if holders {
+            tracing::warn!(
+                epoch,
+                quiet_ms = quiet.as_millis() as u64,
+                "Redis lost the mutex data (it restarted empty): set a new epoch; only holders may re-claim during the quiet period"
+            );
+        } else {
+            tracing::info!(
+                epoch,
+                "Redis had no mutex epoch (first use, or it restarted empty while no mutex was held): set one"
+            );
+        }
     }
     Ok(())
 }

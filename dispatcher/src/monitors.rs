@@ -278,7 +278,9 @@ pub fn spawn_worker_loss(
             };
             missing_since.retain(|w, _| running.iter().any(|(id, _, _)| id == w));
             for (id, name, silent) in running {
-                if silent {
+                // Heartbeats were not being read while the dispatcher had no broker: judge
+                // silence only after a full period connected.
+                if silent && since.elapsed() >= UNAVAILABLE_AFTER {
                     lose(
                         &db,
                         &orchestrator,
@@ -312,8 +314,8 @@ pub fn spawn_worker_loss(
                     )
                     .await
                 {
-                    Ok(_) => true,
-                    // Another connection's exclusive queue answers RESOURCE_LOCKED: it exists.
+                    // Alive: the queue exists and its agent consumes it.
+                    Ok(q) => q.consumer_count() > 0,
                     Err(e) => !e.to_string().contains("NOT_FOUND"),
                 };
                 if exists {

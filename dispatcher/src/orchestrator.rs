@@ -684,7 +684,7 @@ async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
     .await;
     match built {
         Ok(Some(out)) => {
-            tracing::info!(step_run = %step_run, attempt, job_id = %out.job.job_id, "re-publishing an unclaimed job under a new job id");
+            tracing::info!(step_run = %step_run, attempt, job_id = %out.job.job_id, "publishing the attempt's job under a new job id (first publication after a mutex grant, or replacing an unclaimed one)");
             // `publish` removes the key when done.
             publish(inner, out).await;
         }

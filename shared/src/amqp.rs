@@ -152,6 +152,12 @@ async fn supervise(
             tokio::select! {
                 ev = events.next() => match ev {
                     Some(Event::Error(e)) => {
+                        // Channel errors (a passive declare of a missing queue closes its
+                        // channel) come here too; only a dead connection means reconnecting.
+                        if conn.status().connected() {
+                            tracing::debug!(error = %e, "RabbitMQ channel error");
+                            continue;
+                        }
                         tracing::warn!(error = %e, "RabbitMQ connection lost");
                         break;
                     }

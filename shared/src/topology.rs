@@ -13,7 +13,7 @@
 //! | `<ns>.results` | quorum queue | events from agents: started, log batches, outputs, finished |
 //! | `<ns>.heartbeats` | classic queue, message TTL | agent heartbeats, kept off the result path |
 //! | `<ns>.control` | direct exchange | control messages, routing key = worker id |
-//! | `<ns>.control.<id>` | classic exclusive auto-delete queue | one agent's control messages; dies with its connection |
+//! | `<ns>.control.<id>` | classic auto-delete queue | one agent's control messages; dies with its connection |
 //! | `<ns>.dead` | fanout exchange + quorum queue | messages that failed validation |
 //!
 //! Job and result queues are durable quorum queues dead-lettering (at least once) into
@@ -225,8 +225,12 @@ impl Topology {
             .await
     }
 
-    /// A worker's control queue: classic, exclusive to the declaring connection and deleted
-    /// with it, so its absence tells the dispatcher the agent's connection is gone.
+    /// A worker's control queue: classic and auto-delete, consumed only by its agent, so it
+    /// disappears (and its consumer count drops to zero) as soon as the agent's connection is
+    /// gone; that is how the dispatcher notices a killed agent. It is not `exclusive` (as
+    /// DESIGN.md has it) because the dispatcher must be able to look at it: a passive declare
+    /// of another connection's exclusive queue fails with RESOURCE_LOCKED and closes the
+    /// channel, once a second per worker.
     pub async fn declare_control(
         &self,
         ch: &Channel,
@@ -236,7 +240,6 @@ impl Topology {
         ch.queue_declare(
             q.as_str().into(),
             QueueDeclareOptions {
-                exclusive: true,
                 auto_delete: true,
                 ..Default::default()
             },

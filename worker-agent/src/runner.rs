@@ -552,12 +552,9 @@ fn hold_mutex(ctx: &StepContext, grant: &MutexGrant) -> MutexHold {
                         last_ok = tokio::time::Instant::now();
                         wait = lease / 3;
                     }
-                    Ok(locks::Renew::Lost) => {
-                        return fail(format!(
-                            "its lease on mutex {name} is gone (expired or taken over)"
-                        ));
-                    }
-                    Ok(locks::Renew::NoEpoch) => {
+                    // Gone: after Redis restarted empty a holder may take it back during the
+                    // quiet period (the script asks; it succeeds only then).
+                    Ok(locks::Renew::Lost) | Ok(locks::Renew::NoEpoch) => {
                         match locks::reclaim(&redis, &keys, &waiter, lease).await {
                             Ok(locks::Reclaim::Held(new)) => {
                                 token.store(new, Ordering::SeqCst);
@@ -571,7 +568,7 @@ fn hold_mutex(ctx: &StepContext, grant: &MutexGrant) -> MutexHold {
                             }
                             Ok(locks::Reclaim::Lost) => {
                                 return fail(format!(
-                                    "mutex {name} could not be re-claimed after Redis lost its data"
+                                    "its lease on mutex {name} is gone (expired, taken over, or not re-claimable after Redis lost its data)"
                                 ));
                             }
                             // Waiting for the dispatcher to set the new epoch.

@@ -171,6 +171,24 @@ pub async fn claim(
                     )));
                 }
                 Ok(false) => {
+                    // A repeated claim (the first answer was lost) whose lease expired
+                    // meanwhile: the agent will run nothing, so end the attempt here rather
+                    // than leave it Running and holding the mutex's place forever.
+                    let why =
+                        format!("its mutex {name} lease expired before the agent could start it");
+                    attempts::conclude(
+                        &mut tx,
+                        &locked,
+                        step_run,
+                        attempt as u32,
+                        "Failed",
+                        Some(&why),
+                        s.retry_base,
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    s.orchestrator.kick(locked.task());
+                    s.locks.wake();
                     return Err(ApiError::Conflict(format!(
                         "job {job_id} no longer holds mutex {name}"
                     )));

@@ -102,9 +102,19 @@ pub fn task(t: &Task) -> String {
             ]);
         }
         for a in &step.attempts {
+            // The current attempt of a waiting step shows what it waits for.
+            let note = match (&step.waiting_for, a.attempt == step.attempt) {
+                (Some(w), true) if a.error.is_none() => format!("waiting for {w}"),
+                _ => a.error.clone().unwrap_or_default(),
+            };
+            let state = if a.attempt == step.attempt && step.state == "Waiting" {
+                "Waiting".to_owned()
+            } else {
+                a.state.clone()
+            };
             rows.push(vec![
                 step.name.clone(),
-                a.state.clone(),
+                state,
                 a.attempt.to_string(),
                 step.pool.clone().unwrap_or_else(|| "-".into()),
                 a.worker.clone().unwrap_or_else(|| "-".into()),
@@ -113,7 +123,7 @@ pub fn task(t: &Task) -> String {
                     .unwrap_or_else(|| "-".into()),
                 duration(Some(a.created_at), a.started_at),
                 duration(a.started_at, a.finished_at),
-                a.error.clone().unwrap_or_default(),
+                note,
             ]);
         }
     }
