@@ -220,9 +220,13 @@ pub fn spawn_dead_letters(
     ));
 }
 
-/// A worker's agent is lost when its control queue (exclusive to its broker connection) has
-/// been gone for this long while the dispatcher itself was connected.
+/// A worker's agent is lost when its control queue (which dies with its broker connection)
+/// has been gone for this long while the dispatcher itself was connected.
 pub const LOST_AFTER_CONNECTION: Duration = Duration::from_secs(3);
+
+/// After the dispatcher (re)connects to the broker, agents get this long to reconnect too
+/// (their backoff tops out at 5 s) before a missing control queue counts against them.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 
 /// Detect lost workers among those running steps: an agent killed outright (its connection,
 /// and so its control queue, is gone for [`LOST_AFTER_CONNECTION`]) or silent (no heartbeat
@@ -245,6 +249,7 @@ pub fn spawn_worker_loss(
         let mut missing_since: std::collections::HashMap<uuid::Uuid, std::time::Instant> =
             Default::default();
         let mut connected_since: Option<std::time::Instant> = None;
+        let mut had_connection = false;
         let mut probe: Option<lapin::Channel> = None;
         loop {
             tokio::select! {
@@ -258,7 +263,17 @@ pub fn spawn_worker_loss(
                 probe = None;
                 continue;
             };
-            let since = *connected_since.get_or_insert_with(std::time::Instant::now);
+            // The grace applies after a broker outage, not at the first connection: agents
+            // that were connected before this dispatcher started are still connected.
+            let since = *connected_since.get_or_insert_with(|| {
+                let now = std::time::Instant::now();
+                if had_connection {
+                    now
+                } else {
+                    now.checked_sub(RECONNECT_GRACE).unwrap_or(now)
+                }
+            });
+            had_connection = true;
             let running: Vec<(uuid::Uuid, String, bool)> = match sqlx::query_as(
                 "SELECT DISTINCT w.id, w.name,
                         (w.last_heartbeat_at IS NOT NULL
@@ -325,9 +340,7 @@ pub fn spawn_worker_loss(
                 let first = *missing_since
                     .entry(id)
                     .or_insert_with(std::time::Instant::now);
-                if first.elapsed() >= LOST_AFTER_CONNECTION
-                    && since.elapsed() >= LOST_AFTER_CONNECTION
-                {
+                if first.elapsed() >= LOST_AFTER_CONNECTION && since.elapsed() >= RECONNECT_GRACE {
                     missing_since.remove(&id);
                     lose(
                         &db,

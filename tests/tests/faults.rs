@@ -326,3 +326,136 @@ async fn a_job_redelivered_after_the_connection_dropped_before_its_ack_runs_once
     let ticks = log.iter().filter(|l| l.text.starts_with("tick ")).count();
     assert_eq!(ticks, 10, "results sent after the reconnect arrived, once");
 }
+
+#[tokio::test]
+async fn sigterm_lets_the_running_step_finish_and_the_agent_exits_zero() {
+    // Arrange
+    let mut stack = Stack::start().await.unwrap();
+    let idx = stack
+        .add_agent("drainer", AgentOpts::default())
+        .await
+        .unwrap();
+    let task = stack
+        .submit(
+            "name = \"d\"\n[[steps]]\nname = \"s\"\nscript = '''\nsleep 2\necho finished\n'''\n",
+        )
+        .await
+        .unwrap();
+    stack
+        .wait_task_until(task, Duration::from_secs(30), |t| {
+            t.steps[0].state == "Running"
+        })
+        .await
+        .unwrap();
+    let queued = stack
+        .submit("name = \"later\"\n[[steps]]\nname = \"s\"\nscript = \"echo later\"\n")
+        .await
+        .unwrap();
+
+    // Act
+    stack.agents[idx]
+        .proc
+        .as_ref()
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    let status = stack.agents[idx]
+        .proc
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the agent exits");
+
+    // Assert
+    assert_eq!(status.code(), Some(0));
+    let done = stack
+        .wait_task(task, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.summary.state, "Success", "the running step finished");
+    assert!(
+        stack
+            .log(task)
+            .await
+            .unwrap()
+            .iter()
+            .any(|l| l.text == "finished")
+    );
+    let later = stack.task(queued).await.unwrap();
+    assert_eq!(
+        later.steps[0].state, "Queued",
+        "a draining agent takes no new step"
+    );
+}
+
+#[tokio::test]
+async fn a_silently_stuck_agent_is_lost_its_step_retried_and_its_late_results_kept_apart() {
+    // Arrange: the step allows one retry; the first agent will freeze (SIGSTOP) mid-step.
+    let mut stack = Stack::start().await.unwrap();
+    let frozen = stack
+        .add_agent("frozen", AgentOpts::default())
+        .await
+        .unwrap();
+    let task = stack
+        .submit("name = \"stuck\"\n[[steps]]\nname = \"s\"\nretries = 1\nscript = '''\necho \"attempt $GANTRY_STEP_ATTEMPT\"\nsleep 3\necho \"done $GANTRY_STEP_ATTEMPT\"\n'''\n")
+        .await
+        .unwrap();
+    stack
+        .wait_task_until(task, Duration::from_secs(30), |t| {
+            t.steps[0].state == "Running"
+        })
+        .await
+        .unwrap();
+    let healthy = stack
+        .add_agent("healthy", AgentOpts::default())
+        .await
+        .unwrap();
+
+    // Act: freeze the agent; its connections stay open and say nothing.
+    let frozen_at = std::time::Instant::now();
+    stack
+        .agent(frozen)
+        .signal(nix::sys::signal::Signal::SIGSTOP);
+    let done = stack
+        .wait_task(task, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let noticed = frozen_at.elapsed();
+    stack
+        .agent(frozen)
+        .signal(nix::sys::signal::Signal::SIGCONT);
+    let db = stack.db().await;
+    let stale = eventually(Duration::from_secs(20), "late results arrive", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM stale_events")
+            .fetch_one(&db)
+            .await
+            .ok()?;
+        (n > 0).then_some(n)
+    })
+    .await;
+
+    // Assert
+    assert_eq!(done.summary.state, "Success");
+    let s = &done.steps[0];
+    assert_eq!(s.attempts.len(), 2);
+    assert_eq!(s.attempts[0].state, "WorkerLost");
+    assert_eq!(s.attempts[0].worker.as_deref(), Some("frozen"));
+    assert_eq!(s.attempts[1].state, "Success");
+    assert_eq!(s.attempts[1].worker.as_deref(), Some("healthy"));
+    assert!(
+        noticed < Duration::from_secs(60),
+        "noticed within the heartbeat limit ({noticed:?})"
+    );
+    stale.unwrap();
+    let after = stack.task(task).await.unwrap();
+    assert_eq!(
+        after.steps[0].attempts[0].state, "WorkerLost",
+        "late results changed nothing"
+    );
+    let log = stack.log(task).await.unwrap();
+    assert!(
+        !log.iter().any(|l| l.text == "done 1"),
+        "the lost attempt's late lines are not in the log"
+    );
+    let _ = healthy;
+}

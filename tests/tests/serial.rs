@@ -263,3 +263,144 @@ async fn serial_a_step_outliving_the_consumer_timeout_finishes_once() {
             .any(|l| l.text == "done")
     );
 }
+
+/// A process whose steps print numbered lines slowly and count their runs in a file.
+fn chatty(counter: &Path, steps: usize, lines: usize) -> String {
+    let mut p = String::from("name = \"chatty\"\n");
+    for i in 0..steps {
+        p.push_str(&format!(
+            "[[steps]]\nname = \"s{i}\"\nscript = '''\necho s{i} >> '{}'\nfor n in $(seq 1 {lines}); do echo \"s{i} line $n\"; sleep 0.05; done\n'''\n",
+            counter.display()
+        ));
+    }
+    p
+}
+
+/// Every step ran once and every line is stored once, in order, without a gap.
+async fn assert_complete(
+    stack: &Stack,
+    tasks: &[TaskId],
+    counter: &Path,
+    steps: usize,
+    lines: usize,
+) {
+    for t in tasks {
+        let done = stack.wait_task(*t, Duration::from_secs(180)).await.unwrap();
+        assert_eq!(done.summary.state, "Success", "{done:#?}");
+        for s in &done.steps {
+            assert_eq!(s.attempts.len(), 1, "{} ran in one attempt", s.name);
+        }
+        let log = stack.log(*t).await.unwrap();
+        for i in 0..steps {
+            let got: Vec<&str> = log
+                .iter()
+                .filter(|l| l.text.starts_with(&format!("s{i} line ")))
+                .map(|l| l.text.as_str())
+                .collect();
+            let want: Vec<String> = (1..=lines).map(|n| format!("s{i} line {n}")).collect();
+            assert_eq!(got, want, "task {t} step s{i}: every line once, in order");
+        }
+    }
+    let runs = std::fs::read_to_string(counter).unwrap();
+    assert_eq!(
+        runs.lines().count(),
+        tasks.len() * steps,
+        "each script ran exactly once"
+    );
+    let db = stack.db().await;
+    let (rows, distinct, stored): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT (step_run_id, attempt, seq)),
+                (SELECT COALESCE(sum(lines_stored), 0)::bigint FROM attempts)
+         FROM log_lines WHERE seq IS NOT NULL",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (rows, distinct),
+        (stored, stored),
+        "no line doubled or missing"
+    );
+}
+
+async fn started(stack: &Stack, tasks: &[TaskId]) {
+    for t in tasks {
+        stack
+            .wait_task_until(*t, Duration::from_secs(60), |t| {
+                t.steps[0].state == "Running"
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+}
+
+/// Puts RabbitMQ's app back even if the test fails half-way.
+struct RabbitBack;
+impl Drop for RabbitBack {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+    }
+}
+
+#[tokio::test]
+async fn serial_restarting_rabbitmq_mid_run_loses_and_repeats_nothing() {
+    // Arrange
+    let _back = RabbitBack;
+    let mut stack = Stack::start().await.unwrap();
+    for name in ["b1", "b2"] {
+        stack.add_agent(name, AgentOpts::default()).await.unwrap();
+    }
+    let counter = stack.dir.path().join("runs");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(stack.submit(&chatty(&counter, 2, 60)).await.unwrap());
+    }
+    started(&stack, &tasks).await;
+
+    // Act: the broker goes away mid-step for a few seconds.
+    run("rabbitmqctl", &["stop_app"]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    run("rabbitmqctl", &["start_app"]);
+
+    // Assert
+    assert_complete(&stack, &tasks, &counter, 2, 60).await;
+    let lost: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts WHERE state = 'WorkerLost'")
+        .fetch_one(&stack.db().await)
+        .await
+        .unwrap();
+    assert_eq!(lost, 0, "agents that reconnect are not declared lost");
+}
+
+#[tokio::test]
+async fn serial_restarting_postgresql_mid_run_loses_and_repeats_nothing() {
+    // Arrange
+    let mut stack = Stack::start().await.unwrap();
+    for name in ["p1", "p2"] {
+        stack.add_agent(name, AgentOpts::default()).await.unwrap();
+    }
+    let counter = stack.dir.path().join("runs");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(stack.submit(&chatty(&counter, 2, 60)).await.unwrap());
+    }
+    started(&stack, &tasks).await;
+
+    // Act
+    let version = std::fs::read_dir("/etc/postgresql")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .max()
+        .unwrap();
+    run(
+        "pg_ctlcluster",
+        &["--skip-systemctl-redirect", &version, "main", "restart"],
+    );
+
+    // Assert
+    assert_complete(&stack, &tasks, &counter, 2, 60).await;
+}
