@@ -26,6 +26,8 @@ pub struct Dispatcher {
     router: axum::Router,
     pub addr: SocketAddr,
     cancel: CancellationToken,
+    db: sqlx::PgPool,
+    settings: Settings,
 }
 
 impl Dispatcher {
@@ -70,6 +72,7 @@ impl Dispatcher {
             broker.clone(),
             Duration::from_secs(settings.dispatcher.sweep_interval_secs),
             locks_wake.clone(),
+            Duration::from_millis(settings.dispatcher.retry_backoff_ms),
             cancel.clone(),
         );
         let redis = Arc::new(RedisLink::new(&settings.redis.url).context("redis.url")?);
@@ -116,6 +119,7 @@ impl Dispatcher {
             retry_base,
             cancel.clone(),
         );
+        let db_handle = db.clone();
         let state = AppState {
             notifier: Notifier::start(db.clone(), cancel.clone()),
             redis,
@@ -145,11 +149,26 @@ impl Dispatcher {
             router,
             addr,
             cancel,
+            db: db_handle,
+            settings,
         })
     }
 
-    /// Serve until cancelled; open log streams end at once, other requests get 10 s.
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// Start the built-in worker (steps run as `run_as` when given), then serve until
+    /// cancelled; open log streams end at once, other requests get 10 s.
+    pub async fn run(self, run_as: Option<gantry_agent::runner::RunAs>) -> anyhow::Result<()> {
+        if let Err(e) = crate::builtin::start(
+            &self.db,
+            &self.settings,
+            self.addr,
+            run_as,
+            self.cancel.child_token(),
+        )
+        .await
+        {
+            // The node still serves; the built-in worker's steps wait for it.
+            tracing::error!(error = %e, "the built-in worker could not start");
+        }
         let cancel = self.cancel.clone();
         let server = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { cancel.cancelled().await });

@@ -8,6 +8,7 @@
 //! - [`db`]: database creation, migrations, bootstrap rows.
 //! - [`api`]: routes, extractors, JSON errors.
 //! - [`store`]: SQL for pools, workers, keys and task views.
+//! - [`builtin`]: the node's built-in worker (an in-process agent).
 //! - [`orchestrator`]: decides each task's next steps and publishes their jobs.
 //! - [`attempts`]: the attempt state machine shared by the orchestrator, claims and results.
 //! - [`results`]: consumes agent events into PostgreSQL.
@@ -26,6 +27,7 @@ pub mod api;
 pub mod app;
 pub mod attempts;
 pub mod auth;
+pub mod builtin;
 pub mod cli;
 pub mod db;
 pub mod locks;

@@ -3,6 +3,7 @@
 
 use crate::attempts;
 use crate::orchestrator::Orchestrator;
+use crate::store::settings;
 use futures::StreamExt;
 use gantry_shared::amqp::Broker;
 use gantry_shared::topology::Topology;
@@ -13,8 +14,16 @@ use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// A worker with no heartbeat for this long is shown `Unavailable`.
-pub const UNAVAILABLE_AFTER: Duration = Duration::from_secs(30);
+/// The machine policy's `unavailable_after`: a worker with no heartbeat for this long is
+/// `Unavailable` (and lost, if it runs steps).
+async fn unavailable_after(db: &PgPool) -> sqlx::Result<Duration> {
+    Ok(Duration::from_secs(u64::from(
+        settings::get(db)
+            .await?
+            .machine_policy
+            .unavailable_after_secs,
+    )))
+}
 
 /// Consume a queue forever, re-consuming after connection loss; `handle` returns whether to
 /// ack (heartbeats and dead letters are acked once handled or found useless).
@@ -91,16 +100,32 @@ pub fn spawn_heartbeats(
                     tracing::debug!("ignoring a malformed heartbeat");
                     return true;
                 };
-                let r = sqlx::query(
-                "UPDATE workers SET last_heartbeat_at = now(), agent_version = $2,
-                     health = CASE WHEN health = 'Unavailable' THEN 'Healthy' ELSE health END,
-                     health_reason = CASE WHEN health = 'Unavailable' THEN NULL ELSE health_reason END
-                 WHERE id = $1",
-            )
-            .bind(hb.worker_id.0)
-            .bind(&hb.version)
-            .execute(&db)
-            .await;
+                let r = async {
+                    let mut tx = db.begin().await?;
+                    let found = sqlx::query(
+                        "UPDATE workers SET last_heartbeat_at = now(), agent_version = $2 WHERE id = $1",
+                    )
+                    .bind(hb.worker_id.0)
+                    .bind(&hb.version)
+                    .execute(&mut *tx)
+                    .await?;
+                    if found.rows_affected() > 0 {
+                        let health = hb
+                            .health
+                            .as_deref()
+                            .filter(|h| matches!(*h, "Healthy" | "HasWarnings" | "Unhealthy"))
+                            .unwrap_or("Healthy");
+                        settings::set_health(
+                            &mut tx,
+                            hb.worker_id.0,
+                            health,
+                            hb.health_reason.as_deref(),
+                        )
+                        .await?;
+                    }
+                    tx.commit().await
+                }
+                .await;
                 // A heartbeat that cannot be stored is simply superseded by the next one.
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "heartbeat not stored");
@@ -120,15 +145,28 @@ pub fn spawn_availability(db: PgPool, cancel: CancellationToken) {
                 _ = tick.tick() => {}
                 _ = cancel.cancelled() => return,
             }
-            let _ = sqlx::query(
-                "UPDATE workers SET health = 'Unavailable',
-                     health_reason = 'no heartbeat for ' || $1::text || ' s'
-                 WHERE health <> 'Unavailable'
-                   AND (last_heartbeat_at IS NULL OR last_heartbeat_at < now() - make_interval(secs => $1))",
-            )
-            .bind(UNAVAILABLE_AFTER.as_secs() as f64)
-            .execute(&db)
+            let r = async {
+                let after = unavailable_after(&db).await?;
+                let silent: Vec<uuid::Uuid> = sqlx::query_scalar(
+                    "SELECT id FROM workers WHERE health <> 'Unavailable'
+                       AND (last_heartbeat_at IS NULL
+                            OR last_heartbeat_at < now() - make_interval(secs => $1))",
+                )
+                .bind(after.as_secs() as f64)
+                .fetch_all(&db)
+                .await?;
+                for id in silent {
+                    let mut tx = db.begin().await?;
+                    let reason = format!("no heartbeat for {} s", after.as_secs());
+                    settings::set_health(&mut tx, id, "Unavailable", Some(&reason)).await?;
+                    tx.commit().await?;
+                }
+                Ok::<_, sqlx::Error>(())
+            }
             .await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "availability check failed; will retry");
+            }
         }
     });
 }
@@ -230,7 +268,7 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 
 /// Detect lost workers among those running steps: an agent killed outright (its connection,
 /// and so its control queue, is gone for [`LOST_AFTER_CONNECTION`]) or silent (no heartbeat
-/// for [`UNAVAILABLE_AFTER`]). Their running attempts become `WorkerLost`, which retries them
+/// for the policy's `unavailable_after`). Their running attempts become `WorkerLost`, which retries them
 /// elsewhere if the step allows it. A lost attempt's mutex is *not* released: it expires with
 /// its lease, so a script the agent left behind cannot overlap the next holder.
 pub fn spawn_worker_loss(
@@ -274,16 +312,28 @@ pub fn spawn_worker_loss(
                 }
             });
             had_connection = true;
-            let running: Vec<(uuid::Uuid, String, bool)> = match sqlx::query_as(
-                "SELECT DISTINCT w.id, w.name,
-                        (w.last_heartbeat_at IS NOT NULL
-                         AND w.last_heartbeat_at < now() - make_interval(secs => $1)) AS silent
-                 FROM attempts a JOIN workers w ON w.id = a.worker_id WHERE a.state = 'Running'",
-            )
-            .bind(UNAVAILABLE_AFTER.as_secs() as f64)
-            .fetch_all(&db)
-            .await
-            {
+            // Workers running steps, and workers with jobs waiting in their own queue (a
+            // task's sticky worker): an agent killed between two steps strands the next.
+            type Watched = (Duration, Vec<(uuid::Uuid, String, bool)>);
+            let running: sqlx::Result<Watched> = async {
+                let after = unavailable_after(&db).await?;
+                let rows = sqlx::query_as(
+                    "SELECT w.id, w.name,
+                            (w.last_heartbeat_at IS NOT NULL
+                             AND w.last_heartbeat_at < now() - make_interval(secs => $1)) AS silent
+                     FROM workers w
+                     WHERE (
+                        EXISTS (SELECT 1 FROM attempts a WHERE a.worker_id = w.id AND a.state = 'Running')
+                        OR EXISTS (SELECT 1 FROM attempts a WHERE a.routed_worker = w.id
+                                   AND a.state IN ('Pending', 'Queued') AND w.health <> 'Unavailable'))",
+                )
+                .bind(after.as_secs() as f64)
+                .fetch_all(&db)
+                .await?;
+                Ok((after, rows))
+            }
+            .await;
+            let (unavailable_after, running) = match running {
                 Ok(r) => r,
                 Err(_) => {
                     // Nor does time without PostgreSQL.
@@ -295,14 +345,14 @@ pub fn spawn_worker_loss(
             for (id, name, silent) in running {
                 // Heartbeats were not being read while the dispatcher had no broker: judge
                 // silence only after a full period connected.
-                if silent && since.elapsed() >= UNAVAILABLE_AFTER {
+                if silent && since.elapsed() >= unavailable_after {
                     lose(
                         &db,
                         &orchestrator,
                         &locks,
                         id,
                         &name,
-                        &format!("no heartbeat for {} s", UNAVAILABLE_AFTER.as_secs()),
+                        &format!("no heartbeat for {} s", unavailable_after.as_secs()),
                         retry_base,
                     )
                     .await;
@@ -383,25 +433,51 @@ async fn lose(
             if let Some(locked) = attempts::lock(&mut tx, step_run, attempt as u32).await?
                 && locked.state == "Running"
             {
-                attempts::conclude(&mut tx, &locked, step_run, attempt as u32, "WorkerLost", Some(&why), retry_base)
-                    .await?;
+                attempts::conclude(
+                    &mut tx,
+                    &locked,
+                    step_run,
+                    attempt as u32,
+                    "WorkerLost",
+                    Some(&why),
+                    retry_base,
+                )
+                .await?;
                 tasks.push(locked.task());
             }
         }
-        sqlx::query(
-            "UPDATE workers SET health = 'Unavailable', health_reason = $2, lost_at = now() WHERE id = $1",
+        settings::set_health(&mut tx, worker, "Unavailable", Some(reason)).await?;
+        sqlx::query("UPDATE workers SET lost_at = now() WHERE id = $1")
+            .bind(worker)
+            .execute(&mut *tx)
+            .await?;
+        // Jobs parked in its own queue go back to the pool (re-published under new job
+        // ids, which voids the parked ones).
+        let parked: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+            "SELECT step_run_id, attempt FROM attempts
+             WHERE routed_worker = $1 AND state IN ('Pending', 'Queued')",
         )
         .bind(worker)
-        .bind(reason)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok::<_, sqlx::Error>(tasks)
+        Ok::<_, sqlx::Error>((tasks, parked))
     }
     .await;
     match r {
-        Ok(tasks) => {
-            tracing::warn!(worker = name, reason, attempts = tasks.len(), "worker lost");
+        Ok((tasks, parked)) => {
+            tracing::warn!(
+                worker = name,
+                reason,
+                attempts = tasks.len(),
+                parked = parked.len(),
+                "worker lost"
+            );
+            for (step_run, attempt) in parked {
+                orchestrator
+                    .republish(gantry_shared::ids::StepRunId(step_run), attempt as u32)
+                    .await;
+            }
             // A waiter for a lost step's mutex may go once the lease has expired too.
             locks.wake();
             for t in tasks {

@@ -60,6 +60,8 @@ struct Inner {
     advancing: Mutex<HashMap<TaskId, bool>>,
     /// Wakes the mutex loop when an attempt starts waiting for a mutex.
     locks_wake: Arc<tokio::sync::Notify>,
+    /// Delay before a failed step's next attempt (doubled per attempt).
+    retry_base: Duration,
 }
 
 /// A job ready to go out.
@@ -67,6 +69,246 @@ struct Outgoing {
     job: Job,
     routing_key: String,
     pool_slug: Option<String>,
+}
+
+/// Where an attempt's job goes, or why it cannot go yet.
+enum Route {
+    /// Publish with this routing key; `worker` when it goes to one worker's own queue.
+    Go {
+        routing_key: String,
+        pool_slug: Option<String>,
+        worker: Option<Uuid>,
+    },
+    /// The pool has no worker that may take it: the step waits, saying why.
+    Wait(String),
+    /// It can never run as things are configured.
+    Fail(String),
+}
+
+/// Choose where an attempt goes (see ARCHITECTURE.md, "Choosing a worker"):
+///
+/// - `location = "server"`: the built-in workers' queue, unless they are disabled;
+/// - the default pool with no registered worker at all: the built-in workers' queue;
+/// - the task's worker for the pool (chosen by its first claim there) while it is enabled
+///   and healthy: that worker's own queue;
+/// - otherwise the pool's queue, if any of its workers is enabled and `Healthy` or
+///   `HasWarnings`; if none is, the step waits.
+async fn route(conn: &mut PgConnection, task: TaskId, step: &StepState) -> sqlx::Result<Route> {
+    let builtin_enabled: bool = sqlx::query_scalar("SELECT builtin_worker_enabled FROM settings")
+        .fetch_one(&mut *conn)
+        .await?;
+    let server = Route::Go {
+        routing_key: Topology::SERVER_ROUTING_KEY.to_owned(),
+        pool_slug: None,
+        worker: None,
+    };
+    let (Some(pool_id), Some(slug)) = (step.pool_id, step.pool_slug.clone()) else {
+        return Ok(if builtin_enabled {
+            server
+        } else {
+            Route::Fail(
+                "it runs on the server (location = \"server\") and the built-in worker is disabled (builtin_worker_enabled = false)"
+                    .into(),
+            )
+        });
+    };
+    let pool_name = step.pool_name.clone().unwrap_or_default();
+    let workers: Vec<(Uuid, bool, String)> = sqlx::query_as(
+        "SELECT w.id, w.enabled, w.health FROM worker_pools wp JOIN workers w ON w.id = wp.worker_id
+         WHERE wp.pool_id = $1 AND NOT w.builtin",
+    )
+    .bind(pool_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let usable =
+        |enabled: bool, health: &str| enabled && matches!(health, "Healthy" | "HasWarnings");
+    if workers.is_empty() && step.pool_is_default == Some(true) {
+        return Ok(if builtin_enabled {
+            server
+        } else {
+            Route::Fail(format!(
+                "the default pool {pool_name} has no registered worker and the built-in worker is disabled (builtin_worker_enabled = false)"
+            ))
+        });
+    }
+    let sticky: Option<Uuid> = sqlx::query_scalar(
+        "SELECT worker_id FROM task_pool_workers WHERE task_id = $1 AND pool_id = $2",
+    )
+    .bind(task.0)
+    .bind(pool_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(w) = sticky {
+        if workers.iter().any(|(id, e, h)| *id == w && usable(*e, h)) {
+            return Ok(Route::Go {
+                routing_key: Topology::worker_routing_key(w),
+                pool_slug: None,
+                worker: Some(w),
+            });
+        }
+        // It left the pool, was disabled or is not healthy: choose again.
+        sqlx::query("DELETE FROM task_pool_workers WHERE task_id = $1 AND pool_id = $2")
+            .bind(task.0)
+            .bind(pool_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if workers.iter().any(|(_, e, h)| usable(*e, h)) {
+        return Ok(Route::Go {
+            routing_key: Topology::pool_routing_key(&slug),
+            pool_slug: Some(slug),
+            worker: None,
+        });
+    }
+    if workers.is_empty() {
+        return Ok(Route::Wait(format!("pool {pool_name} has no worker")));
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, enabled, health) in &workers {
+        let key = if *enabled {
+            health.clone()
+        } else {
+            "disabled".into()
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    let summary: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    Ok(Route::Wait(format!(
+        "pool {pool_name} has no healthy worker: {}",
+        summary.join(", ")
+    )))
+}
+
+/// What `advance` or `republish` does with a routed attempt: the job to publish, if any.
+/// A waiting attempt stays `Pending` and unpublished (the sweep looks again every few
+/// seconds) until the policy's `no_healthy_worker_timeout_secs`, then fails.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch_or_wait(
+    inner: &Inner,
+    tx: &mut PgConnection,
+    task: TaskId,
+    task_name: &str,
+    variables: &serde_json::Value,
+    step: &StepState,
+    attempt: u32,
+    job_id: JobId,
+) -> anyhow::Result<Option<Outgoing>> {
+    match route(tx, task, step).await? {
+        Route::Go {
+            routing_key,
+            pool_slug,
+            worker,
+        } => {
+            let was_waiting: bool = sqlx::query_scalar(
+                "UPDATE attempts SET routed_worker = $3, routing_key = $4, no_worker_since = NULL
+                 WHERE step_run_id = $1 AND attempt = $2
+                 RETURNING (SELECT no_worker_since IS NOT NULL FROM attempts
+                            WHERE step_run_id = $1 AND attempt = $2)",
+            )
+            .bind(step.id)
+            .bind(attempt as i32)
+            .bind(worker)
+            .bind(&routing_key)
+            .fetch_one(&mut *tx)
+            .await?;
+            if was_waiting {
+                sqlx::query(
+                    "UPDATE step_runs SET state = 'Pending', waiting_for = NULL
+                     WHERE id = $1 AND state = 'Waiting'",
+                )
+                .bind(step.id)
+                .execute(&mut *tx)
+                .await?;
+                logs::append_system(
+                    tx,
+                    task,
+                    Some((StepRunId(step.id), attempt)),
+                    &format!("Step {}: a worker is available; sending it out", step.name),
+                )
+                .await?;
+            }
+            let mut out = build_job(tx, task, task_name, variables, step, attempt, job_id).await?;
+            out.routing_key = routing_key;
+            out.pool_slug = pool_slug;
+            Ok(Some(out))
+        }
+        Route::Wait(why) => {
+            let timeout = Duration::from_secs(u64::from(
+                crate::store::settings::get(&mut *tx)
+                    .await?
+                    .no_healthy_worker_timeout_secs,
+            ));
+            let (first, waited): (bool, f64) = sqlx::query_as(
+                "UPDATE attempts SET no_worker_since = COALESCE(no_worker_since, now()),
+                     pending_since = now(), routed_worker = NULL, routing_key = NULL
+                 WHERE step_run_id = $1 AND attempt = $2
+                 RETURNING no_worker_since = now(),
+                           EXTRACT(EPOCH FROM now() - no_worker_since)::float8",
+            )
+            .bind(step.id)
+            .bind(attempt as i32)
+            .fetch_one(&mut *tx)
+            .await?;
+            if waited >= timeout.as_secs_f64() {
+                let msg = format!("{why} (waited {} s)", timeout.as_secs());
+                fail_attempt(inner, tx, task, step, attempt, &msg).await?;
+                return Ok(None);
+            }
+            sqlx::query("UPDATE step_runs SET state = 'Waiting', waiting_for = $2 WHERE id = $1")
+                .bind(step.id)
+                .bind(&why)
+                .execute(&mut *tx)
+                .await?;
+            if first {
+                logs::append_system(
+                    tx,
+                    task,
+                    Some((StepRunId(step.id), attempt)),
+                    &format!(
+                        "Step {} waits: {why} (it fails if none is healthy within {} s)",
+                        step.name,
+                        timeout.as_secs()
+                    ),
+                )
+                .await?;
+                logs::notify(tx, logs::TASK_CHANNEL, task).await?;
+            }
+            Ok(None)
+        }
+        Route::Fail(why) => {
+            fail_attempt(inner, tx, task, step, attempt, &why).await?;
+            Ok(None)
+        }
+    }
+}
+
+async fn fail_attempt(
+    inner: &Inner,
+    tx: &mut PgConnection,
+    task: TaskId,
+    step: &StepState,
+    attempt: u32,
+    why: &str,
+) -> sqlx::Result<()> {
+    let step_run = StepRunId(step.id);
+    if let Some(locked) = attempts::lock(tx, step_run, attempt).await? {
+        sqlx::query("UPDATE step_runs SET waiting_for = NULL WHERE id = $1")
+            .bind(step.id)
+            .execute(&mut *tx)
+            .await?;
+        attempts::conclude(
+            tx,
+            &locked,
+            step_run,
+            attempt,
+            "Failed",
+            Some(why),
+            inner.retry_base,
+        )
+        .await?;
+        attempts::wake(tx, task).await?;
+    }
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]
@@ -77,8 +319,10 @@ struct StepState {
     state: String,
     attempt: i32,
     not_before: Option<DateTime<Utc>>,
+    pool_id: Option<Uuid>,
     pool_slug: Option<String>,
     pool_name: Option<String>,
+    pool_is_default: Option<bool>,
     attempt_state: Option<String>,
     reason: Option<String>,
 }
@@ -90,6 +334,7 @@ impl Orchestrator {
         broker: Broker,
         sweep_every: Duration,
         locks_wake: Arc<tokio::sync::Notify>,
+        retry_base: Duration,
         cancel: CancellationToken,
     ) -> Self {
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
@@ -102,6 +347,7 @@ impl Orchestrator {
             publishing: Mutex::new(HashSet::new()),
             advancing: Mutex::new(HashMap::new()),
             locks_wake,
+            retry_base,
         });
         tokio::spawn(run(inner.clone(), kick_rx, sweep_every, cancel));
         Self { inner }
@@ -208,6 +454,26 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
     for (worker, step_run, attempt) in cancelling {
         send_cancel(inner, WorkerId(worker), StepRunId(step_run), attempt as u32).await;
     }
+    // Jobs waiting where nobody will take them: in the queue of a task's worker that is no
+    // longer enabled and healthy, or in the default pool's queue after its last worker left
+    // (the built-in worker takes over). Re-publishing re-routes them and voids the old job.
+    let stranded: Vec<(Uuid, i32)> = sqlx::query_as(
+        "SELECT a.step_run_id, a.attempt FROM attempts a
+         LEFT JOIN workers w ON w.id = a.routed_worker
+         JOIN step_runs s ON s.id = a.step_run_id
+         LEFT JOIN pools p ON p.id = s.pool_id
+         WHERE a.state = 'Queued' AND (
+             (a.routed_worker IS NOT NULL
+              AND (w.id IS NULL OR NOT w.enabled OR w.health NOT IN ('Healthy', 'HasWarnings')))
+          OR (p.is_default AND a.routing_key = 'pool.' || p.slug
+              AND (SELECT builtin_worker_enabled FROM settings)
+              AND NOT EXISTS (SELECT 1 FROM worker_pools wp JOIN workers w2 ON w2.id = wp.worker_id
+                              WHERE wp.pool_id = p.id AND NOT w2.builtin)))
+         LIMIT 1000",
+    )
+    .fetch_all(&inner.db)
+    .await?;
+    let unconfirmed: Vec<(Uuid, i32)> = unconfirmed.into_iter().chain(stranded).collect();
     for (step_run, attempt) in unconfirmed {
         let key = (StepRunId(step_run), attempt as u32);
         if inner.publishing.lock().expect("lock").contains(&key) {
@@ -216,6 +482,10 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
         republish(inner, key.0, key.1).await;
     }
     Ok(())
+}
+
+fn schedule_kick(inner: &Inner, task: TaskId) {
+    let _ = inner.kick_tx.send(task);
 }
 
 async fn advance_and_publish(inner: &Arc<Inner>, task: TaskId) {
@@ -266,7 +536,8 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
     } else if !is_terminal(&task_state) {
         let mut steps: Vec<StepState> = sqlx::query_as(
             "SELECT s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
-                    p.slug AS pool_slug, p.name AS pool_name, a.state AS attempt_state
+                    s.pool_id, p.slug AS pool_slug, p.name AS pool_name,
+                    p.is_default AS pool_is_default, a.state AS attempt_state
              FROM step_runs s
              LEFT JOIN pools p ON p.id = s.pool_id
              LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
@@ -371,15 +642,31 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
                 .await?;
                 step.attempt = attempt as i32;
                 step.attempt_state = Some("Pending".into());
+                started_any = true;
+                let Some(out) = dispatch_or_wait(
+                    inner, &mut tx, task, &task_name, &variables, step, attempt, job_id,
+                )
+                .await?
+                else {
+                    // Waiting for a worker, or failed: the state is in the database now.
+                    let (state, attempt_state): (String, Option<String>) = sqlx::query_as(
+                        "SELECT s.state, a.state FROM step_runs s
+                         LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
+                         WHERE s.id = $1",
+                    )
+                    .bind(step.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    step.state = state;
+                    step.attempt_state = attempt_state;
+                    continue;
+                };
                 inner
                     .publishing
                     .lock()
                     .expect("lock")
                     .insert((StepRunId(step.id), attempt));
-                outgoing.push(
-                    build_job(&mut tx, task, &task_name, &variables, step, attempt, job_id).await?,
-                );
-                started_any = true;
+                outgoing.push(out);
             }
             let group_done = steps[group.clone()].iter().all(|s| {
                 s.state != "Pending"
@@ -641,7 +928,8 @@ async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
         };
         let step: StepState = sqlx::query_as(
             "SELECT s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
-                    p.slug AS pool_slug, p.name AS pool_name, a.state AS attempt_state
+                    s.pool_id, p.slug AS pool_slug, p.name AS pool_name,
+                    p.is_default AS pool_is_default, a.state AS attempt_state
              FROM step_runs s
              LEFT JOIN pools p ON p.id = s.pool_id
              LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
@@ -668,7 +956,8 @@ async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
             .bind(step_run.0)
             .execute(&mut *tx)
             .await?;
-        let out = build_job(
+        let out = dispatch_or_wait(
+            inner,
             &mut tx,
             TaskId(task_id),
             &task_name,
@@ -679,7 +968,11 @@ async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
         )
         .await?;
         tx.commit().await?;
-        Ok(Some(out))
+        if out.is_none() {
+            // Waiting for a worker (the sweep looks again), or failed (the task moves on).
+            schedule_kick(inner, TaskId(task_id));
+        }
+        Ok(out)
     }
     .await;
     match built {

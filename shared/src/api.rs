@@ -136,6 +136,9 @@ pub struct Worker {
     pub version: Option<String>,
     pub running_steps: i64,
     pub created_at: DateTime<Utc>,
+    /// A dispatcher node's built-in worker (in no pool; runs server steps).
+    #[serde(default)]
+    pub builtin: bool,
 }
 
 /// The answer to a registration: the worker, and the credential it authenticates with.
@@ -156,6 +159,77 @@ pub struct AgentConfig {
     pub pools: Vec<PoolRef>,
     pub max_concurrent_steps: u32,
     pub enabled: bool,
+    /// The machine policy in force (older dispatchers send none: the defaults apply).
+    #[serde(default)]
+    pub policy: MachinePolicy,
+}
+
+// ---- settings ----
+
+/// How agents report and are judged: the machine policy, part of `/api/settings`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachinePolicy {
+    /// Seconds between an agent's heartbeats (and health checks).
+    pub heartbeat_interval_secs: u32,
+    /// A worker with no heartbeat for this long is `Unavailable`; one running steps is lost.
+    pub unavailable_after_secs: u32,
+    /// A bash script each agent runs on every heartbeat interval. It reports with
+    /// `echo_warning MSG` (`HasWarnings`), `echo_error MSG` or `fail_healthcheck MSG`
+    /// (`Unhealthy`), or a non-zero exit code (`Unhealthy`).
+    pub health_check_script: Option<String>,
+    /// The built-in check: less free disk than this (MiB) in the agent's work directory is a
+    /// warning. 0 turns it off.
+    pub min_free_disk_mb: u64,
+}
+
+impl Default for MachinePolicy {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_secs: 10,
+            unavailable_after_secs: 30,
+            health_check_script: None,
+            min_free_disk_mb: 5 * 1024,
+        }
+    }
+}
+
+/// `GET /api/settings`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Whether each dispatcher node runs a built-in worker (steps with `location =
+    /// "server"`, and the default pool's steps while it has no registered worker).
+    pub builtin_worker_enabled: bool,
+    pub machine_policy: MachinePolicy,
+    /// How long a step waits for its pool to have a healthy worker before it fails.
+    pub no_healthy_worker_timeout_secs: u32,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// `PUT /api/settings`: every field is optional; what is left out keeps its value.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsUpdate {
+    pub builtin_worker_enabled: Option<bool>,
+    pub machine_policy: Option<MachinePolicyUpdate>,
+    pub no_healthy_worker_timeout_secs: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachinePolicyUpdate {
+    pub heartbeat_interval_secs: Option<u32>,
+    pub unavailable_after_secs: Option<u32>,
+    /// An empty string removes the script.
+    pub health_check_script: Option<String>,
+    pub min_free_disk_mb: Option<u64>,
+}
+
+/// One change of a worker's health, with its reason (`GET /api/workers/{id}/health`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HealthEvent {
+    pub at: DateTime<Utc>,
+    pub health: String,
+    pub reason: Option<String>,
 }
 
 // ---- keys ----

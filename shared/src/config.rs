@@ -103,8 +103,9 @@ pub struct AgentSettings {
     pub keep_work_dirs: bool,
     /// On SIGTERM, how long running steps may go on before they are cancelled.
     pub shutdown_grace_secs: u64,
-    /// Seconds between heartbeats.
-    pub heartbeat_secs: u64,
+    /// Seconds between heartbeats and health checks. Unset, the machine policy in
+    /// `/api/settings` decides (10 s by default); set, it overrides the policy on this agent.
+    pub heartbeat_secs: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -131,11 +132,28 @@ pub struct SecretsSettings {
     pub key: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BuiltinWorkerSettings {
-    /// Run built-in worker steps as this OS user.
+    /// Run built-in worker steps as this OS user (the dispatcher must be able to switch to
+    /// it, which usually means running as root). Default: the dispatcher's own user.
     pub user: Option<String>,
+    /// Steps the built-in worker of one node runs at once.
+    #[serde(default = "default_builtin_slots")]
+    pub max_concurrent_steps: u32,
+}
+
+impl Default for BuiltinWorkerSettings {
+    fn default() -> Self {
+        Self {
+            user: None,
+            max_concurrent_steps: default_builtin_slots(),
+        }
+    }
+}
+
+fn default_builtin_slots() -> u32 {
+    4
 }
 
 /// A configuration problem, naming the key when there is one.
@@ -200,7 +218,6 @@ fn defaults() -> Vec<(&'static str, config::Value)> {
         ("dispatcher.retry_backoff_ms", 1000_i64.into()),
         ("agent.keep_work_dirs", false.into()),
         ("agent.shutdown_grace_secs", 600_i64.into()),
-        ("agent.heartbeat_secs", 10_i64.into()),
         ("locks.lease_ms", 30_000_i64.into()),
         ("log.format", "text".into()),
         ("log.level", "info".into()),
@@ -341,7 +358,13 @@ impl Settings {
         if self.locks.lease_ms < 500 {
             return Err(ConfigError::key("locks.lease_ms", "must be at least 500"));
         }
-        if self.agent.heartbeat_secs == 0 {
+        if !(1..=1000).contains(&self.builtin_worker.max_concurrent_steps) {
+            return Err(ConfigError::key(
+                "builtin_worker.max_concurrent_steps",
+                "must be between 1 and 1000",
+            ));
+        }
+        if self.agent.heartbeat_secs == Some(0) {
             return Err(ConfigError::key(
                 "agent.heartbeat_secs",
                 "must be at least 1",

@@ -341,6 +341,12 @@ pub struct Heartbeat {
     pub free_slots: u32,
     pub disk_free_bytes: Option<u64>,
     pub version: String,
+    /// The agent's own verdict from its health checks: `Healthy`, `HasWarnings` or
+    /// `Unhealthy` (absent from older agents: `Healthy`).
+    #[serde(default)]
+    pub health: Option<String>,
+    #[serde(default)]
+    pub health_reason: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -376,6 +382,8 @@ pub enum Control {
     SetMaxConcurrentSteps { max_concurrent_steps: u32 },
     /// A disabled worker takes no new steps (running ones finish); enabling resumes it.
     SetEnabled { enabled: bool },
+    /// The machine policy changed (heartbeat interval, health check).
+    SetPolicy { policy: crate::api::MachinePolicy },
 }
 
 impl Control {

@@ -561,6 +561,21 @@ impl Stack {
             bail!("agent {name} did not start: {e}\n{}", proc.log_text());
         }
         self.agents[idx].proc = Some(proc);
+        // Its first heartbeat makes it available to the orchestrator.
+        let seen = eventually(Duration::from_secs(15), "agent heartbeat", || async {
+            let workers: Vec<gantry_shared::api::Worker> = self.get("/api/workers").await.ok()?;
+            workers
+                .iter()
+                .any(|w| w.name == name && w.health != "Unavailable")
+                .then_some(())
+        })
+        .await;
+        if let Err(e) = seen {
+            bail!(
+                "agent {name} sent no heartbeat: {e}\n{}",
+                self.agent(idx).log_text()
+            );
+        }
         Ok(())
     }
 

@@ -365,9 +365,22 @@ async fn metrics_report_steps_queues_durations_and_workers() {
         .wait_task(task, Duration::from_secs(30))
         .await
         .unwrap();
-    // A job nobody serves: the default pool has no agent.
+    // A job nobody takes: its pool's only agent was killed (and is not noticed yet, as it ran
+    // nothing).
+    stack.add_pool("idle").await.unwrap();
+    let idle = stack
+        .add_agent(
+            "idle",
+            AgentOpts {
+                pools: vec!["idle".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    stack.kill_agent(idle).await;
     stack
-        .submit("name = \"w\"\n[[steps]]\nname = \"s\"\nscript = \"true\"\n")
+        .submit("name = \"w\"\n[[steps]]\nname = \"s\"\npool = \"idle\"\nscript = \"true\"\n")
         .await
         .unwrap();
 
@@ -375,7 +388,8 @@ async fn metrics_report_steps_queues_durations_and_workers() {
     let expected = [
         "gantry_steps{state=\"Success\"} 1",
         "gantry_steps{state=\"Queued\"} 1",
-        "gantry_queue_depth{pool=\"Default Worker Pool\",slug=\"default-worker-pool\"} 1",
+        "gantry_queue_depth{pool=\"Default Worker Pool\",slug=\"default-worker-pool\"} 0",
+        "gantry_queue_depth{pool=\"idle\",slug=\"idle\"} 1",
         "gantry_queue_depth{pool=\"metered\",slug=\"metered\"} 0",
         "gantry_step_duration_seconds_count 1",
         "gantry_worker_running_steps{worker=\"meter\"} 0",

@@ -127,9 +127,21 @@ async fn cancelling_stops_the_whole_process_tree_and_hands_the_mutex_on() {
 
 #[tokio::test]
 async fn steps_not_yet_started_never_start_even_with_their_job_in_a_queue() {
-    // Arrange: a pool with no agent yet, so the step's job sits in its queue.
+    // Arrange: the pool's only agent is registered and healthy but stopped (killed between
+    // steps, not yet noticed), so the step's job sits in the pool's queue.
     let mut stack = Stack::start().await.unwrap();
     stack.add_pool("later").await.unwrap();
+    let idx = stack
+        .add_agent(
+            "late",
+            AgentOpts {
+                pools: vec!["later".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    stack.kill_agent(idx).await;
     let marker = stack.dir.path().join("ran");
     let task = stack
         .submit(&format!(
@@ -145,7 +157,7 @@ async fn steps_not_yet_started_never_start_even_with_their_job_in_a_queue() {
         .await
         .unwrap();
 
-    // Act: cancel, then an agent arrives and takes the queued job.
+    // Act: cancel, then the agent comes back and takes the queued job.
     let (status, body) = stack
         .request(
             reqwest::Method::POST,
@@ -160,16 +172,7 @@ async fn steps_not_yet_started_never_start_even_with_their_job_in_a_queue() {
         .wait_task(task, Duration::from_secs(20))
         .await
         .unwrap();
-    let idx = stack
-        .add_agent(
-            "late",
-            AgentOpts {
-                pools: vec!["later".into()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    stack.start_agent(idx).await.unwrap();
     let queue = stack.topology().pool_queue("later");
     eventually(Duration::from_secs(20), "queued job consumed", || async {
         let conn = stack.amqp().await;

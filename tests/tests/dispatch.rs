@@ -568,8 +568,12 @@ async fn a_disabled_worker_takes_no_steps_until_enabled_and_limits_change_live()
     tokio::time::sleep(Duration::from_secs(2)).await;
     let still = stack.task(waiting).await.unwrap();
     assert_eq!(
-        still.steps[0].state, "Queued",
-        "a disabled worker takes nothing"
+        still.steps[0].state, "Waiting",
+        "a disabled worker takes nothing: {still:#?}"
+    );
+    assert_eq!(
+        still.steps[0].waiting_for.as_deref(),
+        Some("pool Default Worker Pool has no healthy worker: 1 disabled")
     );
 
     // Act 2: enabled with a limit of 3, four steps at once.

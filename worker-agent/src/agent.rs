@@ -9,13 +9,14 @@
 //! them at once. Results are flushed to the broker before the agent exits 0.
 
 use crate::api::{Api, ApiError};
+use crate::health;
 use crate::identity;
 use crate::outbox::Outbox;
 use crate::slots::{self, AgentContext, Slots};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use gantry_shared::amqp::{Broker, DeclareFn, Publisher, json_properties};
-use gantry_shared::api::AgentConfig;
+use gantry_shared::api::{AgentConfig, MachinePolicy};
 use gantry_shared::config::Settings;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::{Control, Heartbeat};
@@ -28,8 +29,58 @@ use tokio_util::sync::CancellationToken;
 
 pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     let identity = identity::load(home)?;
-    let api = Api::new(&identity.server, Some(identity.token.clone()));
-    let config = fetch_config(&api, &identity.server).await?;
+    let work_root = settings
+        .agent
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| home.join("work"));
+    run_with(
+        settings,
+        Setup {
+            server: identity.server,
+            token: identity.token,
+            work_root,
+            extra_queues: Vec::new(),
+            run_as: None,
+            stop: Stop::Signals,
+        },
+    )
+    .await
+}
+
+/// How an agent is told to stop.
+pub enum Stop {
+    /// SIGTERM or SIGINT: drain (a second signal cancels running steps at once).
+    Signals,
+    /// The token: drain for up to the duration, then cancel running steps (the built-in
+    /// worker of a dispatcher node).
+    Token(CancellationToken, Duration),
+}
+
+/// What distinguishes one agent from another beyond its configuration.
+pub struct Setup {
+    pub server: String,
+    pub token: String,
+    pub work_root: std::path::PathBuf,
+    /// Queues consumed besides the worker's own and its pools' (the built-in worker's
+    /// `<ns>.server`).
+    pub extra_queues: Vec<String>,
+    pub run_as: Option<crate::runner::RunAs>,
+    pub stop: Stop,
+}
+
+/// Run an agent until it is stopped (see [`Stop`]).
+pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
+    let Setup {
+        server,
+        token,
+        work_root,
+        extra_queues,
+        run_as,
+        stop: stop_how,
+    } = setup;
+    let api = Api::new(&server, Some(token));
+    let config = fetch_config(&api, &server).await?;
     if !config.enabled {
         tracing::warn!(
             "this worker is disabled: it stays connected but the dispatcher gives it no steps"
@@ -38,6 +89,7 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     let topology = Topology::new(&config.namespace);
     let mut queues = vec![topology.worker_queue(config.worker_id)];
     queues.extend(config.pools.iter().map(|p| topology.pool_queue(&p.slug)));
+    queues.extend(extra_queues);
     let declare: DeclareFn = {
         let topology = topology.clone();
         let slugs: Vec<String> = config.pools.iter().map(|p| p.slug.clone()).collect();
@@ -64,11 +116,6 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     let (outbox, outbox_done) = Outbox::start(broker.clone(), topology.results_queue());
     let slots = Slots::new(config.max_concurrent_steps);
     slots.set_enabled(config.enabled);
-    let work_root = settings
-        .agent
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| home.join("work"));
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("creating the work directory {}", work_root.display()))?;
     let fatal = CancellationToken::new();
@@ -84,6 +131,7 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
         worker_name: config.name.clone(),
         work_root: work_root.clone(),
         keep_work_dirs: settings.agent.keep_work_dirs,
+        run_as,
         fault_drop_before_ack: std::sync::atomic::AtomicBool::new(
             std::env::var("GANTRY_AGENT_FAULT").as_deref() == Ok("drop-connection-before-ack"),
         ),
@@ -105,17 +153,40 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     {
         tracing::warn!("RabbitMQ is not reachable yet; the agent will take steps once it is");
     }
-    println!("gantry-agent {} running", config.name);
+    if matches!(stop_how, Stop::Signals) {
+        println!("gantry-agent {} running", config.name);
+    }
 
     let stop = CancellationToken::new();
     let bg = CancellationToken::new();
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(config.policy.clone());
+    // Judged once before any step is taken, so an unhealthy machine never starts one.
+    let first = health::check(&config.policy, &work_root).await;
+    slots.set_unhealthy(first.level == health::Level::Unhealthy);
+    if first.level != health::Level::Healthy {
+        tracing::warn!(
+            health = first.level.as_str(),
+            reason = first.reason().unwrap_or_default(),
+            "health check"
+        );
+    }
+    let verdict: health::Shared = Arc::new(std::sync::Mutex::new(first));
+    tokio::spawn(health::run(
+        policy_rx.clone(),
+        settings.agent.heartbeat_secs,
+        work_root.clone(),
+        slots.clone(),
+        verdict.clone(),
+        bg.clone(),
+    ));
     tokio::spawn(heartbeats(
         broker.clone(),
         topology.clone(),
         config.clone(),
         slots.clone(),
         work_root.clone(),
-        Duration::from_secs(settings.agent.heartbeat_secs),
+        (policy_rx, settings.agent.heartbeat_secs),
+        verdict,
         bg.clone(),
     ));
     tokio::spawn(control(
@@ -123,6 +194,7 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
         topology.clone(),
         config.clone(),
         slots.clone(),
+        policy_tx,
         bg.clone(),
     ));
     let manager = {
@@ -150,11 +222,40 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
         })
     };
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut signals = match &stop_how {
+        Stop::Signals => {
+            use tokio::signal::unix::{SignalKind, signal};
+            Some((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        }
+        Stop::Token(..) => None,
+    };
+    // Resolves on the next SIGTERM/SIGINT (never for a token-stopped agent).
+    async fn next_signal(
+        signals: &mut Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    ) {
+        match signals {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+    let (token, grace) = match &stop_how {
+        Stop::Signals => (
+            CancellationToken::new(),
+            Duration::from_secs(settings.agent.shutdown_grace_secs),
+        ),
+        Stop::Token(t, g) => (t.clone(), *g),
+    };
     let failed = tokio::select! {
-        _ = term.recv() => false,
-        _ = int.recv() => false,
+        _ = next_signal(&mut signals) => false,
+        _ = token.cancelled() => false,
         _ = fatal.cancelled() => true,
     };
     let running = slots.running().len();
@@ -164,7 +265,6 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     );
     stop.cancel();
     slots.drain();
-    let grace = Duration::from_secs(settings.agent.shutdown_grace_secs);
     tokio::select! {
         _ = slots.wait_idle() => {}
         _ = tokio::time::sleep(grace) => {
@@ -172,12 +272,7 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
             slots.cancel_all();
             slots.wait_idle().await;
         }
-        _ = term.recv() => {
-            tracing::warn!("second signal: cancelling running steps");
-            slots.cancel_all();
-            slots.wait_idle().await;
-        }
-        _ = int.recv() => {
+        _ = next_signal(&mut signals) => {
             tracing::warn!("second signal: cancelling running steps");
             slots.cancel_all();
             slots.wait_idle().await;
@@ -221,33 +316,43 @@ async fn fetch_config(api: &Api, server: &str) -> anyhow::Result<AgentConfig> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn heartbeats(
     broker: Broker,
     topology: Topology,
     config: AgentConfig,
     slots: Arc<Slots>,
     work_root: std::path::PathBuf,
-    every: Duration,
+    (policy, override_secs): (tokio::sync::watch::Receiver<MachinePolicy>, Option<u64>),
+    verdict: health::Shared,
     cancel: CancellationToken,
 ) {
     let publisher = Publisher::new(broker);
     let queue = topology.heartbeats_queue();
-    let mut tick = tokio::time::interval(every);
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
+        let every = health::interval(&policy.borrow(), override_secs);
+        if !first {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = cancel.cancelled() => return,
+            }
         }
+        first = false;
+        let (level, reason) = {
+            let v = verdict.lock().expect("health lock");
+            (v.level.as_str().to_owned(), v.reason())
+        };
         let hb = Heartbeat {
             worker_id: config.worker_id,
             sent_at: chrono::Utc::now(),
             running: slots.running(),
             max_concurrent_steps: slots.max(),
             free_slots: slots.free(),
-            disk_free_bytes: nix::sys::statvfs::statvfs(&work_root)
-                .ok()
-                .map(|s| s.blocks_available() * s.fragment_size()),
+            disk_free_bytes: health::disk_free_bytes(&work_root),
             version: gantry_shared::VERSION.into(),
+            health: Some(level),
+            health_reason: reason,
         };
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
@@ -264,6 +369,7 @@ async fn control(
     topology: Topology,
     config: AgentConfig,
     slots: Arc<Slots>,
+    policy: tokio::sync::watch::Sender<MachinePolicy>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -305,6 +411,10 @@ async fn control(
                     max_concurrent_steps,
                 }) => slots.set_max(max_concurrent_steps),
                 Ok(Control::SetEnabled { enabled }) => slots.set_enabled(enabled),
+                Ok(Control::SetPolicy { policy: p }) => {
+                    tracing::info!(?p, "machine policy changed");
+                    policy.send_replace(p);
+                }
                 Ok(Control::CancelAttempt {
                     step_run_id,
                     attempt,

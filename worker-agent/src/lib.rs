@@ -7,6 +7,7 @@
 //! - [`agent`]: `run`: wiring, signals, graceful drain.
 //! - [`slots`]: the concurrency limit, consumers and claims.
 //! - [`runner`]: running one step and streaming its output.
+//! - [`health`]: health checks against the machine policy.
 //! - [`guard`]: the process that makes a step's processes die with their agent.
 //! - [`outbox`]: at-least-once, ordered delivery of events to `<ns>.results`.
 //! - [`api`]: calls to the dispatcher's API.
@@ -17,6 +18,7 @@
 pub mod agent;
 pub mod api;
 pub mod guard;
+pub mod health;
 pub mod identity;
 pub mod outbox;
 pub mod runner;

@@ -62,9 +62,36 @@ pub struct StepContext {
     pub worker_name: String,
     pub work_root: PathBuf,
     pub keep_work_dir: bool,
+    /// Run the script as this OS user (the built-in worker's `builtin_worker.user`).
+    pub run_as: Option<RunAs>,
     pub outbox: Outbox,
     /// Cancelled to stop the step (a cancel request or the agent's forced shutdown).
     pub cancel: CancellationToken,
+}
+
+/// An OS user that scripts run as.
+#[derive(Clone, Debug)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl RunAs {
+    /// Look a user up by name.
+    pub fn lookup(name: &str) -> Result<Self, String> {
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) => Ok(Self {
+                name: u.name,
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+                home: u.dir,
+            }),
+            Ok(None) => Err(format!("there is no OS user {name:?}")),
+            Err(e) => Err(format!("cannot look up OS user {name:?}: {e}")),
+        }
+    }
 }
 
 /// Numbers, masks and batches lines; sends events.
@@ -309,6 +336,16 @@ async fn execute(
         .await
         .map_err(|e| format!("cannot write the script: {e}"))?;
 
+    if let Some(user) = &ctx.run_as {
+        // The step's directory belongs to the user its script runs as.
+        chown_tree(work_dir, user).map_err(|e| {
+            format!(
+                "cannot give {} to user {}: {e}",
+                work_dir.display(),
+                user.name
+            )
+        })?;
+    }
     let script_arg = script_path.display().to_string();
     let argv: Vec<&str> = match job.syntax {
         Syntax::Bash => vec!["bash", "--noprofile", "--norc", &script_arg],
@@ -371,6 +408,13 @@ async fn execute(
     if let Some(m) = &ctx.grant.mutex {
         cmd.env("GANTRY_MUTEX", &m.name)
             .env("GANTRY_MUTEX_TOKEN", m.token.to_string());
+    }
+    if let Some(user) = &ctx.run_as {
+        cmd.uid(user.uid)
+            .gid(user.gid)
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
     }
     cmd.env("GANTRY_HELPERS", &helpers)
         .env("GANTRY_TASK_ID", job.task_id.to_string())
@@ -836,6 +880,21 @@ fn finish_line(line: &mut Vec<u8>) -> String {
     let s = String::from_utf8_lossy(&line[..end]).into_owned();
     line.clear();
     s
+}
+
+/// `chown -R` of a step's fresh working directory.
+fn chown_tree(dir: &std::path::Path, user: &RunAs) -> std::io::Result<()> {
+    let (uid, gid) = (Some(user.uid), Some(user.gid));
+    std::os::unix::fs::chown(dir, uid, gid)?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() && !path.is_symlink() {
+            chown_tree(&path, user)?;
+        } else {
+            std::os::unix::fs::lchown(&path, uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ pub struct AgentContext {
     pub worker_name: String,
     pub work_root: PathBuf,
     pub keep_work_dirs: bool,
+    /// Run scripts as this OS user (the built-in worker's `builtin_worker.user`).
+    pub run_as: Option<crate::runner::RunAs>,
     /// Fault injection for tests: close the broker connection after the first granted claim,
     /// before its ack (`GANTRY_AGENT_FAULT=drop-connection-before-ack`).
     pub fault_drop_before_ack: std::sync::atomic::AtomicBool,
@@ -79,8 +81,11 @@ struct State {
     consumers: HashMap<u64, Consumer>,
     next_id: u64,
     draining: bool,
-    /// Disabled by the dispatcher: no new work until enabled again.
+    /// No new work until both clear: disabled by the dispatcher, or found `Unhealthy` by
+    /// the agent's own health check.
     paused: bool,
+    disabled: bool,
+    unhealthy: bool,
     /// Messages last seen in each queue (only probed while queues outnumber free slots).
     depths: HashMap<String, u32>,
     /// The reader/writer gate of exclusive steps.
@@ -124,6 +129,8 @@ impl Slots {
                 next_id: 0,
                 draining: false,
                 paused: false,
+                disabled: false,
+                unhealthy: false,
                 depths: HashMap::new(),
                 gate: Gate::default(),
             }),
@@ -160,15 +167,26 @@ impl Slots {
 
     /// Take no new work while disabled (running steps go on); resume when enabled.
     pub fn set_enabled(&self, enabled: bool) {
+        self.lock().disabled = !enabled;
+        self.repause();
+        tracing::info!(enabled, "worker enabled state changed");
+    }
+
+    /// Take no new work while the health check says `Unhealthy`; resume when it recovers.
+    pub fn set_unhealthy(&self, unhealthy: bool) {
+        self.lock().unhealthy = unhealthy;
+        self.repause();
+    }
+
+    fn repause(&self) {
         let mut s = self.lock();
-        s.paused = !enabled;
-        if !enabled {
+        s.paused = s.disabled || s.unhealthy;
+        if s.paused {
             for c in s.consumers.values() {
                 c.stop.cancel();
             }
         }
         drop(s);
-        tracing::info!(enabled, "worker enabled state changed");
         self.changed.notify_waiters();
     }
 
@@ -672,6 +690,7 @@ async fn handle_delivery(
         worker_name: agent.worker_name.clone(),
         work_root: agent.work_root.clone(),
         keep_work_dir: agent.keep_work_dirs,
+        run_as: agent.run_as.clone(),
         outbox: agent.outbox.clone(),
         cancel,
     };

@@ -120,6 +120,11 @@ pub struct WorkerCaller {
     pub worker_id: WorkerId,
     pub name: String,
     pub enabled: bool,
+    /// As last stored: `Healthy`, `HasWarnings`, `Unhealthy` or `Unavailable`.
+    pub health: String,
+    pub health_reason: Option<String>,
+    /// A dispatcher node's built-in worker.
+    pub builtin: bool,
 }
 
 impl FromRequestParts<AppState> for WorkerCaller {
@@ -133,16 +138,22 @@ impl FromRequestParts<AppState> for WorkerCaller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::WorkerUnauthorized)?;
-        let row: Option<(uuid::Uuid, String, bool)> =
-            sqlx::query_as("SELECT id, name, enabled FROM workers WHERE token_hash = $1")
-                .bind(auth::hash_secret(token))
-                .fetch_optional(&state.db)
-                .await?;
-        let (id, name, enabled) = row.ok_or(ApiError::WorkerUnauthorized)?;
+        let row: Option<(uuid::Uuid, String, bool, String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT id, name, enabled, health, health_reason, builtin FROM workers
+                 WHERE token_hash = $1",
+        )
+        .bind(auth::hash_secret(token))
+        .fetch_optional(&state.db)
+        .await?;
+        let (id, name, enabled, health, health_reason, builtin) =
+            row.ok_or(ApiError::WorkerUnauthorized)?;
         Ok(WorkerCaller {
             worker_id: WorkerId(id),
             name,
             enabled,
+            health,
+            health_reason,
+            builtin,
         })
     }
 }

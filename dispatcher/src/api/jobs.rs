@@ -31,6 +31,7 @@ pub async fn agent_config(
         pools: w.pools,
         max_concurrent_steps: w.max_concurrent_steps,
         enabled: w.enabled,
+        policy: crate::store::settings::get(&s.db).await?.machine_policy,
     }))
 }
 
@@ -70,7 +71,16 @@ pub async fn claim(
                     "worker {} is disabled and takes no new steps",
                     worker.name
                 ))
-            } else if !serves_pool(&mut tx, worker.worker_id, step_run).await? {
+            } else if worker.health == "Unhealthy" {
+                Some(format!(
+                    "worker {} is Unhealthy ({}) and takes no new steps",
+                    worker.name,
+                    worker
+                        .health_reason
+                        .as_deref()
+                        .unwrap_or("its health check failed")
+                ))
+            } else if !serves_step(&mut tx, &worker, step_run).await? {
                 Some(format!(
                     "worker {} does not serve this step's pool",
                     worker.name
@@ -80,7 +90,17 @@ pub async fn claim(
             };
             if let Some(why) = refusal {
                 // The agent acks a refused job, so this job is gone: void it and send the
-                // attempt out again for a worker that may run it.
+                // attempt out again for a worker that may run it (not this one again, even
+                // if it was the task's worker for the pool).
+                sqlx::query(
+                    "DELETE FROM task_pool_workers tp USING step_runs s
+                     WHERE s.id = $1 AND tp.task_id = s.task_id AND tp.pool_id = s.pool_id
+                       AND tp.worker_id = $2",
+                )
+                .bind(step_run.0)
+                .bind(worker.worker_id.0)
+                .execute(&mut *tx)
+                .await?;
                 crate::orchestrator::void_job(&mut tx, step_run, attempt as u32).await?;
                 tx.commit().await?;
                 s.orchestrator.republish(step_run, attempt as u32).await;
@@ -224,6 +244,20 @@ pub async fn claim(
             .bind(step_run.0)
             .execute(&mut *tx)
             .await?;
+        if !worker.builtin {
+            // The first step of a task in a pool chooses the task's worker there; its later
+            // steps in that pool go to the same worker while it stays healthy.
+            sqlx::query(
+                "INSERT INTO task_pool_workers (task_id, pool_id, worker_id)
+                 SELECT s.task_id, s.pool_id, $2 FROM step_runs s
+                 WHERE s.id = $1 AND s.pool_id IS NOT NULL
+                 ON CONFLICT (task_id, pool_id) DO NOTHING",
+            )
+            .bind(step_run.0)
+            .bind(worker.worker_id.0)
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     tx.commit().await?;
     tracing::debug!(%job_id, worker = %worker.name, "claim granted");
@@ -236,18 +270,28 @@ pub async fn claim(
     }))
 }
 
-/// Whether the worker belongs to the pool of the step run.
-async fn serves_pool(
+/// Whether the worker may run the step: a registered worker serves its pools' steps; a
+/// built-in worker serves steps at location `server` (no pool) and the default pool's steps.
+async fn serves_step(
     conn: &mut sqlx::PgConnection,
-    worker: gantry_shared::ids::WorkerId,
+    worker: &WorkerCaller,
     step_run: StepRunId,
 ) -> sqlx::Result<bool> {
+    if worker.builtin {
+        return sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM step_runs s LEFT JOIN pools p ON p.id = s.pool_id
+                            WHERE s.id = $1 AND (s.pool_id IS NULL OR p.is_default))",
+        )
+        .bind(step_run.0)
+        .fetch_one(&mut *conn)
+        .await;
+    }
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM step_runs s JOIN worker_pools wp ON wp.pool_id = s.pool_id
                         WHERE s.id = $1 AND wp.worker_id = $2)",
     )
     .bind(step_run.0)
-    .bind(worker.0)
+    .bind(worker.worker_id.0)
     .fetch_one(&mut *conn)
     .await
 }

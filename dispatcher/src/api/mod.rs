@@ -12,6 +12,7 @@ mod jobs;
 mod keys;
 mod logs;
 mod pools;
+mod settings;
 mod tasks;
 mod workers;
 
@@ -64,6 +65,8 @@ pub fn router(state: AppState) -> Router {
                 .patch(workers::patch)
                 .delete(workers::delete),
         )
+        .route("/api/workers/{id}/health", get(workers::health_history))
+        .route("/api/settings", get(settings::get).put(settings::put))
         .route("/api/agent/config", get(jobs::agent_config))
         .route("/api/jobs/{job_id}/claim", post(jobs::claim))
         .route("/api/jobs/{job_id}/outputs", post(jobs::sensitive_output))

@@ -30,7 +30,8 @@ pub async fn create(
     caller.require(Permission::TaskCreate)?;
     process.validate()?;
     let default_pool = pools::default_pool(&s.db).await?;
-    let mut step_pools: Vec<PoolId> = Vec::with_capacity(process.steps.len());
+    let settings = crate::store::settings::get(&s.db).await?;
+    let mut step_pools: Vec<Option<PoolId>> = Vec::with_capacity(process.steps.len());
     for (i, step) in process.steps.iter().enumerate() {
         let pool = match (&step.pool, step.location) {
             (Some(_), Location::Server) => {
@@ -39,7 +40,19 @@ pub async fn create(
                     "a step runs either on a pool or on the server, not both",
                 ));
             }
-            (Some(reference), Location::Pool) => {
+            (None, Location::Server) => {
+                if !settings.builtin_worker_enabled {
+                    return Err(ApiError::bad(
+                        format!("steps[{i}].location"),
+                        format!(
+                            "step {} runs on the server, but the built-in worker is disabled (builtin_worker_enabled = false in /api/settings)",
+                            step.name
+                        ),
+                    ));
+                }
+                None
+            }
+            (Some(reference), Location::Pool) => Some(
                 pools::find(&s.db, reference)
                     .await?
                     .ok_or_else(|| {
@@ -48,10 +61,22 @@ pub async fn create(
                             format!("no worker pool named {reference:?}"),
                         )
                     })?
-                    .id
-            }
-            (None, _) => default_pool.id,
+                    .id,
+            ),
+            (None, Location::Pool) => Some(default_pool.id),
         };
+        if pool == Some(default_pool.id)
+            && !settings.builtin_worker_enabled
+            && !pools::has_registered_workers(&s.db, default_pool.id).await?
+        {
+            return Err(ApiError::bad(
+                format!("steps[{i}].pool"),
+                format!(
+                    "step {} runs in the default pool {}, which has no registered worker, and the built-in worker is disabled (builtin_worker_enabled = false in /api/settings)",
+                    step.name, default_pool.name
+                ),
+            ));
+        }
         step_pools.push(pool);
     }
     let id = tasks::create(&s.db, &s.secrets, &process, &step_pools, caller.key_id).await?;

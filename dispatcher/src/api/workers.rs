@@ -10,12 +10,25 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use gantry_shared::amqp::json_properties;
-use gantry_shared::api::{Permission, Worker, WorkerPatch, WorkerRegister, WorkerRegistered};
+use gantry_shared::api::{
+    HealthEvent, Permission, Worker, WorkerPatch, WorkerRegister, WorkerRegistered,
+};
 use gantry_shared::ids::WorkerId;
 use gantry_shared::wire::Control;
 
-pub async fn list(State(s): State<AppState>, _caller: Caller) -> ApiResult<Json<Vec<Worker>>> {
-    Ok(Json(workers::list(&s.db).await?))
+/// `GET /api/workers[?builtin=true]`: registered workers, and with `builtin=true` the
+/// dispatcher nodes' built-in workers too.
+pub async fn list(
+    State(s): State<AppState>,
+    _caller: Caller,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Vec<Worker>>> {
+    let builtin = q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv == "builtin=true" || kv == "builtin=1");
+    Ok(Json(workers::list(&s.db, builtin).await?))
 }
 
 pub async fn get(
@@ -24,6 +37,20 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Worker>> {
     Ok(Json(workers::get(&s.db, parse_id(&id, "worker")?).await?))
+}
+
+/// `GET /api/workers/{id}/health`: the worker's health changes with their reasons, newest
+/// first (the last 200).
+pub async fn health_history(
+    State(s): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<HealthEvent>>> {
+    let id: WorkerId = parse_id(&id, "worker")?;
+    workers::get(&s.db, id).await?;
+    Ok(Json(
+        crate::store::settings::health_history(&s.db, id, 200).await?,
+    ))
 }
 
 async fn with_channel<F, Fut>(s: &AppState, f: F)

@@ -26,10 +26,19 @@ enum Command {
     Serve,
     /// Create the database if needed and apply migrations, then exit.
     Migrate,
+    /// Internal: run one built-in worker step's script so that it dies with this node.
+    #[command(hide = true)]
+    Guard {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Guard { command } = cli.command {
+        return gantry_agent::guard::run(command);
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -50,6 +59,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Serve => serve(settings).await,
+            Command::Guard { .. } => unreachable!("handled before loading settings"),
         }
     });
     match result {
@@ -62,6 +72,13 @@ fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let run_as = match gantry_dispatcher::builtin::run_as(&settings) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gantry-dispatcher: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
     let cancel = CancellationToken::new();
     let dispatcher = gantry_dispatcher::app::Dispatcher::build(settings, cancel.clone()).await?;
     // Tests and scripts read this line to learn the port when http.bind uses port 0.
@@ -73,7 +90,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         signals.cancel();
     });
-    dispatcher.run().await
+    dispatcher.run(run_as).await
 }
 
 async fn shutdown_signal() {

@@ -3,6 +3,7 @@
 
 pub mod keys;
 pub mod pools;
+pub mod settings;
 pub mod tasks;
 pub mod workers;
 

@@ -96,6 +96,17 @@ pub async fn default_pool(db: impl PgExecutor<'_>) -> sqlx::Result<PoolRef> {
     })
 }
 
+/// Whether any registered worker (not a built-in one) serves the pool.
+pub async fn has_registered_workers(db: impl PgExecutor<'_>, pool: PoolId) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM worker_pools wp JOIN workers w ON w.id = wp.worker_id
+                        WHERE wp.pool_id = $1 AND NOT w.builtin)",
+    )
+    .bind(pool.0)
+    .fetch_one(db)
+    .await
+}
+
 fn check_name(name: &str) -> ApiResult<String> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {

@@ -18,12 +18,13 @@ pub fn is_terminal(state: &str) -> bool {
     TERMINAL_TASK_STATES.contains(&state)
 }
 
-/// Store a validated process as a new task. `pools[i]` is the pool of step `i`.
+/// Store a validated process as a new task. `pools[i]` is the pool of step `i` (`None`: it
+/// runs on the server).
 pub async fn create(
     db: &PgPool,
     secrets: &SecretBox,
     process: &Process,
-    pools: &[PoolId],
+    pools: &[Option<PoolId>],
     caller: ApiKeyId,
 ) -> ApiResult<TaskId> {
     let id = TaskId::new();
@@ -65,7 +66,7 @@ pub async fn create(
         .map(serde_json::to_value)
         .collect::<Result<_, _>>()
         .map_err(anyhow::Error::from)?;
-    let pool_ids: Vec<Uuid> = pools.iter().map(|p| p.0).collect();
+    let pool_ids: Vec<Option<Uuid>> = pools.iter().map(|p| p.map(|p| p.0)).collect();
     sqlx::query(
         "INSERT INTO step_runs (id, task_id, idx, name, spec, pool_id)
          SELECT u.id, $1, u.idx, u.name, u.spec, u.pool_id

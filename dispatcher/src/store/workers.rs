@@ -25,10 +25,11 @@ struct WorkerRow {
     agent_version: Option<String>,
     created_at: chrono::DateTime<chrono::Utc>,
     running_steps: i64,
+    builtin: bool,
 }
 
 const SELECT: &str = "SELECT w.id, w.name, w.max_concurrent_steps, w.enabled, w.health,
-    w.health_reason, w.last_heartbeat_at, w.agent_version, w.created_at,
+    w.health_reason, w.last_heartbeat_at, w.agent_version, w.created_at, w.builtin,
     (SELECT count(*) FROM attempts a WHERE a.worker_id = w.id AND a.state = 'Running') AS running_steps
     FROM workers w";
 
@@ -68,14 +69,19 @@ async fn assemble(db: &PgPool, rows: Vec<WorkerRow>) -> sqlx::Result<Vec<Worker>
             version: r.agent_version,
             running_steps: r.running_steps,
             created_at: r.created_at,
+            builtin: r.builtin,
         })
         .collect())
 }
 
-pub async fn list(db: &PgPool) -> ApiResult<Vec<Worker>> {
-    let rows: Vec<WorkerRow> = sqlx::query_as(&format!("{SELECT} ORDER BY w.name"))
-        .fetch_all(db)
-        .await?;
+/// Registered workers; with `builtin`, the dispatcher nodes' built-in workers too.
+pub async fn list(db: &PgPool, builtin: bool) -> ApiResult<Vec<Worker>> {
+    let rows: Vec<WorkerRow> = sqlx::query_as(&format!(
+        "{SELECT} WHERE $1 OR NOT w.builtin ORDER BY w.builtin, w.name"
+    ))
+    .bind(builtin)
+    .fetch_all(db)
+    .await?;
     Ok(assemble(db, rows).await?)
 }
 

@@ -1,0 +1,53 @@
+//! `/api/settings`: whether the built-in worker runs, how long a step waits for a healthy
+//! worker, and the machine policy (heartbeat interval, `unavailable_after`, health check).
+
+use super::AppState;
+use super::error::ApiResult;
+use super::extract::{AppJson, Caller};
+use crate::store::settings;
+use axum::Json;
+use axum::extract::State;
+use gantry_shared::amqp::json_properties;
+use gantry_shared::api::{Permission, Settings, SettingsUpdate};
+use gantry_shared::wire::Control;
+use uuid::Uuid;
+
+pub async fn get(State(s): State<AppState>, _caller: Caller) -> ApiResult<Json<Settings>> {
+    Ok(Json(settings::get(&s.db).await?))
+}
+
+pub async fn put(
+    State(s): State<AppState>,
+    caller: Caller,
+    AppJson(req): AppJson<SettingsUpdate>,
+) -> ApiResult<Json<Settings>> {
+    caller.require(Permission::ConfigureServer)?;
+    let before = settings::get(&s.db).await?;
+    let after = settings::update(&s.db, &req).await?;
+    if before.machine_policy != after.machine_policy {
+        // Connected agents switch at once; others read it when they (re)start.
+        let workers: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM workers")
+            .fetch_all(&s.db)
+            .await?;
+        let msg = Control::SetPolicy {
+            policy: after.machine_policy.clone(),
+        }
+        .encode();
+        for w in workers {
+            if let Err(e) = s
+                .control
+                .publish(
+                    &s.topology.control_exchange(),
+                    &w.to_string(),
+                    &msg,
+                    json_properties(),
+                )
+                .await
+            {
+                tracing::debug!(error = %e, worker = %w, "policy not delivered (agent not connected?)");
+            }
+        }
+    }
+    tracing::info!(?after, "settings changed");
+    Ok(Json(after))
+}

@@ -1,0 +1,104 @@
+//! # The built-in worker
+//!
+//! Every dispatcher node runs one: an agent inside the node's process (the same code as
+//! `gantry-agent run`) with a worker record of its own (`builtin = true`, in no pool). It
+//! consumes `<ns>.server`, where the orchestrator routes steps with `location = "server"`
+//! and the default pool's steps while that pool has no registered worker (see
+//! `orchestrator::route`). It claims over this node's own API like any agent, so claims,
+//! logs, masking, cancel and worker loss work the same. Scripts run as the dispatcher's user,
+//! or as `builtin_worker.user`.
+
+use crate::auth;
+use anyhow::Context;
+use gantry_agent::agent::{Setup, Stop, run_with};
+use gantry_agent::runner::RunAs;
+use gantry_shared::config::{ConfigError, Settings};
+use gantry_shared::topology::Topology;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long running built-in steps may go on after the node is asked to stop.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The OS user built-in steps run as, checked at start (a bad name is a config error).
+pub fn run_as(settings: &Settings) -> Result<Option<RunAs>, ConfigError> {
+    settings
+        .builtin_worker
+        .user
+        .as_deref()
+        .map(|name| {
+            RunAs::lookup(name).map_err(|e| ConfigError {
+                key: Some("builtin_worker.user".into()),
+                message: e,
+            })
+        })
+        .transpose()
+}
+
+/// The name of this node's built-in worker.
+pub fn name(addr: SocketAddr) -> String {
+    format!("built-in {}:{}", crate::app::hostname(), addr.port())
+}
+
+/// Create or refresh this node's worker record with a fresh credential, then run the agent
+/// in the background until `cancel`.
+pub async fn start(
+    db: &PgPool,
+    settings: &Settings,
+    addr: SocketAddr,
+    run_as: Option<RunAs>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let token = auth::new_worker_token();
+    let name = name(addr);
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO workers (id, name, token_hash, max_concurrent_steps, builtin)
+         VALUES ($1, $2, $3, $4, true)
+         ON CONFLICT (name) DO UPDATE SET token_hash = excluded.token_hash,
+             max_concurrent_steps = excluded.max_concurrent_steps
+         WHERE workers.builtin
+         RETURNING id",
+    )
+    .bind(Uuid::new_v4())
+    .bind(&name)
+    .bind(auth::hash_secret(&token))
+    .bind(settings.builtin_worker.max_concurrent_steps as i32)
+    .fetch_optional(db)
+    .await
+    .context("registering the built-in worker")?;
+    let Some(id) = id else {
+        anyhow::bail!("a registered worker is named {name:?}; the built-in worker needs that name");
+    };
+    let work_root = settings
+        .agent
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("gantry-builtin"))
+        .join(format!("{}-{}", settings.namespace, addr.port()));
+    std::fs::create_dir_all(&work_root)
+        .with_context(|| format!("creating {}", work_root.display()))?;
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let setup = Setup {
+        server: format!("http://{host}:{}", addr.port()),
+        token,
+        work_root,
+        extra_queues: vec![Topology::new(&settings.namespace).server_queue()],
+        run_as,
+        stop: Stop::Token(cancel, SHUTDOWN_GRACE),
+    };
+    let settings = settings.clone();
+    tracing::info!(worker = name, %id, "starting the built-in worker");
+    tokio::spawn(async move {
+        if let Err(e) = run_with(settings, setup).await {
+            tracing::error!(error = %e, "the built-in worker stopped");
+        }
+    });
+    Ok(())
+}
