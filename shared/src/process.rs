@@ -312,12 +312,6 @@ impl Process {
             {
                 return Err(invalid(at("pool"), "must not be empty"));
             }
-            if step.location == Location::Server {
-                return Err(invalid(
-                    at("location"),
-                    "location = \"server\" (the built-in worker) is not supported by this version of Gantry yet",
-                ));
-            }
             if step.timeout_secs == Some(0) {
                 return Err(invalid(at("timeout_secs"), "must be at least 1"));
             }

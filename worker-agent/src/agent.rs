@@ -179,6 +179,12 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         verdict.clone(),
         bg.clone(),
     ));
+    tokio::spawn(broker_watchdog(
+        broker.clone(),
+        policy_rx.clone(),
+        slots.clone(),
+        bg.clone(),
+    ));
     tokio::spawn(heartbeats(
         broker.clone(),
         topology.clone(),
@@ -312,6 +318,39 @@ async fn fetch_config(api: &Api, server: &str) -> anyhow::Result<AgentConfig> {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+/// An agent that has been without the broker for the policy's `unavailable_after` has been
+/// declared lost by the dispatcher, which retries its steps elsewhere: it stops its own
+/// steps, so that they never run twice at once.
+async fn broker_watchdog(
+    broker: Broker,
+    policy: tokio::sync::watch::Receiver<MachinePolicy>,
+    slots: Arc<Slots>,
+    cancel: CancellationToken,
+) {
+    let mut lost_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = cancel.cancelled() => return,
+        }
+        if broker.is_connected() {
+            lost_since = None;
+            continue;
+        }
+        let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
+        let limit = Duration::from_secs(u64::from(policy.borrow().unavailable_after_secs));
+        let running = slots.running().len();
+        if since.elapsed() >= limit && running > 0 {
+            tracing::warn!(
+                running,
+                secs = limit.as_secs(),
+                "no RabbitMQ for the policy's unavailable_after: the dispatcher retries this worker's steps elsewhere, so they are stopped here"
+            );
+            slots.cancel_all();
         }
     }
 }
