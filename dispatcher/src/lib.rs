@@ -14,6 +14,7 @@
 //! - [`logs`]: gapless, ordered log storage and reading.
 //! - [`locks`]: waiting for named mutexes, granting and renewing them before a claim.
 //! - [`monitors`]: heartbeats, worker availability, dead letters.
+//! - [`nodes`]: which dispatcher node orchestrates which task (leases in PostgreSQL).
 //! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
 //! - [`metrics`]: Prometheus text.
 //! - [`secrets`]: sensitive values sealed at rest.
@@ -32,6 +33,7 @@ pub mod locks;
 pub mod logs;
 pub mod metrics;
 pub mod monitors;
+pub mod nodes;
 pub mod notify;
 pub mod orchestrator;
 pub mod results;
