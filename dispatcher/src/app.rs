@@ -6,6 +6,7 @@ use crate::db;
 use crate::locks::{Locks, LocksConfig};
 use crate::metrics::Metrics;
 use crate::monitors;
+use crate::nodes::{self, Node};
 use crate::notify::Notifier;
 use crate::orchestrator::Orchestrator;
 use crate::results::ResultConsumer;
@@ -66,6 +67,7 @@ impl Dispatcher {
         );
         let retry_base = Duration::from_millis(settings.dispatcher.retry_backoff_ms);
         let locks_wake = Arc::new(tokio::sync::Notify::new());
+        let node = Node::new(settings.dispatcher.task_cap);
         let orchestrator = Orchestrator::start(
             db.clone(),
             topology.clone(),
@@ -73,6 +75,7 @@ impl Dispatcher {
             Duration::from_secs(settings.dispatcher.sweep_interval_secs),
             locks_wake.clone(),
             Duration::from_millis(settings.dispatcher.retry_backoff_ms),
+            node.clone(),
             cancel.clone(),
         );
         let redis = Arc::new(RedisLink::new(&settings.redis.url).context("redis.url")?);
@@ -144,6 +147,10 @@ impl Dispatcher {
             .await
             .with_context(|| format!("binding http.bind = {}", settings.http.bind))?;
         let addr = listener.local_addr()?;
+        // Registered once the address is ours: a previous process under the same name is gone.
+        nodes::register(&db_handle, &node, &format!("{}@{addr}", hostname()))
+            .await
+            .context("registering this dispatcher node")?;
         Ok(Self {
             listener,
             router,

@@ -43,7 +43,9 @@ pub async fn wake(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()> {
     .bind(task.0)
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    // The task's owner may be another dispatcher node: tell it (latency only; its sweep
+    // reads the row above anyway).
+    crate::nodes::notify_wake(conn, task).await
 }
 
 /// An attempt and its step, both rows locked (step run first).

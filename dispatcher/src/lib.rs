@@ -15,6 +15,7 @@
 //! - [`logs`]: gapless, ordered log storage and reading.
 //! - [`locks`]: waiting for named mutexes, granting and renewing them before a claim.
 //! - [`monitors`]: heartbeats, worker availability, dead letters.
+//! - [`nodes`]: which dispatcher node orchestrates which task (leases in PostgreSQL).
 //! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
 //! - [`metrics`]: Prometheus text.
 //! - [`secrets`]: sensitive values sealed at rest.
@@ -34,6 +35,7 @@ pub mod locks;
 pub mod logs;
 pub mod metrics;
 pub mod monitors;
+pub mod nodes;
 pub mod notify;
 pub mod orchestrator;
 pub mod results;

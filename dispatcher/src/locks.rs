@@ -448,7 +448,8 @@ async fn report(inner: &Inner, w: &Waiter, msg: &str) -> sqlx::Result<()> {
     }
     let mut tx = inner.db.begin().await?;
     let r = sqlx::query(
-        "UPDATE step_runs SET waiting_for = $3 WHERE id = $1 AND attempt = $2 AND state = 'Waiting'",
+        "UPDATE step_runs SET waiting_for = $3
+         WHERE id = $1 AND attempt = $2 AND state = 'Waiting' AND waiting_for IS DISTINCT FROM $3",
     )
     .bind(w.step_run_id)
     .bind(w.attempt)
@@ -477,9 +478,17 @@ async fn grant(inner: &Arc<Inner>, w: &Waiter, mutex: &str, token: u64) -> anyho
     let step_run = StepRunId(w.step_run_id);
     let attempt = w.attempt as u32;
     let mut tx = inner.db.begin().await?;
-    let still_waiting = attempts::lock(&mut tx, step_run, attempt)
-        .await?
-        .is_some_and(|l| l.state == "Waiting");
+    let locked = attempts::lock(&mut tx, step_run, attempt).await?;
+    if locked
+        .as_ref()
+        .is_some_and(|l| l.state != "Waiting" && l.mutex_token == Some(token as i64))
+    {
+        // Another dispatcher node served the same waiter a moment earlier and recorded this
+        // very grant (Redis answers a holder's acquire with its token): the lease is that
+        // attempt's now, and releasing it would pull it from under its step.
+        return Ok(());
+    }
+    let still_waiting = locked.is_some_and(|l| l.state == "Waiting");
     if !still_waiting {
         drop(tx);
         let keys = MutexKeys::new(&inner.ns, mutex);

@@ -6,6 +6,10 @@
 //! crash between "an attempt ended" and "the next step was published" delays the task by one
 //! sweep and loses nothing.
 //!
+//! With several dispatcher nodes, a node advances only the tasks it owns (`nodes`): the
+//! owner is checked under the task's row lock, and the sweep first renews this node's leases
+//! and takes free tasks up to `dispatcher.task_cap`.
+//!
 //! One `advance` of a task runs in one transaction holding the task's row lock:
 //!
 //! 1. steps are grouped (a step and the `parallel` steps after it form a group);
@@ -21,6 +25,7 @@
 
 use crate::attempts;
 use crate::logs;
+use crate::nodes::{self, Node};
 use crate::store::tasks::is_terminal;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -62,6 +67,8 @@ struct Inner {
     locks_wake: Arc<tokio::sync::Notify>,
     /// Delay before a failed step's next attempt (doubled per attempt).
     retry_base: Duration,
+    /// This dispatcher node: it advances only the tasks it owns (see `nodes`).
+    node: Node,
 }
 
 /// A job ready to go out.
@@ -335,6 +342,7 @@ impl Orchestrator {
         sweep_every: Duration,
         locks_wake: Arc<tokio::sync::Notify>,
         retry_base: Duration,
+        node: Node,
         cancel: CancellationToken,
     ) -> Self {
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
@@ -348,9 +356,23 @@ impl Orchestrator {
             advancing: Mutex::new(HashMap::new()),
             locks_wake,
             retry_base,
+            node,
         });
+        let kicks = inner.kick_tx.clone();
+        nodes::spawn_wake_listener(
+            inner.db.clone(),
+            move |task| {
+                let _ = kicks.send(task);
+            },
+            cancel.clone(),
+        );
         tokio::spawn(run(inner.clone(), kick_rx, sweep_every, cancel));
         Self { inner }
+    }
+
+    /// This node's identity and task cap.
+    pub fn node(&self) -> &Node {
+        &self.inner.node
     }
 
     /// Look at a task again soon.
@@ -387,7 +409,10 @@ async fn run(
                     tracing::warn!(error = %e, "orchestrator sweep failed; will retry");
                 }
             }
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                nodes::release_all(&inner.db, &inner.node).await;
+                return;
+            }
         }
     }
 }
@@ -423,16 +448,26 @@ fn schedule(inner: &Arc<Inner>, permits: &Arc<Semaphore>, task: TaskId) {
 }
 
 async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Result<()> {
-    let woken: Vec<Uuid> = sqlx::query_scalar("SELECT task_id FROM task_wakeups LIMIT 10000")
-        .fetch_all(&inner.db)
-        .await?;
-    let due: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT DISTINCT task_id FROM step_runs
-         WHERE not_before IS NOT NULL AND not_before <= now() AND state = 'Pending'",
+    // Renew this node's leases and take free tasks first; then only tasks this node owns, or
+    // that nobody holds, are worth advancing here.
+    let taken = nodes::renew_and_take(&inner.db, &inner.node).await?;
+    let woken: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT w.task_id FROM task_wakeups w JOIN tasks t ON t.id = w.task_id
+         WHERE t.owner_node = $1 OR t.owner_node IS NULL OR NOT t.lease_until > now()
+         LIMIT 10000",
     )
+    .bind(inner.node.id)
     .fetch_all(&inner.db)
     .await?;
-    for t in woken.into_iter().chain(due) {
+    let due: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT DISTINCT s.task_id FROM step_runs s JOIN tasks t ON t.id = s.task_id
+         WHERE s.not_before IS NOT NULL AND s.not_before <= now() AND s.state = 'Pending'
+           AND t.owner_node = $1",
+    )
+    .bind(inner.node.id)
+    .fetch_all(&inner.db)
+    .await?;
+    for t in taken.into_iter().map(|t| t.0).chain(woken).chain(due) {
         schedule(inner, permits, TaskId(t));
     }
     let unconfirmed: Vec<(Uuid, i32)> = sqlx::query_as(
@@ -516,6 +551,9 @@ async fn advance_and_publish(inner: &Arc<Inner>, task: TaskId) {
 
 /// One decision step for a task (see the module docs). Returns the jobs to publish.
 async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
+    if !nodes::may_own(&inner.db, &inner.node, task).await? {
+        return Ok(Vec::new());
+    }
     let mut tx = inner.db.begin().await?;
     let row: Option<(String, String, serde_json::Value)> =
         sqlx::query_as("SELECT name, state, variables FROM tasks WHERE id = $1 FOR UPDATE")
@@ -529,6 +567,11 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
     let Some((task_name, task_state, variables)) = row else {
         return Ok(Vec::new());
     };
+    if !nodes::own(&mut tx, &inner.node, task, &task_state).await? {
+        // Another node's task (or this node is at its task_cap): its wake-up stays for the
+        // owner.
+        return Ok(Vec::new());
+    }
     let mut outgoing = Vec::new();
     let mut wake_locks = false;
     if task_state == "Cancelling" {

@@ -208,6 +208,9 @@ pub struct AgentOpts {
     pub pools: Vec<String>,
     pub max_concurrent_steps: u32,
     pub env: Vec<(String, String)>,
+    /// The agent's `--server` (may list several nodes, comma-separated); default: the
+    /// stack's dispatcher.
+    pub server: Option<String>,
 }
 
 impl Default for AgentOpts {
@@ -216,8 +219,16 @@ impl Default for AgentOpts {
             pools: Vec::new(),
             max_concurrent_steps: 4,
             env: Vec::new(),
+            server: None,
         }
     }
+}
+
+/// A further dispatcher node of a stack.
+pub struct Node {
+    pub proc: Option<Proc>,
+    /// Its base URL, `http://127.0.0.1:PORT`.
+    pub url: String,
 }
 
 /// One isolated Gantry installation for one test.
@@ -230,6 +241,8 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     pub dispatcher: Option<Proc>,
+    /// More dispatcher nodes on the same database and namespace ([`Stack::start_node`]).
+    pub nodes: Vec<Node>,
     pub agents: Vec<Agent>,
     pub extra_env: Vec<(String, String)>,
     db: OnceLock<PgPool>,
@@ -258,6 +271,7 @@ impl Stack {
                 .timeout(Duration::from_secs(30))
                 .build()?,
             dispatcher: None,
+            nodes: Vec::new(),
             agents: Vec::new(),
             extra_env,
             db: OnceLock::new(),
@@ -321,6 +335,62 @@ impl Stack {
         })
         .await?;
         Ok(())
+    }
+
+    /// Start another dispatcher node of this stack (same database, namespace and services, its
+    /// own port and log), with extra `GANTRY__...` settings; returns its index in `nodes`.
+    pub async fn start_node(&mut self, extra_env: Vec<(String, String)>) -> Result<usize> {
+        let idx = self.nodes.len();
+        let log = self
+            .dir
+            .path()
+            .join(format!("dispatcher-node{}.log", idx + 1));
+        let mut env = self.dispatcher_env();
+        env.retain(|(k, _)| k != "GANTRY__HTTP__BIND");
+        env.push(("GANTRY__HTTP__BIND".into(), "127.0.0.1:0".into()));
+        env.extend(extra_env);
+        let (proc, mut rx) = spawn(
+            &format!("dispatcher node {}", idx + 1),
+            &bin("gantry-dispatcher"),
+            &["serve"],
+            &env,
+            self.dir.path(),
+            log,
+        )
+        .await?;
+        let line =
+            match wait_for_line(&mut rx, "listening on http://", Duration::from_secs(60)).await {
+                Ok(l) => l,
+                Err(e) => bail!("dispatcher node did not start: {e}\n{}", proc.log_text()),
+            };
+        let addr = line.rsplit("http://").next().expect("address").trim();
+        let url = format!("http://{addr}");
+        let health = format!("{url}/api/health");
+        eventually(
+            Duration::from_secs(30),
+            "dispatcher node healthy",
+            || async {
+                let r = self.http.get(&health).send().await.ok()?;
+                (r.status() == 200).then_some(())
+            },
+        )
+        .await?;
+        self.nodes.push(Node {
+            proc: Some(proc),
+            url,
+        });
+        Ok(idx)
+    }
+
+    /// Kill a node started by [`Stack::start_node`] with SIGKILL.
+    pub async fn kill_node(&mut self, idx: usize) {
+        if let Some(mut p) = self.nodes[idx].proc.take() {
+            p.kill().await;
+            self.dead_procs
+                .lock()
+                .expect("lock")
+                .push((p.name.clone(), p.log.clone()));
+        }
     }
 
     /// Kill the dispatcher with SIGKILL (no graceful shutdown).
@@ -500,7 +570,7 @@ impl Stack {
             home.display().to_string(),
             "register".into(),
             "--server".into(),
-            self.url.clone(),
+            opts.server.clone().unwrap_or_else(|| self.url.clone()),
             "--api-key".into(),
             API_KEY.into(),
             "--name".into(),
@@ -721,6 +791,7 @@ impl Drop for Stack {
         let procs = self
             .dispatcher
             .iter()
+            .chain(self.nodes.iter().filter_map(|n| n.proc.as_ref()))
             .chain(self.agents.iter().filter_map(|a| a.proc.as_ref()));
         for p in procs {
             p.signal(nix::sys::signal::Signal::SIGKILL);

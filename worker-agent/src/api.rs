@@ -1,10 +1,18 @@
 //! The agent's calls to the dispatcher's API.
+//!
+//! The server setting may list several dispatcher nodes, comma-separated
+//! (`--server http://a:8080,http://b:8080`). Calls go to one node; when it cannot be reached
+//! the call is tried on the next one at once, and after any other failure (a timeout, a 5xx)
+//! the next call starts with the next node. Claims are safe to repeat on another node: a
+//! claim carries its own id and the same claim is granted again.
 
 use gantry_shared::api::{
     API_KEY_HEADER, AgentConfig, ClaimGrant, ClaimRequest, ErrorBody, SensitiveOutput,
     WORKER_TOKEN_HEADER, WorkerRegister, WorkerRegistered,
 };
 use gantry_shared::ids::{ClaimId, JobId, WorkerId};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,39 +31,102 @@ pub enum ApiError {
 #[derive(Clone)]
 pub struct Api {
     http: reqwest::Client,
-    base: String,
+    /// The dispatcher nodes' base URLs, in the configured order.
+    bases: Arc<Vec<String>>,
+    /// Index into `bases` of the node calls go to first.
+    current: Arc<AtomicUsize>,
     token: Option<String>,
 }
 
+/// The base URLs in a server setting: comma-separated, blanks and trailing slashes dropped.
+pub fn server_urls(server: &str) -> Vec<String> {
+    server
+        .split(',')
+        .map(|s| s.trim().trim_end_matches('/').to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 impl Api {
+    /// `server`: one base URL, or several separated by commas (dispatcher nodes of one
+    /// installation).
     pub fn new(server: &str, token: Option<String>) -> Self {
+        let mut bases = server_urls(server);
+        if bases.is_empty() {
+            bases.push(server.to_owned());
+        }
         Self {
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("HTTP client"),
-            base: server.trim_end_matches('/').to_owned(),
+            bases: Arc::new(bases),
+            current: Arc::new(AtomicUsize::new(0)),
             token,
         }
     }
 
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self.http.request(method, format!("{}{path}", self.base));
+    fn req(&self, base: &str, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, format!("{base}{path}"));
         if let Some(t) = &self.token {
             r = r.header(WORKER_TOKEN_HEADER, t);
         }
         r
     }
 
+    /// Send a request built by `build` to the current node; on a connection failure try the
+    /// others in turn, and after any other failure move on for the next call.
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
-        req: reqwest::RequestBuilder,
+        method: reqwest::Method,
+        path: &str,
+        build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<T, ApiError> {
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let n = self.bases.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last_error = String::new();
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let base = &self.bases[idx];
+            match build(self.req(base, method.clone(), path)).send().await {
+                Ok(resp) => {
+                    let r = self.answer(resp).await;
+                    if matches!(r, Err(ApiError::Unavailable(_))) && n > 1 {
+                        let _ = self.current.compare_exchange(
+                            idx,
+                            (idx + 1) % n,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    return r;
+                }
+                Err(e) => {
+                    last_error = format!("{base}: {e}");
+                    if n > 1 {
+                        tracing::warn!(server = %base, error = %e, "cannot reach this dispatcher node; trying the next one");
+                        let _ = self.current.compare_exchange(
+                            idx,
+                            (idx + 1) % n,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    if !e.is_connect() {
+                        // The request may have been sent: let the caller decide to repeat it.
+                        break;
+                    }
+                }
+            }
+        }
+        Err(ApiError::Unavailable(last_error))
+    }
+
+    async fn answer<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<T, ApiError> {
         let status = resp.status();
         let bytes = resp
             .bytes()
@@ -87,25 +158,24 @@ impl Api {
         api_key: &str,
         req: &WorkerRegister,
     ) -> Result<WorkerRegistered, ApiError> {
-        self.call(
-            self.req(reqwest::Method::POST, "/api/workers")
-                .header(API_KEY_HEADER, api_key)
-                .json(req),
-        )
+        self.call(reqwest::Method::POST, "/api/workers", |r| {
+            r.header(API_KEY_HEADER, api_key).json(req)
+        })
         .await
     }
 
     pub async fn deregister(&self, api_key: &str, id: WorkerId) -> Result<(), ApiError> {
         self.call::<serde_json::Value>(
-            self.req(reqwest::Method::DELETE, &format!("/api/workers/{id}"))
-                .header(API_KEY_HEADER, api_key),
+            reqwest::Method::DELETE,
+            &format!("/api/workers/{id}"),
+            |r| r.header(API_KEY_HEADER, api_key),
         )
         .await
         .map(|_| ())
     }
 
     pub async fn agent_config(&self) -> Result<AgentConfig, ApiError> {
-        self.call(self.req(reqwest::Method::GET, "/api/agent/config"))
+        self.call(reqwest::Method::GET, "/api/agent/config", |r| r)
             .await
     }
 
@@ -116,21 +186,25 @@ impl Api {
         name: &str,
         value: &str,
     ) -> Result<(), ApiError> {
+        let body = SensitiveOutput {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        };
         self.call::<serde_json::Value>(
-            self.req(reqwest::Method::POST, &format!("/api/jobs/{job}/outputs"))
-                .json(&SensitiveOutput {
-                    name: name.to_owned(),
-                    value: value.to_owned(),
-                }),
+            reqwest::Method::POST,
+            &format!("/api/jobs/{job}/outputs"),
+            |r| r.json(&body),
         )
         .await
         .map(|_| ())
     }
 
     pub async fn claim(&self, job: JobId, claim_id: ClaimId) -> Result<ClaimGrant, ApiError> {
+        let body = ClaimRequest { claim_id };
         self.call(
-            self.req(reqwest::Method::POST, &format!("/api/jobs/{job}/claim"))
-                .json(&ClaimRequest { claim_id }),
+            reqwest::Method::POST,
+            &format!("/api/jobs/{job}/claim"),
+            |r| r.json(&body),
         )
         .await
     }

@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Register this agent as a worker with a dispatcher (needs a ConfigureServer API key).
     Register {
+        /// The dispatcher's URL; several nodes of one installation separated by commas
+        /// (`http://a:8080,http://b:8080`): the agent fails over between them.
         #[arg(long, env = "GANTRY_SERVER")]
         server: String,
         #[arg(long, env = "GANTRY_API_KEY", hide_env_values = true)]
@@ -108,7 +110,7 @@ fn main() -> ExitCode {
                 identity::save(
                     &home,
                     &Identity {
-                        server: server.trim_end_matches('/').to_owned(),
+                        server: gantry_agent::api::server_urls(&server).join(","),
                         worker_id: reg.worker.id,
                         name: reg.worker.name.clone(),
                         token: reg.token,

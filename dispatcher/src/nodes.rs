@@ -1,0 +1,314 @@
+//! # Dispatcher nodes: who orchestrates which task
+//!
+//! Several `gantry-dispatcher serve` nodes may share one database, broker and Redis. Each task
+//! is orchestrated by exactly one of them, its **owner**: `tasks.owner_node` is the node's id
+//! and `tasks.lease_until` is in the future. A node gets a fresh id at every start and
+//! registers in `dispatcher_nodes`.
+//!
+//! - On every sweep a node renews the lease of all its tasks with one `UPDATE`, then takes
+//!   unowned tasks and tasks whose lease expired, oldest first (`FOR UPDATE SKIP LOCKED`),
+//!   while it owns fewer than `dispatcher.task_cap`.
+//! - `advance` (the orchestrator's one decision step) runs only on the owner: it checks the
+//!   owner under the task's row lock ([`own`]), and takes a free task there if the node is
+//!   under its cap, so a task submitted through a node is normally taken by that node at once.
+//!   A task owned by another node is left alone, and so is its wake-up row.
+//! - A task that ends has no owner any more (a trigger clears it), so it stops counting
+//!   against the cap.
+//! - A node that stops gracefully gives its leases up at once; one that dies loses them when
+//!   they expire ([`LEASE`]); a new process bound to the same address as a dead one (a
+//!   restart) expires the dead one's leases at start, since it holds that address now.
+//! - Another node's wake-ups reach the owner through `NOTIFY gantry_wake` (latency only; the
+//!   durable `task_wakeups` row and the owner's sweep are what guarantee progress).
+//!
+//! Ownership decides who makes progress, never correctness: every decision is taken under the
+//! task's row lock after checking the owner, and a taker skips locked rows, so two nodes never
+//! decide for one task at once, even if a lease expires while its owner is merely slow.
+
+use crate::logs;
+use gantry_shared::ids::TaskId;
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long a node's ownership of a task lasts without renewal. Renewed every sweep
+/// (default 2 s), so another node takes a dead node's tasks within this plus one sweep.
+pub const LEASE: Duration = Duration::from_secs(10);
+
+/// The PostgreSQL channel on which wake-ups are announced (payload: the task id).
+pub const WAKE_CHANNEL: &str = "gantry_wake";
+
+/// Task states in which a task has (or awaits) an owner.
+const ACTIVE: &str = "('Queued', 'Executing', 'Waiting', 'Cancelling')";
+
+/// This node: its id for this process's lifetime and its task cap.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub id: Uuid,
+    pub task_cap: u32,
+}
+
+impl Node {
+    pub fn new(task_cap: u32) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            task_cap,
+        }
+    }
+}
+
+/// Register this node under `name` (`host@address`). A previous process registered under the
+/// same name is dead, since this one holds its address now: its leases expire at once, so
+/// its tasks are taken over on the next sweep rather than after [`LEASE`].
+pub async fn register(db: &PgPool, node: &Node, name: &str) -> sqlx::Result<()> {
+    let mut tx = db.begin().await?;
+    sqlx::query(
+        "INSERT INTO dispatcher_nodes (id, name) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, heartbeat_at = now()",
+    )
+    .bind(node.id)
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
+    let expired = sqlx::query(
+        "UPDATE tasks SET lease_until = now()
+         WHERE owner_node IN (SELECT id FROM dispatcher_nodes WHERE name = $1 AND id <> $2)
+           AND lease_until > now()",
+    )
+    .bind(name)
+    .bind(node.id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(node = %node.id, name, task_cap = node.task_cap, "dispatcher node registered");
+    if expired.rows_affected() > 0 {
+        tracing::info!(
+            tasks = expired.rows_affected(),
+            "a previous process at this address owned tasks; taking them over"
+        );
+    }
+    Ok(())
+}
+
+/// The sweep's part: refresh this node's heartbeat and leases, then take free tasks while
+/// under the cap. Returns the tasks taken.
+pub async fn renew_and_take(db: &PgPool, node: &Node) -> sqlx::Result<Vec<TaskId>> {
+    let registered = sqlx::query("UPDATE dispatcher_nodes SET heartbeat_at = now() WHERE id = $1")
+        .bind(node.id)
+        .execute(db)
+        .await?;
+    if registered.rows_affected() == 0 {
+        // Not registered yet (still starting): take nothing.
+        return Ok(Vec::new());
+    }
+    sqlx::query("UPDATE tasks SET lease_until = now() + $2 WHERE owner_node = $1")
+        .bind(node.id)
+        .bind(LEASE)
+        .execute(db)
+        .await?;
+    let mut tx = db.begin().await?;
+    let room = room(&mut tx, node).await?;
+    if room == 0 {
+        return Ok(Vec::new());
+    }
+    let taken: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(&format!(
+        "UPDATE tasks t SET owner_node = $1, lease_until = now() + $2
+         FROM (SELECT id, owner_node AS previous FROM tasks
+               WHERE state IN {ACTIVE}
+                 AND (owner_node IS NULL OR lease_until IS NULL OR lease_until < now())
+               ORDER BY created_at LIMIT $3
+               FOR UPDATE SKIP LOCKED) free
+         WHERE t.id = free.id
+         RETURNING t.id, free.previous"
+    ))
+    .bind(node.id)
+    .bind(LEASE)
+    .bind(room)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (task, previous) in &taken {
+        if let Some(previous) = previous
+            && *previous != node.id
+        {
+            log_takeover(&mut tx, node, TaskId(*task), *previous).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(taken.into_iter().map(|(t, _)| TaskId(t)).collect())
+}
+
+/// How many more tasks this node may own. Locks the node's row, so two takers on one node
+/// (the sweep and an `advance`) cannot both use the last free place.
+async fn room(conn: &mut PgConnection, node: &Node) -> sqlx::Result<i64> {
+    sqlx::query("SELECT 1 FROM dispatcher_nodes WHERE id = $1 FOR UPDATE")
+        .bind(node.id)
+        .execute(&mut *conn)
+        .await?;
+    let owned: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE owner_node = $1")
+        .bind(node.id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((i64::from(node.task_cap) - owned).max(0))
+}
+
+/// Without locking: false if another node holds a live lease on the task (so `advance` need
+/// not wait for the task's row lock only to find it is not ours).
+pub async fn may_own(db: &PgPool, node: &Node, task: TaskId) -> sqlx::Result<bool> {
+    let other: Option<bool> = sqlx::query_scalar(
+        "SELECT owner_node IS NOT NULL AND owner_node <> $2 AND lease_until > now()
+         FROM tasks WHERE id = $1",
+    )
+    .bind(task.0)
+    .bind(node.id)
+    .fetch_optional(db)
+    .await?;
+    Ok(other != Some(true))
+}
+
+/// Called by `advance` holding the task's row lock: may this node act on the task? True if it
+/// owns it, or took it just now (free or expired, and this node under its cap); false if
+/// another node owns it or this node is full. A task that has ended needs no owner.
+pub async fn own(
+    conn: &mut PgConnection,
+    node: &Node,
+    task: TaskId,
+    task_state: &str,
+) -> sqlx::Result<bool> {
+    if crate::store::tasks::is_terminal(task_state) {
+        return Ok(true);
+    }
+    let (owner, live): (Option<Uuid>, bool) = sqlx::query_as(
+        "SELECT owner_node, COALESCE(lease_until > now(), false) FROM tasks WHERE id = $1",
+    )
+    .bind(task.0)
+    .fetch_one(&mut *conn)
+    .await?;
+    if owner == Some(node.id) {
+        return Ok(true);
+    }
+    if owner.is_some() && live {
+        return Ok(false);
+    }
+    if room(conn, node).await? == 0 {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE tasks SET owner_node = $2, lease_until = now() + $3 WHERE id = $1")
+        .bind(task.0)
+        .bind(node.id)
+        .bind(LEASE)
+        .execute(&mut *conn)
+        .await?;
+    if let Some(previous) = owner {
+        log_takeover(conn, node, task, previous).await?;
+    }
+    Ok(true)
+}
+
+async fn log_takeover(
+    conn: &mut PgConnection,
+    node: &Node,
+    task: TaskId,
+    previous: Uuid,
+) -> sqlx::Result<()> {
+    let names: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, name FROM dispatcher_nodes WHERE id = ANY($1)")
+            .bind(vec![node.id, previous])
+            .fetch_all(&mut *conn)
+            .await?;
+    let name = |id: Uuid| {
+        names
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, n)| format!("{n} ({id})"))
+            .unwrap_or_else(|| id.to_string())
+    };
+    let line = format!(
+        "Dispatcher node {} took over this task: the lease of node {} expired (it stopped or cannot reach PostgreSQL)",
+        name(node.id),
+        name(previous)
+    );
+    tracing::warn!(%task, node = %node.id, previous = %previous, "took over a task whose owner's lease expired");
+    logs::append_system(conn, task, None, &line).await
+}
+
+/// At a graceful stop: give up every lease at once, so other nodes take the tasks on their
+/// next sweep.
+pub async fn release_all(db: &PgPool, node: &Node) {
+    let r = sqlx::query("UPDATE tasks SET lease_until = now() WHERE owner_node = $1")
+        .bind(node.id)
+        .execute(db)
+        .await;
+    match r {
+        Ok(r) if r.rows_affected() > 0 => {
+            tracing::info!(
+                tasks = r.rows_affected(),
+                "stopping: released this node's tasks to the other nodes"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "stopping: could not release this node's tasks; they are taken over when their leases expire")
+        }
+    }
+}
+
+/// Announce a wake-up to whichever node owns the task (delivered at commit).
+pub async fn notify_wake(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(WAKE_CHANNEL)
+        .bind(task.0.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Listen for wake-ups written by any node and pass them to `kick`. Notifications lost while
+/// the listener reconnects are covered by the sweep.
+pub fn spawn_wake_listener(
+    db: PgPool,
+    kick: impl Fn(TaskId) + Send + 'static,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            let listener = async {
+                let mut l = PgListener::connect_with(&db).await?;
+                l.listen(WAKE_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            let mut listener = tokio::select! {
+                l = listener => match l {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "wake-up LISTEN failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            _ = cancel.cancelled() => return,
+                        }
+                    }
+                },
+                _ = cancel.cancelled() => return,
+            };
+            loop {
+                let n = tokio::select! {
+                    n = listener.try_recv() => n,
+                    _ = cancel.cancelled() => return,
+                };
+                match n {
+                    Ok(Some(n)) => {
+                        if let Ok(id) = Uuid::parse_str(n.payload()) {
+                            kick(TaskId(id));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "wake-up LISTEN connection lost; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
