@@ -335,6 +335,7 @@ struct StepState {
 }
 
 impl Orchestrator {
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         db: PgPool,
         topology: Topology,
