@@ -864,3 +864,71 @@ pub fn max_overlap(
     }
     best as usize
 }
+
+/// A TCP proxy in front of a service that a test can cut: every connection through it is
+/// closed at once and new ones are closed as soon as they arrive, until it is restored. It
+/// cuts one process off a service that everyone else still reaches.
+pub struct CutProxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// Listen on a free port and forward to `target` (`host:port`).
+    pub async fn start(target: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let target = target.to_owned();
+        let accept = {
+            let (cut, conns) = (cut.clone(), conns.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let target = target.clone();
+                    let handle = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    conns.lock().expect("lock").push(handle.abort_handle());
+                }
+            })
+        };
+        Ok(Self {
+            port,
+            cut,
+            conns,
+            accept,
+        })
+    }
+
+    /// Close every connection and refuse new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Let connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+}
