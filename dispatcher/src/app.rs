@@ -76,6 +76,7 @@ impl Dispatcher {
             locks_wake.clone(),
             Duration::from_millis(settings.dispatcher.retry_backoff_ms),
             node.clone(),
+            crate::email::Mailer::new(&settings.smtp),
             cancel.clone(),
         );
         let redis = Arc::new(RedisLink::new(&settings.redis.url).context("redis.url")?);

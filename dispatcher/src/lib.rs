@@ -9,6 +9,7 @@
 //! - [`api`]: routes, extractors, JSON errors.
 //! - [`store`]: SQL for pools, workers, keys and task views.
 //! - [`builtin`]: the node's built-in worker (an in-process agent).
+//! - [`email`]: e-mail steps, sent by the dispatcher over SMTP.
 //! - [`orchestrator`]: decides each task's next steps and publishes their jobs.
 //! - [`attempts`]: the attempt state machine shared by the orchestrator, claims and results.
 //! - [`results`]: consumes agent events into PostgreSQL.
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod builtin;
 pub mod cli;
 pub mod db;
+pub mod email;
 pub mod locks;
 pub mod logs;
 pub mod metrics;

@@ -31,7 +31,8 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use gantry_shared::amqp::{Broker, PublishError, Publisher, json_properties};
 use gantry_shared::ids::{JobId, StepRunId, TaskId, WorkerId};
-use gantry_shared::process::{Condition, StepSpec, group_ranges};
+use gantry_shared::process::{Condition, StepKind, StepSpec, group_ranges};
+use gantry_shared::template;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::{Control, Job};
 use sqlx::types::Json;
@@ -67,6 +68,8 @@ struct Inner {
     locks_wake: Arc<tokio::sync::Notify>,
     /// Delay before a failed step's next attempt (doubled per attempt).
     retry_base: Duration,
+    /// Sends e-mail steps.
+    mailer: crate::email::Mailer,
     /// This dispatcher node: it advances only the tasks it owns (see `nodes`).
     node: Node,
 }
@@ -344,6 +347,7 @@ impl Orchestrator {
         locks_wake: Arc<tokio::sync::Notify>,
         retry_base: Duration,
         node: Node,
+        mailer: crate::email::Mailer,
         cancel: CancellationToken,
     ) -> Self {
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
@@ -358,6 +362,7 @@ impl Orchestrator {
             locks_wake,
             retry_base,
             node,
+            mailer,
         });
         let kicks = inner.kick_tx.clone();
         nodes::spawn_wake_listener(
@@ -510,6 +515,31 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
     .fetch_all(&inner.db)
     .await?;
     let unconfirmed: Vec<(Uuid, i32)> = unconfirmed.into_iter().chain(stranded).collect();
+    // E-mails whose sending was interrupted (this node or the task's previous owner died).
+    let unsent: Vec<(Uuid, i32, Uuid, Vec<String>, String, String)> = sqlx::query_as(
+        "SELECT e.step_run_id, e.attempt, s.task_id, e.to_addrs, e.subject, e.body FROM emails e
+         JOIN attempts a ON a.step_run_id = e.step_run_id AND a.attempt = e.attempt
+         JOIN step_runs s ON s.id = e.step_run_id JOIN tasks t ON t.id = s.task_id
+         WHERE a.state = 'Running' AND e.sent_at IS NULL AND e.error IS NULL
+           AND t.owner_node = $1 AND a.started_at < now() - interval '5 seconds'
+         LIMIT 100",
+    )
+    .bind(inner.node.id)
+    .fetch_all(&inner.db)
+    .await?;
+    for (step_run, attempt, task, to, subject, body) in unsent {
+        spawn_email(
+            inner,
+            crate::email::Outgoing {
+                task: TaskId(task),
+                step_run: StepRunId(step_run),
+                attempt: attempt as u32,
+                to,
+                subject,
+                body,
+            },
+        );
+    }
     for (step_run, attempt) in unconfirmed {
         let key = (StepRunId(step_run), attempt as u32);
         if inner.publishing.lock().expect("lock").contains(&key) {
@@ -551,7 +581,7 @@ async fn advance_and_publish(inner: &Arc<Inner>, task: TaskId) {
 }
 
 /// One decision step for a task (see the module docs). Returns the jobs to publish.
-async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
+async fn advance(inner: &Arc<Inner>, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
     if !nodes::may_own(&inner.db, &inner.node, task).await? {
         return Ok(Vec::new());
     }
@@ -574,6 +604,7 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
         return Ok(Vec::new());
     }
     let mut outgoing = Vec::new();
+    let mut emails: Vec<crate::email::Outgoing> = Vec::new();
     let mut wake_locks = false;
     if task_state == "Cancelling" {
         settle_cancel(&mut tx, task, &task_name).await?;
@@ -637,6 +668,60 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
                 }
                 if step.not_before.is_some_and(|t| t > Utc::now()) {
                     // Waiting out a retry backoff; the sweep brings it back when due.
+                    continue;
+                }
+                if step.spec.0.kind == StepKind::Manual {
+                    // The dispatcher's own step: it waits for a decision through the API and
+                    // runs nothing anywhere.
+                    let (values, sensitive) =
+                        visible_values(&mut tx, task, &task_name, &variables, &step.name, 0)
+                            .await?;
+                    let instructions = render_field(
+                        step.spec.0.instructions.as_deref().unwrap_or(""),
+                        &values,
+                        &sensitive,
+                    );
+                    sqlx::query(
+                        "INSERT INTO approvals (step_run_id, task_id, instructions)
+                         VALUES ($1, $2, $3) ON CONFLICT (step_run_id) DO NOTHING",
+                    )
+                    .bind(step.id)
+                    .bind(task.0)
+                    .bind(&instructions)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE step_runs SET state = 'Waiting', waiting_for = 'approval',
+                             not_before = NULL WHERE id = $1",
+                    )
+                    .bind(step.id)
+                    .execute(&mut *tx)
+                    .await?;
+                    logs::append_system(
+                        &mut tx,
+                        task,
+                        Some((StepRunId(step.id), 0)),
+                        &format!(
+                            "Step {name} waits for approval: {instructions}\n  approve: gantry approve {task} {name} [--note TEXT]\n  reject:  gantry reject {task} {name} [--note TEXT]",
+                            name = step.name
+                        ),
+                    )
+                    .await?;
+                    step.state = "Waiting".into();
+                    started_any = true;
+                    continue;
+                }
+                if step.spec.0.kind == StepKind::Email {
+                    let attempt = (step.attempt + 1) as u32;
+                    if let Some(mail) =
+                        prepare_email(&mut tx, task, &task_name, &variables, step, attempt).await?
+                    {
+                        emails.push(mail);
+                    }
+                    step.attempt = attempt as i32;
+                    step.attempt_state = Some("Running".into());
+                    step.state = "Running".into();
+                    started_any = true;
                     continue;
                 }
                 let attempt = (step.attempt + 1) as u32;
@@ -726,11 +811,26 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
                 }
             }
         }
-        if started_any && task_state == "Queued" {
-            sqlx::query("UPDATE tasks SET state = 'Executing', started_at = now() WHERE id = $1")
-                .bind(task.0)
-                .execute(&mut *tx)
-                .await?;
+        // `Waiting` while a manual step waits for its decision, `Executing` otherwise.
+        let awaiting = in_progress
+            && steps
+                .iter()
+                .any(|s| s.state == "Waiting" && s.spec.0.kind == StepKind::Manual);
+        let next_state = match (awaiting, task_state.as_str()) {
+            (true, "Waiting") => None,
+            (true, _) => Some("Waiting"),
+            (false, "Waiting") => Some("Executing"),
+            (false, "Queued") if started_any => Some("Executing"),
+            _ => None,
+        };
+        if let Some(next) = next_state.filter(|_| in_progress) {
+            sqlx::query(
+                "UPDATE tasks SET state = $2, started_at = COALESCE(started_at, now()) WHERE id = $1",
+            )
+            .bind(task.0)
+            .bind(next)
+            .execute(&mut *tx)
+            .await?;
             logs::notify(&mut tx, logs::TASK_CHANNEL, task).await?;
         }
         if !in_progress {
@@ -783,6 +883,9 @@ async fn advance(inner: &Inner, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
     if wake_locks {
         inner.locks_wake.notify_one();
     }
+    for m in emails {
+        spawn_email(inner, m);
+    }
     Ok(outgoing)
 }
 
@@ -792,7 +895,7 @@ async fn settle_cancel(conn: &mut PgConnection, task: TaskId, task_name: &str) -
     let never_started: Vec<(Uuid, String)> = sqlx::query_as(
         "UPDATE step_runs s SET state = 'Cancelled', reason = 'cancelled before it started',
              waiting_for = NULL, not_before = NULL
-         WHERE s.task_id = $1 AND s.state = 'Pending'
+         WHERE s.task_id = $1 AND s.state IN ('Pending', 'Waiting')
            AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.step_run_id = s.id
                            AND a.attempt = s.attempt
                            AND a.state IN ('Waiting', 'Pending', 'Queued', 'Running'))
@@ -832,17 +935,16 @@ async fn settle_cancel(conn: &mut PgConnection, task: TaskId, task_name: &str) -
     Ok(())
 }
 
-/// The job for an attempt: the step's script and every non-sensitive value it may reference.
-async fn build_job(
+/// Every value a step may reference that may travel in clear (task variables, earlier steps'
+/// outputs, `Gantry.*`), and the names of the sensitive ones, which never do.
+async fn visible_values(
     conn: &mut PgConnection,
     task: TaskId,
     task_name: &str,
     task_variables: &serde_json::Value,
-    step: &StepState,
+    step_name: &str,
     attempt: u32,
-    job_id: JobId,
-) -> sqlx::Result<Outgoing> {
-    let spec = &step.spec.0;
+) -> sqlx::Result<(BTreeMap<String, String>, Vec<String>)> {
     let mut variables: BTreeMap<String, String> = task_variables
         .as_object()
         .map(|m| {
@@ -874,8 +976,132 @@ async fn build_job(
     }
     variables.insert("Gantry.Task.Id".into(), task.to_string());
     variables.insert("Gantry.Task.Name".into(), task_name.to_owned());
-    variables.insert("Gantry.Step.Name".into(), step.name.clone());
+    variables.insert("Gantry.Step.Name".into(), step_name.to_owned());
     variables.insert("Gantry.Step.Attempt".into(), attempt.to_string());
+    Ok((variables, sensitive_names))
+}
+
+/// `#{...}` in a field the dispatcher itself uses (instructions, an e-mail): values
+/// substituted, sensitive ones as `********`, unknown ones left as written.
+pub(crate) fn render_field(
+    text: &str,
+    values: &BTreeMap<String, String>,
+    sensitive: &[String],
+) -> String {
+    template::render(text, |name| {
+        Some(if sensitive.iter().any(|s| s == name) {
+            gantry_shared::mask::MASK.to_owned()
+        } else {
+            values
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| format!("#{{{name}}}"))
+        })
+    })
+    .unwrap_or_else(|_| text.to_owned())
+}
+
+/// An e-mail step reached: its attempt (`Running` on the dispatcher) and its rendered message,
+/// stored before anything is sent.
+async fn prepare_email(
+    tx: &mut PgConnection,
+    task: TaskId,
+    task_name: &str,
+    task_variables: &serde_json::Value,
+    step: &StepState,
+    attempt: u32,
+) -> sqlx::Result<Option<crate::email::Outgoing>> {
+    let spec = &step.spec.0;
+    let (values, sensitive) =
+        visible_values(tx, task, task_name, task_variables, &step.name, attempt).await?;
+    let render = |t: &str| render_field(t, &values, &sensitive);
+    let to: Vec<String> = spec
+        .to
+        .iter()
+        .map(|a| render(a).trim().to_owned())
+        .collect();
+    let subject = render(spec.subject.as_deref().unwrap_or(""));
+    let body = render(spec.body.as_deref().unwrap_or(""));
+    sqlx::query(
+        "INSERT INTO attempts (step_run_id, attempt, job_id, state, worker_name, started_at)
+         VALUES ($1, $2, $3, 'Running', 'dispatcher (e-mail)', now())",
+    )
+    .bind(step.id)
+    .bind(attempt as i32)
+    .bind(JobId::new().0)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE step_runs SET attempt = $2, state = 'Running', not_before = NULL, waiting_for = NULL
+         WHERE id = $1",
+    )
+    .bind(step.id)
+    .bind(attempt as i32)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO emails (step_run_id, attempt, to_addrs, subject, body) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(step.id)
+    .bind(attempt as i32)
+    .bind(&to)
+    .bind(&subject)
+    .bind(&body)
+    .execute(&mut *tx)
+    .await?;
+    logs::append_system(
+        tx,
+        task,
+        Some((StepRunId(step.id), attempt)),
+        &format!(
+            "Step {} sends an e-mail to {}: {subject}",
+            step.name,
+            to.join(", ")
+        ),
+    )
+    .await?;
+    Ok(Some(crate::email::Outgoing {
+        task,
+        step_run: StepRunId(step.id),
+        attempt,
+        to,
+        subject,
+        body,
+    }))
+}
+
+/// Send an e-mail step's message in the background (at most once at a time per attempt on
+/// this node) and end its attempt with the outcome.
+fn spawn_email(inner: &Arc<Inner>, m: crate::email::Outgoing) {
+    let key = (m.step_run, m.attempt);
+    if !inner.publishing.lock().expect("lock").insert(key) {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        match crate::email::send_and_record(&inner.db, &inner.mailer, &m, inner.retry_base).await {
+            Ok(task) => schedule_kick(&inner, task),
+            Err(e) => {
+                tracing::warn!(error = %e, step_run = %m.step_run, "could not record an e-mail's outcome; the sweep will send it again")
+            }
+        }
+        inner.publishing.lock().expect("lock").remove(&key);
+    });
+}
+
+/// The job for an attempt: the step's script and every non-sensitive value it may reference.
+async fn build_job(
+    conn: &mut PgConnection,
+    task: TaskId,
+    task_name: &str,
+    task_variables: &serde_json::Value,
+    step: &StepState,
+    attempt: u32,
+    job_id: JobId,
+) -> sqlx::Result<Outgoing> {
+    let spec = &step.spec.0;
+    let (mut variables, sensitive_names) =
+        visible_values(conn, task, task_name, task_variables, &step.name, attempt).await?;
     if let Some(pool) = &step.pool_name {
         variables.insert("Gantry.WorkerPool.Name".into(), pool.clone());
     }

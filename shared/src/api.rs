@@ -312,6 +312,29 @@ pub struct StepRun {
     /// Output variables of the latest attempt; sensitive ones show as `********`.
     pub outputs: BTreeMap<String, String>,
     pub attempts: Vec<Attempt>,
+    /// A manual step's request and decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+}
+
+/// A manual step's request for approval and who decided it, when, and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Approval {
+    pub instructions: String,
+    pub requested_at: Option<DateTime<Utc>>,
+    /// `Approved` or `Rejected`; none while waiting.
+    pub decision: Option<String>,
+    /// The name of the API key that decided.
+    pub decided_by: Option<String>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub note: Option<String>,
+}
+
+/// The body of `POST /api/tasks/{id}/steps/{name}/approve` (or `reject`); it may be empty.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

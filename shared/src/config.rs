@@ -43,6 +43,38 @@ pub struct Settings {
     pub secrets: SecretsSettings,
     #[serde(default)]
     pub builtin_worker: BuiltinWorkerSettings,
+    #[serde(default)]
+    pub smtp: SmtpSettings,
+}
+
+/// Where e-mail steps are sent from (the dispatcher sends them; workers never do).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    /// The sender address.
+    pub from: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `none` (plain SMTP, for a local relay), `starttls` or `tls`.
+    pub tls: String,
+    /// Give up on one message after this long.
+    pub timeout_secs: u64,
+}
+
+impl Default for SmtpSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 25,
+            from: "gantry@localhost".into(),
+            username: None,
+            password: None,
+            tls: "none".into(),
+            timeout_secs: 30,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -357,6 +389,18 @@ impl Settings {
         }
         if self.locks.lease_ms < 500 {
             return Err(ConfigError::key("locks.lease_ms", "must be at least 500"));
+        }
+        if !matches!(self.smtp.tls.as_str(), "none" | "starttls" | "tls") {
+            return Err(ConfigError::key(
+                "smtp.tls",
+                "must be none, starttls or tls",
+            ));
+        }
+        if !self.smtp.from.contains('@') {
+            return Err(ConfigError::key("smtp.from", "must be an e-mail address"));
+        }
+        if self.smtp.timeout_secs == 0 {
+            return Err(ConfigError::key("smtp.timeout_secs", "must be at least 1"));
         }
         if !(1..=1000).contains(&self.builtin_worker.max_concurrent_steps) {
             return Err(ConfigError::key(

@@ -286,15 +286,8 @@ impl Process {
             match step.kind {
                 StepKind::Script => {}
                 StepKind::Manual | StepKind::Email => {
-                    let kind = if step.kind == StepKind::Manual {
-                        "manual"
-                    } else {
-                        "email"
-                    };
-                    return Err(invalid(
-                        at("kind"),
-                        format!("kind = \"{kind}\" is not supported by this version of Gantry yet"),
-                    ));
+                    self.check_dispatcher_step(step, &at, &readable, &seen)?;
+                    continue;
                 }
             }
             let script = step.script.as_deref().unwrap_or("");
@@ -365,6 +358,107 @@ impl Process {
             for name in template::references(script) {
                 self.check_reference(name, &readable, &seen)
                     .map_err(|m| invalid(at("script"), m))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Manual and e-mail steps: run by the dispatcher, never by a worker, so they take none
+    /// of a script step's fields, and need their own.
+    fn check_dispatcher_step(
+        &self,
+        step: &StepSpec,
+        at: &dyn Fn(&str) -> String,
+        readable: &HashSet<&str>,
+        declared: &HashMap<&str, usize>,
+    ) -> Result<(), ValidationError> {
+        let kind = if step.kind == StepKind::Manual {
+            "manual"
+        } else {
+            "email"
+        };
+        let script_only = [
+            ("script", step.script.is_some()),
+            ("pool", step.pool.is_some()),
+            ("location", step.location != Location::Pool),
+            ("syntax", step.syntax != Syntax::default()),
+            ("timeout_secs", step.timeout_secs.is_some()),
+            ("retries", step.retries > 0),
+            ("artifacts", !step.artifacts.is_empty()),
+            ("mutex", step.mutex.is_some()),
+            ("mutex_timeout_secs", step.mutex_timeout_secs.is_some()),
+            ("exclusive", step.exclusive),
+        ];
+        for (field, set) in script_only {
+            if set {
+                return Err(invalid(
+                    at(field),
+                    format!("a {kind} step is run by the dispatcher and takes no `{field}`"),
+                ));
+            }
+        }
+        let mut texts: Vec<(&str, &str)> = Vec::new();
+        if step.kind == StepKind::Manual {
+            for (field, set) in [
+                ("to", !step.to.is_empty()),
+                ("subject", step.subject.is_some()),
+                ("body", step.body.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        at(field),
+                        format!("only email steps take `{field}`"),
+                    ));
+                }
+            }
+            let instructions = step.instructions.as_deref().unwrap_or("");
+            if instructions.trim().is_empty() {
+                return Err(invalid(
+                    at("instructions"),
+                    "a manual step needs instructions: what the approver should check",
+                ));
+            }
+            texts.push(("instructions", instructions));
+        } else {
+            if step.instructions.is_some() {
+                return Err(invalid(
+                    at("instructions"),
+                    "only manual steps take `instructions`",
+                ));
+            }
+            if step.to.is_empty() {
+                return Err(invalid(
+                    at("to"),
+                    "an email step needs at least one address",
+                ));
+            }
+            for (j, addr) in step.to.iter().enumerate() {
+                let plain = !addr.contains("#{");
+                if addr.trim().is_empty() || (plain && !addr.contains('@')) {
+                    return Err(invalid(
+                        format!("{}[{j}]", at("to")),
+                        format!("{addr:?} is not an e-mail address"),
+                    ));
+                }
+                texts.push(("to", addr));
+            }
+            let subject = step.subject.as_deref().unwrap_or("");
+            if subject.trim().is_empty() {
+                return Err(invalid(at("subject"), "an email step needs a subject"));
+            }
+            texts.push(("subject", subject));
+            texts.push(("body", step.body.as_deref().unwrap_or("")));
+        }
+        for (field, text) in texts {
+            if text.len() > MAX_SCRIPT_BYTES {
+                return Err(invalid(
+                    at(field),
+                    format!("longer than {MAX_SCRIPT_BYTES} bytes"),
+                ));
+            }
+            for name in template::references(text) {
+                self.check_reference(name, readable, declared)
+                    .map_err(|m| invalid(at(field), m))?;
             }
         }
         Ok(())

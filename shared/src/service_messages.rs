@@ -158,6 +158,51 @@ gantry_mask() {
 }
 "###;
 
+/// The same helpers for `python3` steps, as functions available without an import: the agent
+/// writes this as `sitecustomize.py` in a folder it puts first on `PYTHONPATH`, so the
+/// script itself (and its line numbers) stays untouched.
+pub const PYTHON_HELPERS: &str = r###"# Gantry service-message helpers for python3 steps (written by the agent).
+import base64 as _gantry_b64
+import builtins as _gantry_builtins
+import sys as _gantry_sys
+
+
+def _gantry_enc(value):
+    return _gantry_b64.b64encode(str(value).encode("utf-8")).decode("ascii")
+
+
+def _gantry_say(text):
+    _gantry_sys.stdout.write(text + "\n")
+    _gantry_sys.stdout.flush()
+
+
+def set_gantryvariable(name, value, sensitive=False):
+    extra = " sensitive='%s'" % _gantry_enc("True") if sensitive else ""
+    _gantry_say("##gantry[setVariable name='%s' value='%s'%s]" % (_gantry_enc(name), _gantry_enc(value), extra))
+
+
+def new_gantryartifact(path, name=None):
+    import os
+    _gantry_say("##gantry[createArtifact path='%s' name='%s']" % (_gantry_enc(path), _gantry_enc(name or os.path.basename(path))))
+
+
+def update_progress(percent, message=""):
+    _gantry_say("##gantry[progress percentage='%s' message='%s']" % (_gantry_enc(percent), _gantry_enc(message)))
+
+
+def fail_step(message=""):
+    _gantry_say("##gantry[fail message='%s']" % _gantry_enc(message))
+    _gantry_sys.exit(1)
+
+
+def gantry_mask(value):
+    _gantry_say("##gantry[mask value='%s']" % _gantry_enc(value))
+
+
+for _gantry_f in (set_gantryvariable, new_gantryartifact, update_progress, fail_step, gantry_mask):
+    setattr(_gantry_builtins, _gantry_f.__name__, _gantry_f)
+"###;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -932,3 +932,62 @@ impl Drop for CutProxy {
         }
     }
 }
+
+/// A real SMTP server (`tests/support/smtp_sink.py`) that writes what it receives to a
+/// folder, for e-mail steps.
+pub struct SmtpSink {
+    pub port: u16,
+    pub dir: PathBuf,
+    _proc: Proc,
+}
+
+impl SmtpSink {
+    pub async fn start(parent: &Path) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = parent.join("mail");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/smtp_sink.py");
+        let (proc, mut rx) = spawn(
+            "smtp sink",
+            Path::new("python3"),
+            &[
+                script.to_str().context("path")?,
+                &port.to_string(),
+                dir.to_str().context("path")?,
+            ],
+            &[],
+            parent,
+            parent.join("smtp.log"),
+        )
+        .await?;
+        if let Err(e) = wait_for_line(&mut rx, "ready", Duration::from_secs(20)).await {
+            bail!("the SMTP sink did not start: {e}\n{}", proc.log_text());
+        }
+        Ok(Self {
+            port,
+            dir,
+            _proc: proc,
+        })
+    }
+
+    /// The messages received so far, oldest first.
+    pub fn messages(&self) -> Vec<String> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort_by_key(|p| {
+            p.file_stem()
+                .and_then(|s| s.to_str()?.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .collect()
+    }
+}

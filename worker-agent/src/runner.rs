@@ -328,6 +328,18 @@ async fn execute(
     tokio::fs::write(&helpers, SHELL_HELPERS)
         .await
         .map_err(|e| format!("cannot write helpers: {e}"))?;
+    let python_helpers = work_dir.join(".gantry/python");
+    if job.syntax == Syntax::Python3 {
+        tokio::fs::create_dir_all(&python_helpers)
+            .await
+            .map_err(|e| format!("cannot write helpers: {e}"))?;
+        tokio::fs::write(
+            python_helpers.join("sitecustomize.py"),
+            gantry_shared::service_messages::PYTHON_HELPERS,
+        )
+        .await
+        .map_err(|e| format!("cannot write helpers: {e}"))?;
+    }
     let script_path = work_dir.join(match job.syntax {
         Syntax::Python3 => ".gantry/script.py",
         _ => ".gantry/script.sh",
@@ -415,6 +427,15 @@ async fn execute(
             .env("HOME", &user.home)
             .env("USER", &user.name)
             .env("LOGNAME", &user.name);
+    }
+    if job.syntax == Syntax::Python3 {
+        // The helpers arrive as builtins through `sitecustomize`.
+        let mut path = std::ffi::OsString::from(python_helpers.as_os_str());
+        if let Some(existing) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
+            path.push(":");
+            path.push(existing);
+        }
+        cmd.env("PYTHONPATH", path);
     }
     cmd.env("GANTRY_HELPERS", &helpers)
         .env("GANTRY_TASK_ID", job.task_id.to_string())

@@ -80,6 +80,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/tasks", get(tasks::list).post(tasks::create))
         .route("/api/tasks/{id}", get(tasks::get))
         .route("/api/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/api/tasks/{id}/steps/{name}/approve", post(tasks::approve))
+        .route("/api/tasks/{id}/steps/{name}/reject", post(tasks::reject))
         .route("/api/tasks/{id}/log", get(logs::log))
         .route("/metrics", get(health::metrics))
         .fallback(not_found)

@@ -33,6 +33,11 @@ pub async fn create(
     let settings = crate::store::settings::get(&s.db).await?;
     let mut step_pools: Vec<Option<PoolId>> = Vec::with_capacity(process.steps.len());
     for (i, step) in process.steps.iter().enumerate() {
+        if step.kind != gantry_shared::process::StepKind::Script {
+            // Manual and e-mail steps are the dispatcher's own: no pool, no worker.
+            step_pools.push(None);
+            continue;
+        }
         let pool = match (&step.pool, step.location) {
             (Some(_), Location::Server) => {
                 return Err(ApiError::bad(
@@ -226,4 +231,159 @@ pub async fn cancel(
             state: "Cancelling".into(),
         }),
     ))
+}
+
+/// `POST /api/tasks/{id}/steps/{name}/approve` and `.../reject`: decide a manual step.
+pub async fn approve(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((id, step)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<gantry_shared::api::Approval>> {
+    decide(s, caller, id, step, body, true).await
+}
+
+pub async fn reject(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((id, step)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<gantry_shared::api::Approval>> {
+    decide(s, caller, id, step, body, false).await
+}
+
+async fn decide(
+    s: AppState,
+    caller: Caller,
+    id: String,
+    step: String,
+    body: axum::body::Bytes,
+    approve: bool,
+) -> ApiResult<Json<gantry_shared::api::Approval>> {
+    caller.require(Permission::TaskCreate)?;
+    let task: TaskId = parse_id(&id, "task")?;
+    let note = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let d: gantry_shared::api::Decision = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad(
+                "note",
+                format!("the body must be {{\"note\": \"...\"}}: {e}"),
+            )
+        })?;
+        d.note
+    };
+    let note = note.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
+    if note.as_ref().is_some_and(|n| n.len() > 10_000) {
+        return Err(ApiError::bad("note", "at most 10000 bytes"));
+    }
+    let mut tx = s.db.begin().await?;
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(task.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(state) = state else {
+        return Err(ApiError::not_found(format!("no task with id {task}")));
+    };
+    let found: Option<(
+        uuid::Uuid,
+        String,
+        sqlx::types::Json<gantry_shared::process::StepSpec>,
+    )> = sqlx::query_as(
+        "SELECT id, state, spec FROM step_runs WHERE task_id = $1 AND name = $2 FOR UPDATE",
+    )
+    .bind(task.0)
+    .bind(&step)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((step_run, step_state, spec)) = found else {
+        return Err(ApiError::not_found(format!(
+            "task {task} has no step named {step:?}"
+        )));
+    };
+    if spec.0.kind != gantry_shared::process::StepKind::Manual {
+        return Err(ApiError::Conflict(format!(
+            "step {step} is not a manual step; only manual steps are approved or rejected"
+        )));
+    }
+    type Decided = (
+        Option<String>,
+        Option<String>,
+        Option<chrono::DateTime<chrono::Utc>>,
+    );
+    let approval: Option<Decided> = sqlx::query_as(
+        "SELECT decision, decided_by, decided_at FROM approvals WHERE step_run_id = $1 FOR UPDATE",
+    )
+    .bind(step_run)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((Some(decision), by, at)) = &approval {
+        return Err(ApiError::Conflict(format!(
+            "step {step} was already {} by {} at {}",
+            decision.to_lowercase(),
+            by.as_deref().unwrap_or("someone"),
+            at.map(|t| t.to_rfc3339()).unwrap_or_default()
+        )));
+    }
+    if approval.is_none()
+        || step_state != "Waiting"
+        || crate::store::tasks::is_terminal(&state)
+        || state == "Cancelling"
+    {
+        return Err(ApiError::Conflict(format!(
+            "step {step} is not waiting for approval (the step is {step_state}, the task {state})"
+        )));
+    }
+    let by: String = sqlx::query_scalar("SELECT name FROM api_keys WHERE id = $1")
+        .bind(caller.key_id.0)
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or_else(|| caller.key_id.to_string());
+    let decision = if approve { "Approved" } else { "Rejected" };
+    let (decided_at, instructions, requested_at): (
+        chrono::DateTime<chrono::Utc>,
+        String,
+        chrono::DateTime<chrono::Utc>,
+    ) = sqlx::query_as(
+        "UPDATE approvals SET decision = $2, decided_by = $3, decided_by_key = $4, decided_at = now(),
+             note = $5
+         WHERE step_run_id = $1 RETURNING decided_at, instructions, requested_at",
+    )
+    .bind(step_run)
+    .bind(decision)
+    .bind(&by)
+    .bind(caller.key_id.0)
+    .bind(&note)
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut reason = format!("{} by {by}", decision.to_lowercase());
+    if let Some(n) = &note {
+        reason.push_str(&format!(": {n}"));
+    }
+    sqlx::query("UPDATE step_runs SET state = $2, reason = $3, waiting_for = NULL WHERE id = $1")
+        .bind(step_run)
+        .bind(if approve { "Success" } else { "Failed" })
+        .bind(&reason)
+        .execute(&mut *tx)
+        .await?;
+    crate::logs::append_system(
+        &mut tx,
+        task,
+        Some((StepRunId(step_run), 0)),
+        &format!("Step {step} {reason}"),
+    )
+    .await?;
+    attempts::wake(&mut tx, task).await?;
+    tx.commit().await?;
+    s.orchestrator.kick(task);
+    tracing::info!(%task, step, decision, by, "manual step decided");
+    Ok(Json(gantry_shared::api::Approval {
+        instructions,
+        requested_at: Some(requested_at),
+        decision: Some(decision.to_owned()),
+        decided_by: Some(by),
+        decided_at: Some(decided_at),
+        note,
+    }))
 }

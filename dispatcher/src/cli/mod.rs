@@ -78,6 +78,23 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Approve a manual step that waits for a decision; the task goes on.
+    Approve {
+        /// The task's id.
+        id: String,
+        /// The manual step's name.
+        step: String,
+        /// Why (recorded with who decided and when).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Reject a manual step that waits for a decision; the step fails.
+    Reject {
+        id: String,
+        step: String,
+        #[arg(long)]
+        note: Option<String>,
+    },
     /// List workers with their health and running steps.
     Workers,
     /// List worker pools, or create and delete them.
@@ -220,6 +237,34 @@ async fn dispatch(client: &Client, cli: &Cli) -> Result<ExitCode, CliError> {
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve { id, step, note } | Command::Reject { id, step, note } => {
+            let verb = if matches!(&cli.command, Command::Approve { .. }) {
+                "approve"
+            } else {
+                "reject"
+            };
+            let r: gantry_shared::api::Approval = client
+                .post(
+                    &format!(
+                        "/api/tasks/{}/steps/{}/{verb}",
+                        urlencode(id),
+                        urlencode(step)
+                    ),
+                    &serde_json::json!({ "note": note }),
+                )
+                .await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "step {step} of task {id}: {} by {}{}",
+                    r.decision.as_deref().unwrap_or("?").to_lowercase(),
+                    r.decided_by.as_deref().unwrap_or("?"),
+                    r.note.map(|n| format!(" ({n})")).unwrap_or_default()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -3,7 +3,7 @@
 
 use crate::api::error::{ApiError, ApiResult};
 use crate::secrets::SecretBox;
-use gantry_shared::api::{Attempt, StepRun, Task, TaskSummary};
+use gantry_shared::api::{Approval, Attempt, StepRun, Task, TaskSummary};
 use gantry_shared::ids::{ApiKeyId, JobId, PoolId, StepRunId, TaskId, WorkerId};
 use gantry_shared::mask::MASK;
 use gantry_shared::process::Process;
@@ -207,6 +207,40 @@ pub async fn get(db: &PgPool, id: TaskId) -> ApiResult<Task> {
     .bind(id.0)
     .fetch_all(db)
     .await?;
+    type ApprovalRow = (
+        Uuid,
+        String,
+        chrono::DateTime<chrono::Utc>,
+        Option<String>,
+        Option<String>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<String>,
+    );
+    let approvals: Vec<ApprovalRow> = sqlx::query_as(
+        "SELECT step_run_id, instructions, requested_at, decision, decided_by, decided_at, note
+         FROM approvals WHERE task_id = $1",
+    )
+    .bind(id.0)
+    .fetch_all(db)
+    .await?;
+    let mut approvals: HashMap<Uuid, Approval> = approvals
+        .into_iter()
+        .map(
+            |(step, instructions, requested_at, decision, decided_by, decided_at, note)| {
+                (
+                    step,
+                    Approval {
+                        instructions,
+                        requested_at: Some(requested_at),
+                        decision,
+                        decided_by,
+                        decided_at,
+                        note,
+                    },
+                )
+            },
+        )
+        .collect();
     let mut by_step: HashMap<Uuid, Vec<Attempt>> = HashMap::new();
     for a in attempts {
         by_step.entry(a.step_run_id).or_default().push(Attempt {
@@ -238,6 +272,7 @@ pub async fn get(db: &PgPool, id: TaskId) -> ApiResult<Task> {
         .map(|s| {
             let attempts = by_step.remove(&s.id).unwrap_or_default();
             let current = attempts.iter().find(|a| a.attempt == s.attempt as u32);
+            let approval = approvals.remove(&s.id);
             StepRun {
                 id: StepRunId(s.id),
                 index: s.idx as u32,
@@ -250,10 +285,15 @@ pub async fn get(db: &PgPool, id: TaskId) -> ApiResult<Task> {
                 worker: current.and_then(|a| a.worker.clone()),
                 exit_code: current.and_then(|a| a.exit_code),
                 queued_at: current.and_then(|a| a.queued_at),
-                started_at: current.and_then(|a| a.started_at),
-                finished_at: current.and_then(|a| a.finished_at),
+                started_at: current
+                    .and_then(|a| a.started_at)
+                    .or(approval.as_ref().and_then(|a| a.requested_at)),
+                finished_at: current
+                    .and_then(|a| a.finished_at)
+                    .or(approval.as_ref().and_then(|a| a.decided_at)),
                 outputs: outs.remove(&s.id).unwrap_or_default(),
                 attempts,
+                approval,
             }
         })
         .collect();
