@@ -358,7 +358,7 @@ async fn builtin_worker_steps_run_as_the_configured_user() {
     let id = stack
         .submit(&one_step(
             None,
-            "id -un\ntouch made-here && stat -c '%U' made-here",
+            "id -un\ntouch made-here && stat -c '%U' made-here\nstat -c 'guard %U' /proc/$PPID",
         ))
         .await
         .unwrap();
@@ -380,7 +380,21 @@ async fn builtin_worker_steps_run_as_the_configured_user() {
         .filter(|l| l.stream == "stdout")
         .map(|l| l.text)
         .collect();
-    assert_eq!(lines, vec!["nobody", "nobody"]);
+    let me = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap()
+        .stdout;
+    let me = String::from_utf8(me).unwrap();
+    assert_eq!(
+        lines,
+        vec![
+            "nobody".to_owned(),
+            "nobody".to_owned(),
+            format!("guard {}", me.trim())
+        ],
+        "the script runs as the user; its guard stays the dispatcher's user"
+    );
     assert_eq!(bad.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("builtin_worker.user"));
     let _ = std::fs::remove_dir_all(&work);

@@ -18,12 +18,12 @@ use std::process::ExitCode;
 /// Run the guard (the `guard` subcommand). `command` is the program and its arguments. It
 /// ends the process itself (`std::process::exit`), so that the thread blocked reading stdin
 /// cannot hold it open.
-pub fn run(command: Vec<String>) -> ExitCode {
-    let code = guard(command);
+pub fn run(command: Vec<String>, user: Option<(u32, u32)>) -> ExitCode {
+    let code = guard(command, user);
     std::process::exit(code)
 }
 
-fn guard(command: Vec<String>) -> i32 {
+fn guard(command: Vec<String>, user: Option<(u32, u32)>) -> i32 {
     let Some((program, args)) = command.split_first() else {
         eprintln!("gantry-agent guard: nothing to run");
         return 2;
@@ -44,11 +44,13 @@ fn guard(command: Vec<String>) -> i32 {
         // to the group and reports how the script ended.
         let mut term = signal(SignalKind::terminate()).ok();
         let mut int = signal(SignalKind::interrupt()).ok();
-        let mut child = match tokio::process::Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-        {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args).stdin(std::process::Stdio::null());
+        if let Some((uid, gid)) = user {
+            // Dropping root also drops its supplementary groups (std does setgroups(0)).
+            cmd.uid(uid).gid(gid);
+        }
+        let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("cannot start {program}: {e}");

@@ -61,6 +61,12 @@ enum Command {
     /// Internal: run one step's script so that it dies with the agent (see `guard.rs`).
     #[command(hide = true)]
     Guard {
+        /// Run the script as this user id (the guard itself keeps its own, so that it can
+        /// always be started and always kill the step).
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -68,9 +74,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Guard { command } = cli.command {
+    if let Command::Guard { uid, gid, command } = cli.command {
         // No configuration, no logging: the guard must start fast and print nothing.
-        return gantry_agent::guard::run(command);
+        return gantry_agent::guard::run(command, uid.zip(gid));
     }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,

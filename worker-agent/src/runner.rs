@@ -374,7 +374,16 @@ async fn execute(
     let mut cmd = match std::env::current_exe() {
         Ok(me) => {
             let mut c = tokio::process::Command::new(me);
-            c.arg("guard").arg("--").args(&argv);
+            c.arg("guard");
+            if let Some(user) = &ctx.run_as {
+                // The guard stays this agent's user: it can always be started (the agent's
+                // binary need not be reachable by the step's user) and can always kill.
+                c.arg("--uid")
+                    .arg(user.uid.to_string())
+                    .arg("--gid")
+                    .arg(user.gid.to_string());
+            }
+            c.arg("--").args(&argv);
             c
         }
         Err(e) => {
@@ -384,6 +393,9 @@ async fn execute(
             .await;
             let mut c = tokio::process::Command::new(argv[0]);
             c.args(&argv[1..]);
+            if let Some(user) = &ctx.run_as {
+                c.uid(user.uid).gid(user.gid);
+            }
             c
         }
     };
@@ -422,9 +434,7 @@ async fn execute(
             .env("GANTRY_MUTEX_TOKEN", m.token.to_string());
     }
     if let Some(user) = &ctx.run_as {
-        cmd.uid(user.uid)
-            .gid(user.gid)
-            .env("HOME", &user.home)
+        cmd.env("HOME", &user.home)
             .env("USER", &user.name)
             .env("LOGNAME", &user.name);
     }

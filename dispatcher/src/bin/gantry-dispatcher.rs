@@ -29,6 +29,12 @@ enum Command {
     /// Internal: run one built-in worker step's script so that it dies with this node.
     #[command(hide = true)]
     Guard {
+        /// Run the script as this user id (the guard itself keeps its own, so that it can
+        /// always be started and always kill the step).
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -36,8 +42,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Guard { command } = cli.command {
-        return gantry_agent::guard::run(command);
+    if let Command::Guard { uid, gid, command } = cli.command {
+        return gantry_agent::guard::run(command, uid.zip(gid));
     }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
