@@ -493,3 +493,25 @@ async fn a_timeout_kills_the_whole_process_tree_and_keeps_the_partial_log() {
     .await
     .unwrap();
 }
+
+#[test]
+fn every_example_is_a_valid_process() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let json = gantry_tests::gantry_dispatcher::cli::process_json(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let process: gantry_tests::gantry_shared::process::Process =
+            serde_json::from_value(json).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        process
+            .validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen += 1;
+    }
+    assert!(seen >= 5, "the examples were found ({seen})");
+}
