@@ -29,6 +29,9 @@ pub const ENV_PREFIX: &str = "GANTRY";
 pub struct Settings {
     /// Prefix of every exchange, queue and Redis key; lets two stacks share one broker.
     pub namespace: String,
+    /// A production installation: the dispatcher refuses to start without `secrets.key`
+    /// (instead of using the built-in development key with a warning).
+    pub production: bool,
     pub amqp: AmqpSettings,
     pub postgres: PostgresSettings,
     pub redis: RedisSettings,
@@ -237,6 +240,7 @@ impl From<config::ConfigError> for ConfigError {
 fn defaults() -> Vec<(&'static str, config::Value)> {
     vec![
         ("namespace", "gantry".into()),
+        ("production", false.into()),
         ("amqp.url", "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         (
             "postgres.url",

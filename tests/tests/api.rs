@@ -309,6 +309,12 @@ async fn a_bad_configuration_value_exits_64_naming_the_key() {
             "postgres.url",
         ),
         (
+            "gantry-dispatcher",
+            vec!["migrate"],
+            vec![("GANTRY__PRODUCTION", "true")],
+            "secrets.key",
+        ),
+        (
             "gantry-agent",
             vec!["run"],
             vec![("GANTRY__AMQP__URL", "http://broker")],

@@ -404,3 +404,168 @@ async fn serial_restarting_postgresql_mid_run_loses_and_repeats_nothing() {
     // Assert
     assert_complete(&stack, &tasks, &counter, 2, 60).await;
 }
+
+/// Turns RabbitMQ's firehose off again even if the test fails half-way.
+struct TraceOff;
+impl Drop for TraceOff {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("trace_off").output();
+    }
+}
+
+#[tokio::test]
+async fn serial_secrets_are_masked_in_every_case_and_never_in_clear_in_postgres_or_rabbitmq() {
+    // Arrange: RabbitMQ's firehose copies every message published on the vhost to
+    // amq.rabbitmq.trace; a queue of ours keeps the copies.
+    let _off = TraceOff;
+    let mut stack = Stack::start().await.unwrap();
+    stack
+        .add_agent("masker", AgentOpts::default())
+        .await
+        .unwrap();
+    run("rabbitmqctl", &["trace_on"]);
+    let conn = stack.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    let tap = format!("{}.tap", stack.ns);
+    ch.queue_declare(
+        tap.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        tap.as_str().into(),
+        "amq.rabbitmq.trace".into(),
+        "publish.#".into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let secret = "s3cr3t-Pa55w0rd";
+    let process = format!(
+        r##"
+name = "masks"
+[variables]
+Secret = {{ value = "{secret}", sensitive = true }}
+Multi = {{ value = "line-one-hidden\nline-two-hidden", sensitive = true }}
+[[steps]]
+name = "leaky"
+script = '''
+echo "twice: #{{Secret}} and #{{Secret}}"
+echo "inside: xx#{{Secret}}yy"
+printf 's3cr3t-'; sleep 0.5; printf 'Pa55w0rd split across two writes\n'
+set -x
+: "$Secret"
+set +x
+echo "#{{Multi}}"
+echo "stderr: $Secret" >&2
+set_gantryvariable Derived "derived-$Secret" sensitive
+'''
+[[steps]]
+name = "later"
+syntax = "python3"
+script = '''
+print("later: #{{Steps.leaky.Output.Derived}}")
+'''
+"##
+    );
+
+    // Act
+    let id = stack.submit(&process).await.unwrap();
+    let done = stack.wait_task(id, Duration::from_secs(60)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut copies = Vec::new();
+    loop {
+        match ch
+            .basic_get(
+                tap.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            Some(m) => copies.push(String::from_utf8_lossy(&m.delivery.data).into_owned()),
+            None => break,
+        }
+    }
+    let dump = Command::new("pg_dump")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "root",
+            "--data-only",
+            &stack.db_name,
+        ])
+        .output()
+        .unwrap();
+
+    // Assert
+    assert_eq!(done.summary.state, "Success", "{done:#?}");
+    let lines: Vec<String> = stack
+        .log(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    for expected in [
+        "twice: ******** and ********",
+        "inside: xx********yy",
+        "******** split across two writes",
+        "+ : ********",
+        "********",
+        "stderr: ********",
+        "later: ********",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == expected),
+            "{expected:?} in {lines:#?}"
+        );
+    }
+    let ours: Vec<&String> = copies
+        .iter()
+        .filter(|c| c.contains(&id.to_string()) || c.contains("leaky"))
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "the firehose saw the task's messages ({} copies)",
+        copies.len()
+    );
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("twice: ******** and ********"),
+        "the dump has the log"
+    );
+    // The script itself prints the secret in two halves, so only the log may not hold them.
+    assert!(
+        !lines.iter().any(|l| l.contains("Pa55w0rd")),
+        "a half in the log"
+    );
+    for needle in [
+        secret,
+        "line-one-hidden",
+        "line-two-hidden",
+        "derived-s3cr3t",
+    ] {
+        assert!(
+            !lines.iter().any(|l| l.contains(needle)),
+            "{needle} in the log"
+        );
+        assert!(!dump.contains(needle), "{needle} in the PostgreSQL dump");
+        assert!(
+            !copies.iter().any(|c| c.contains(needle)),
+            "{needle} in a RabbitMQ message"
+        );
+    }
+}

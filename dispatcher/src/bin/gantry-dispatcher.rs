@@ -52,6 +52,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    if settings.production && settings.secrets.key.is_none() {
+        eprintln!(
+            "gantry-dispatcher: secrets.key: must be set when production = true (base64 of 32 random bytes: openssl rand -base64 32)"
+        );
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     gantry_shared::telemetry::init(&settings.log.format, &settings.log.level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
