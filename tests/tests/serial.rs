@@ -480,18 +480,15 @@ print("later: #{{Steps.leaky.Output.Derived}}")
     let done = stack.wait_task(id, Duration::from_secs(60)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut copies = Vec::new();
-    loop {
-        match ch
-            .basic_get(
-                tap.as_str().into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-        {
-            Some(m) => copies.push(String::from_utf8_lossy(&m.delivery.data).into_owned()),
-            None => break,
-        }
+    while let Some(m) = ch
+        .basic_get(
+            tap.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        copies.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
     }
     let dump = Command::new("pg_dump")
         .args([
