@@ -357,7 +357,7 @@ impl Process {
             }
             for name in template::references(script) {
                 self.check_reference(name, &readable, &seen)
-                    .map_err(|m| invalid(at("script"), m))?;
+                    .map_err(|m| invalid(at("script"), format!("step {}: {m}", step.name)))?;
             }
         }
         Ok(())
@@ -458,7 +458,7 @@ impl Process {
             }
             for name in template::references(text) {
                 self.check_reference(name, readable, declared)
-                    .map_err(|m| invalid(at(field), m))?;
+                    .map_err(|m| invalid(at(field), format!("step {}: {m}", step.name)))?;
             }
         }
         Ok(())

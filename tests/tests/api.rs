@@ -41,7 +41,7 @@ async fn malformed_processes_get_a_400_naming_the_field() {
         (
             step(json!({ "script": "echo #{Nope}" })),
             "steps[0].script",
-            "#{Nope}",
+            "step s: unknown variable #{Nope}",
         ),
         (
             step(json!({ "retries": "three" })),
