@@ -13,6 +13,7 @@
 //! - [`orchestrator`]: decides each task's next steps and publishes their jobs.
 //! - [`attempts`]: the attempt state machine shared by the orchestrator, claims and results.
 //! - [`results`]: consumes agent events into PostgreSQL.
+//! - [`artifacts`]: storing artifact chunks, checking their sha256, reading them back.
 //! - [`logs`]: gapless, ordered log storage and reading.
 //! - [`locks`]: waiting for named mutexes, granting and renewing them before a claim.
 //! - [`monitors`]: heartbeats, worker availability, dead letters.
@@ -27,6 +28,7 @@
 
 pub mod api;
 pub mod app;
+pub mod artifacts;
 pub mod attempts;
 pub mod auth;
 pub mod builtin;

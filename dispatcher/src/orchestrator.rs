@@ -1120,6 +1120,7 @@ async fn build_job(
         pool_name: step.pool_name.clone(),
         exclusive: spec.exclusive,
         mutex: spec.mutex.clone(),
+        artifacts: spec.artifacts.clone(),
     };
     let slug = step.pool_slug.clone();
     Ok(Outgoing {

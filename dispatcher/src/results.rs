@@ -8,10 +8,12 @@
 //! Every event names its attempt and its sender (`job_id`, `worker_id`). An event that does
 //! not come from the attempt's current claimant (a voided job, a lost worker's late results)
 //! is recorded in `stale_events` and changes nothing else. Redelivered events change nothing
-//! either: log lines are keyed by `seq`, outputs by name, and `StepFinished` is a
-//! compare-and-set. An attempt becomes final only once its `StepFinished` arrived and all the
-//! lines it announced are stored.
+//! either: log lines are keyed by `seq`, outputs by name, artifact chunks by (artifact, seq),
+//! and `StepFinished` is a compare-and-set. An attempt becomes final only once its
+//! `StepFinished` arrived, all the lines it announced are stored, and every artifact it
+//! announced is stored and checked against its sha256 (see [`crate::artifacts`]).
 
+use crate::artifacts;
 use crate::attempts::{self, Locked};
 use crate::logs;
 use crate::metrics::Metrics;
@@ -290,17 +292,11 @@ impl ResultConsumer {
                         .execute(&mut *tx)
                         .await?;
                     }
-                    if let (Some(outcome), Some(count)) = (&locked.outcome, locked.line_count)
+                    if let Some(count) = locked.line_count
+                        && locked.outcome.is_some()
                         && stored >= count
+                        && self.try_finish(&mut tx, &locked, origin).await?
                     {
-                        self.finish(
-                            &mut tx,
-                            &locked,
-                            origin.step_run_id,
-                            origin.attempt,
-                            outcome,
-                        )
-                        .await?;
                         kick = Some(locked.task());
                     }
                 }
@@ -335,6 +331,47 @@ impl ResultConsumer {
                     .await?;
                 }
             }
+            Event::ArtifactChunk(c) => {
+                if live {
+                    let announced = locked.outcome.is_some();
+                    if artifacts::store_chunk(&mut tx, locked.task(), c, announced).await?
+                        && announced
+                    {
+                        // A chunk that arrived after StepFinished (a redelivery): it may be
+                        // the last one the attempt waited for.
+                        artifacts::settle(
+                            &mut tx,
+                            locked.task(),
+                            origin.step_run_id,
+                            origin.attempt,
+                        )
+                        .await?;
+                        if self.try_finish(&mut tx, &locked, origin).await? {
+                            kick = Some(locked.task());
+                        }
+                    }
+                } else {
+                    let stored: Option<(i64,)> = sqlx::query_as(
+                        "SELECT 1::bigint FROM artifact_chunks k JOIN artifacts a ON a.id = k.artifact_id
+                         WHERE a.step_run_id = $1 AND a.attempt = $2 AND a.idx = $3 AND k.seq = $4",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(c.artifact as i32)
+                    .bind(c.seq as i64)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if stored.is_none() {
+                        stale(
+                            &mut tx,
+                            origin,
+                            "ArtifactChunk",
+                            "a chunk for an attempt that has ended",
+                        )
+                        .await?;
+                    }
+                }
+            }
             Event::StepFinished(f) => {
                 if live && locked.outcome.is_none() {
                     sqlx::query(
@@ -351,21 +388,17 @@ impl ResultConsumer {
                     .bind(f.finished_at)
                     .execute(&mut *tx)
                     .await?;
-                    if locked.lines_stored >= f.line_count as i64 {
-                        let locked = Locked {
-                            exit_code: f.exit_code,
-                            error: f.error.clone(),
-                            mutex: locked.mutex.clone(),
-                            ..locked
-                        };
-                        self.finish(
-                            &mut tx,
-                            &locked,
-                            origin.step_run_id,
-                            origin.attempt,
-                            f.outcome.as_str(),
-                        )
+                    artifacts::announce(
+                        &mut tx,
+                        locked.task(),
+                        origin.step_run_id,
+                        origin.attempt,
+                        &f.artifacts,
+                    )
+                    .await?;
+                    artifacts::settle(&mut tx, locked.task(), origin.step_run_id, origin.attempt)
                         .await?;
+                    if self.try_finish(&mut tx, &locked, origin).await? {
                         kick = Some(locked.task());
                     }
                 }
@@ -385,6 +418,82 @@ impl ResultConsumer {
         Ok(Handled::Done(kick, release))
     }
 
+    /// Conclude the attempt if its `StepFinished` is stored, all its lines are, and none of
+    /// its artifacts is still receiving. A corrupt artifact fails an attempt that would
+    /// otherwise succeed. Reads the attempt's row again, since this transaction may just have
+    /// changed it. Returns true if the attempt ended.
+    async fn try_finish(
+        &self,
+        conn: &mut PgConnection,
+        locked: &Locked,
+        origin: &Origin,
+    ) -> sqlx::Result<bool> {
+        let (outcome, line_count, lines_stored, exit_code, error): (
+            Option<String>,
+            Option<i64>,
+            i64,
+            Option<i32>,
+            Option<String>,
+        ) = sqlx::query_as(
+            "SELECT outcome, line_count, lines_stored, exit_code, error FROM attempts
+             WHERE step_run_id = $1 AND attempt = $2",
+        )
+        .bind(origin.step_run_id.0)
+        .bind(origin.attempt as i32)
+        .fetch_one(&mut *conn)
+        .await?;
+        let (Some(outcome), Some(line_count)) = (outcome, line_count) else {
+            return Ok(false);
+        };
+        if lines_stored < line_count {
+            return Ok(false);
+        }
+        let (receiving, corrupt) =
+            artifacts::pending(conn, origin.step_run_id, origin.attempt).await?;
+        if receiving > 0 {
+            return Ok(false);
+        }
+        let (outcome, override_error) = if !corrupt.is_empty() && outcome == "Success" {
+            (
+                "Failed".to_owned(),
+                Some(format!(
+                    "artifact {} did not arrive intact (sha256 mismatch)",
+                    corrupt.join(", ")
+                )),
+            )
+        } else {
+            (outcome, None)
+        };
+        let finished = Locked {
+            task_id: locked.task_id,
+            step_name: locked.step_name.clone(),
+            current_attempt: locked.current_attempt,
+            retries: locked.retries,
+            state: locked.state.clone(),
+            job_id: locked.job_id,
+            worker_id: locked.worker_id,
+            lines_stored,
+            line_count: Some(line_count),
+            outcome: Some(outcome.clone()),
+            exit_code,
+            error: override_error.clone().or(error),
+            started_at: locked.started_at,
+            claim_id: locked.claim_id,
+            mutex: locked.mutex.clone(),
+            mutex_token: locked.mutex_token,
+        };
+        self.finish(
+            conn,
+            &finished,
+            origin.step_run_id,
+            origin.attempt,
+            &outcome,
+            override_error.as_deref(),
+        )
+        .await?;
+        Ok(true)
+    }
+
     async fn finish(
         &self,
         conn: &mut PgConnection,
@@ -392,6 +501,7 @@ impl ResultConsumer {
         step_run: StepRunId,
         attempt: u32,
         outcome: &str,
+        error: Option<&str>,
     ) -> sqlx::Result<()> {
         if let Some(started) = locked.started_at {
             let secs = (chrono::Utc::now() - started).num_milliseconds().max(0) as f64 / 1000.0;
@@ -403,7 +513,7 @@ impl ResultConsumer {
             step_run,
             attempt,
             outcome,
-            None,
+            error,
             self.retry_base,
         )
         .await

@@ -2,7 +2,7 @@
 //! clients that call them (the `gantry` CLI, the agent, the tests). Only types live here; the
 //! dispatcher owns the routes and the clients own their HTTP plumbing.
 
-use crate::ids::{ApiKeyId, ClaimId, JobId, PoolId, StepRunId, TaskId, WorkerId};
+use crate::ids::{ApiKeyId, ArtifactId, ClaimId, JobId, PoolId, StepRunId, TaskId, WorkerId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -373,6 +373,32 @@ pub struct LogEntry {
     pub ts: DateTime<Utc>,
     pub stream: String,
     pub text: String,
+}
+
+// ---- artifacts ----
+
+/// Header of `GET /api/artifacts/{id}` carrying the artifact's sha256 (lowercase hex).
+pub const ARTIFACT_SHA256_HEADER: &str = "X-Gantry-Sha256";
+
+/// One artifact of a task (`GET /api/tasks/{id}/artifacts`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Artifact {
+    pub id: ArtifactId,
+    pub task_id: TaskId,
+    pub step_run_id: StepRunId,
+    pub step: String,
+    pub attempt: u32,
+    pub name: String,
+    /// `Receiving` (chunks still arriving), `Stored` (complete, its sha256 checked; the only
+    /// state that can be downloaded), `Corrupt` (the stored bytes do not match the sha256
+    /// the agent computed), `Incomplete` (its attempt ended before every chunk arrived).
+    pub state: String,
+    /// Bytes: as announced by the agent, or received so far while that is not known.
+    pub size: u64,
+    /// As computed by the agent while reading the file; absent until announced.
+    pub sha256: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub stored_at: Option<DateTime<Utc>>,
 }
 
 /// The SSE event sent when a followed task ends (event name `end`).

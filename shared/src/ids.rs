@@ -77,3 +77,7 @@ id_type!(
     /// idempotent, a different one is refused.
     ClaimId
 );
+id_type!(
+    /// A stored artifact (one file uploaded by one attempt).
+    ArtifactId
+);

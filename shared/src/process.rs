@@ -18,6 +18,8 @@ pub const MAX_STEPS: usize = 500;
 pub const MAX_RETRIES: u32 = 5;
 /// Sensitive values this short would mask common words; refused at submission.
 pub const MIN_SENSITIVE_LEN: usize = 4;
+/// Most `artifacts` globs in one step.
+pub const MAX_ARTIFACT_GLOBS: usize = 100;
 
 /// A deployment process: named, ordered steps and their variables.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -194,6 +196,33 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ValidationEr
     }
 }
 
+/// `artifacts = [globs]`: each a valid glob, relative to the step's working directory, never
+/// reaching above it.
+pub fn check_artifact_globs(globs: &[String]) -> Result<(), String> {
+    if globs.len() > MAX_ARTIFACT_GLOBS {
+        return Err(format!("at most {MAX_ARTIFACT_GLOBS} globs"));
+    }
+    for g in globs {
+        if g.trim().is_empty() {
+            return Err("a glob must not be empty".into());
+        }
+        if g.starts_with('/') {
+            return Err(format!(
+                "{g:?} is absolute; globs are relative to the step's working directory"
+            ));
+        }
+        if g.split('/').any(|part| part == "..") {
+            return Err(format!(
+                "{g:?} reaches above the step's working directory (..)"
+            ));
+        }
+        if let Err(e) = glob::Pattern::new(g) {
+            return Err(format!("{g:?} is not a valid glob: {e}"));
+        }
+    }
+    Ok(())
+}
+
 /// `[A-Za-z0-9_-]+`, at most 100 characters.
 pub fn is_valid_step_name(name: &str) -> bool {
     !name.is_empty()
@@ -314,12 +343,7 @@ impl Process {
                     format!("must be between 0 and {MAX_RETRIES}"),
                 ));
             }
-            if !step.artifacts.is_empty() {
-                return Err(invalid(
-                    at("artifacts"),
-                    "artifacts are not supported by this version of Gantry yet",
-                ));
-            }
+            check_artifact_globs(&step.artifacts).map_err(|m| invalid(at("artifacts"), m))?;
             if let Some(m) = &step.mutex
                 && !crate::locks::is_valid_name(m)
             {
@@ -536,6 +560,22 @@ script = "print('#{Steps.build.Output.version}')"
         p.validate().unwrap();
         assert_eq!(p.variables["Port"].value(), "8080");
         assert!(p.variables["Pw"].is_sensitive());
+    }
+
+    #[test]
+    fn artifact_globs_are_relative_and_valid() {
+        let ok = parse(
+            "name = \"x\"\n[[steps]]\nname = \"a\"\nscript = \"true\"\nartifacts = [\"dist/*.tar.gz\", \"reports/**/*.xml\", \"out.bin\"]\n",
+        );
+        ok.validate().unwrap();
+        for bad in ["/etc/passwd", "../x", "dist/../../x", "", "a[", "  "] {
+            let e = check_artifact_globs(&[bad.to_owned()]).unwrap_err();
+            assert!(!e.is_empty(), "{bad:?}");
+        }
+        let p = parse(
+            "name = \"x\"\n[[steps]]\nname = \"a\"\nscript = \"true\"\nartifacts = [\"/abs\"]\n",
+        );
+        assert_eq!(p.validate().unwrap_err().field, "steps[0].artifacts");
     }
 
     #[test]

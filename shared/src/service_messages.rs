@@ -144,7 +144,9 @@ set_gantryvariable() {
   fi
 }
 new_gantryartifact() {
-  printf "##gantry[createArtifact path='%s' name='%s']\n" "$(__gantry_b64 "$1")" "$(__gantry_b64 "${2:-$(basename "$1")}")"
+  # A relative path is relative to where the script is when it asks, not to the work dir.
+  case "$1" in /*) __gantry_p="$1" ;; *) __gantry_p="$PWD/$1" ;; esac
+  printf "##gantry[createArtifact path='%s' name='%s']\n" "$(__gantry_b64 "$__gantry_p")" "$(__gantry_b64 "${2:-$(basename "$1")}")"
 }
 update_progress() {
   printf "##gantry[progress percentage='%s' message='%s']\n" "$(__gantry_b64 "$1")" "$(__gantry_b64 "${2:-}")"

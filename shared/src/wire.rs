@@ -111,6 +111,9 @@ pub struct Job {
     pub exclusive: bool,
     #[serde(default)]
     pub mutex: Option<String>,
+    /// The step's `artifacts` globs, evaluated in its working directory after the script.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -235,6 +238,58 @@ pub struct Progress {
     pub message: String,
 }
 
+/// Raw bytes per [`ArtifactChunk`], at most: 87 KiB of base64 in a message, far below any
+/// frame or message limit, and small enough that the dispatcher's prefetched deliveries
+/// stay a few tens of MiB whatever the artifact's size.
+pub const ARTIFACT_CHUNK_BYTES: usize = 64 * 1024;
+
+/// One piece of an artifact's content. Chunks of one artifact are numbered by `seq` from 0
+/// without gaps; `artifact` numbers the attempt's artifacts from 0 in upload order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ArtifactChunk {
+    #[serde(flatten)]
+    pub origin: Origin,
+    pub artifact: u32,
+    /// The artifact's name (the same in every chunk).
+    pub name: String,
+    pub seq: u64,
+    /// Where `data` starts in the file.
+    pub offset: u64,
+    /// The bytes, base64 in the JSON body.
+    #[serde(with = "base64_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// What `StepFinished` says of each artifact it uploaded in full: the dispatcher checks the
+/// stored bytes against it before the attempt becomes final.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactSum {
+    pub artifact: u32,
+    pub name: String,
+    pub size: u64,
+    pub chunks: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::borrow::Cow;
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text: Cow<'de, str> = Deserialize::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// How an attempt ended, as its agent saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -267,6 +322,10 @@ pub struct StepFinished {
     #[serde(default)]
     pub error: Option<String>,
     pub finished_at: DateTime<Utc>,
+    /// Every artifact whose chunks were all sent; the attempt is final only once each is
+    /// stored (and checked against its sha256).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactSum>,
 }
 
 /// Everything an agent reports about an attempt, on `<ns>.results`.
@@ -278,6 +337,7 @@ pub enum Event {
     LogBatch(LogBatch),
     OutputVariable(OutputVariable),
     Progress(Progress),
+    ArtifactChunk(ArtifactChunk),
     StepFinished(StepFinished),
 }
 
@@ -289,6 +349,7 @@ impl Event {
             Event::LogBatch(e) => &e.origin,
             Event::OutputVariable(e) => &e.origin,
             Event::Progress(e) => &e.origin,
+            Event::ArtifactChunk(e) => &e.origin,
             Event::StepFinished(e) => &e.origin,
         }
     }
@@ -300,6 +361,7 @@ impl Event {
             Event::LogBatch(_) => "LogBatch",
             Event::OutputVariable(_) => "OutputVariable",
             Event::Progress(_) => "Progress",
+            Event::ArtifactChunk(_) => "ArtifactChunk",
             Event::StepFinished(_) => "StepFinished",
         }
     }
@@ -318,6 +380,7 @@ impl Event {
             "LogBatch" => Event::LogBatch(serde_json::from_slice(bytes)?),
             "OutputVariable" => Event::OutputVariable(serde_json::from_slice(bytes)?),
             "Progress" => Event::Progress(serde_json::from_slice(bytes)?),
+            "ArtifactChunk" => Event::ArtifactChunk(serde_json::from_slice(bytes)?),
             "StepFinished" => Event::StepFinished(serde_json::from_slice(bytes)?),
             other => return Err(WireError::UnknownType(other.to_owned())),
         })
@@ -463,6 +526,40 @@ mod tests {
     }
 
     #[test]
+    fn artifact_chunks_carry_bytes_as_base64() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let ev = Event::ArtifactChunk(ArtifactChunk {
+            origin: origin(),
+            artifact: 1,
+            name: "dist/app.tar.gz".into(),
+            seq: 3,
+            offset: 3 * ARTIFACT_CHUNK_BYTES as u64,
+            data: data.clone(),
+        });
+        let bytes = ev.encode();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["type"], "ArtifactChunk");
+        assert!(v["data"].is_string());
+        match Event::decode(&bytes).unwrap() {
+            Event::ArtifactChunk(c) => {
+                assert_eq!(c.data, data);
+                assert_eq!(c.seq, 3);
+            }
+            other => panic!("wrong variant {other:?}"),
+        }
+        // A largest chunk stays far below RabbitMQ's limits.
+        let big = Event::ArtifactChunk(ArtifactChunk {
+            origin: origin(),
+            artifact: 0,
+            name: "x".into(),
+            seq: 0,
+            offset: 0,
+            data: vec![0xff; ARTIFACT_CHUNK_BYTES],
+        });
+        assert!(big.encode().len() < 100 * 1024);
+    }
+
+    #[test]
     fn jobs_round_trip() {
         let job = Job {
             job_id: JobId::new(),
@@ -479,10 +576,12 @@ mod tests {
             pool_name: None,
             exclusive: false,
             mutex: None,
+            artifacts: vec!["dist/*.tar.gz".into()],
         };
         let back = Job::decode(&job.encode()).unwrap();
         assert_eq!(back.job_id, job.job_id);
         assert_eq!(back.syntax, Syntax::Python3);
+        assert_eq!(back.artifacts, ["dist/*.tar.gz"]);
         assert!(Job::decode(b"{\"v\":1,\"type\":\"Job\"}").is_err());
     }
 }

@@ -134,6 +134,7 @@ async fn job_of(stack: &Stack, task: TaskId, script: &str) -> Job {
         pool_name: None,
         exclusive: false,
         mutex: None,
+        artifacts: vec![],
     }
 }
 

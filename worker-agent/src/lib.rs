@@ -7,6 +7,7 @@
 //! - [`agent`]: `run`: wiring, signals, graceful drain.
 //! - [`slots`]: the concurrency limit, consumers and claims.
 //! - [`runner`]: running one step and streaming its output.
+//! - [`artifacts`]: which files a step's artifacts are, and reading them in hashed chunks.
 //! - [`health`]: health checks against the machine policy.
 //! - [`guard`]: the process that makes a step's processes die with their agent.
 //! - [`outbox`]: at-least-once, ordered delivery of events to `<ns>.results`.
@@ -17,6 +18,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod artifacts;
 pub mod guard;
 pub mod health;
 pub mod identity;

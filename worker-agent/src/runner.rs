@@ -11,7 +11,11 @@
 //!
 //! The step ends when its script exits (or is killed on timeout or cancel); anything it left
 //! running in its process group is killed then, so a step's processes do not outlive it.
-//! `StepFinished` goes out after the last batch, with the number of lines sent.
+//! Then its artifacts are collected (see [`crate::artifacts`]) and sent in chunks through the
+//! outbox, whatever the outcome but a cancel: the outbox is bounded, so a large file is read
+//! only as fast as the broker confirms it and memory does not grow with its size.
+//! `StepFinished` goes out after the last batch and the last chunk, with the number of lines
+//! sent and each artifact's size and sha256.
 
 use crate::outbox::Outbox;
 use chrono::Utc;
@@ -22,8 +26,8 @@ use gantry_shared::mask::Masker;
 use gantry_shared::service_messages::{self, SHELL_HELPERS, ServiceMessage};
 use gantry_shared::template;
 use gantry_shared::wire::{
-    Event, Job, LogBatch, LogLine, Origin, Outcome, OutputVariable, Progress, StepFinished,
-    StepStarted, StepWaiting, Stream, Syntax,
+    ARTIFACT_CHUNK_BYTES, ArtifactChunk, ArtifactSum, Event, Job, LogBatch, LogLine, Origin,
+    Outcome, OutputVariable, Progress, StepFinished, StepStarted, StepWaiting, Stream, Syntax,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -104,6 +108,8 @@ struct Emitter {
     next_seq: u64,
     batch: Vec<LogLine>,
     batch_bytes: usize,
+    /// Files named by `createArtifact` (path, name), collected after the script.
+    requested_artifacts: Vec<(String, Option<String>)>,
 }
 
 impl Emitter {
@@ -122,6 +128,7 @@ impl Emitter {
                 Event::LogBatch(e) => e.origin.mutex_token = token,
                 Event::OutputVariable(e) => e.origin.mutex_token = token,
                 Event::Progress(e) => e.origin.mutex_token = token,
+                Event::ArtifactChunk(e) => e.origin.mutex_token = token,
                 Event::StepFinished(e) => e.origin.mutex_token = token,
             }
         }
@@ -207,6 +214,7 @@ pub async fn run(ctx: StepContext) {
         next_seq: 0,
         batch: Vec::new(),
         batch_bytes: 0,
+        requested_artifacts: Vec::new(),
     };
     // Exclusive steps run alone on the agent: wait for the gate (and say so).
     if let Some(waiting_for) = ctx.slots.gate_wait_reason(job.exclusive, &ctx.worker_name) {
@@ -242,6 +250,7 @@ pub async fn run(ctx: StepContext) {
             line_count: em.next_seq,
             error: Some(why),
             finished_at: Utc::now(),
+            artifacts: Vec::new(),
         }))
         .await;
         return;
@@ -273,12 +282,24 @@ pub async fn run(ctx: StepContext) {
     let result = execute(&ctx, &mut em, &work_dir, hold.as_ref()).await;
     ctx.slots.gate_exit(job.exclusive);
     end_hold(&ctx, hold).await;
+    let ran = result.is_ok();
     let (outcome, exit_code, error) = match result {
         Ok(r) => r,
         Err(message) => {
             em.gantry(&format!("error: {message}")).await;
             (Outcome::Failed, None, Some(message))
         }
+    };
+    // Artifacts, also of a failed or timed-out step; a cancel means stop, so not then.
+    let wants_artifacts = !job.artifacts.is_empty() || !em.requested_artifacts.is_empty();
+    let artifacts = if !ran || !wants_artifacts {
+        Vec::new()
+    } else if outcome == Outcome::Cancelled || ctx.cancel.is_cancelled() {
+        em.gantry("Artifacts not collected: the step was cancelled")
+            .await;
+        Vec::new()
+    } else {
+        upload_artifacts(&ctx, &mut em, &work_dir).await
     };
     if !ctx.keep_work_dir {
         let _ = tokio::fs::remove_dir_all(&work_dir).await;
@@ -292,8 +313,108 @@ pub async fn run(ctx: StepContext) {
         line_count: em.next_seq,
         error,
         finished_at: Utc::now(),
+        artifacts,
     }))
     .await;
+}
+
+/// Collect the step's artifacts and send each in chunks; returns those sent in full.
+async fn upload_artifacts(
+    ctx: &StepContext,
+    em: &mut Emitter,
+    work_dir: &Path,
+) -> Vec<ArtifactSum> {
+    let collected = {
+        let (dir, requested, globs, confined) = (
+            work_dir.to_path_buf(),
+            em.requested_artifacts.clone(),
+            ctx.job.artifacts.clone(),
+            ctx.run_as.is_some(),
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::artifacts::collect(&dir, &requested, &globs, confined)
+        })
+        .await
+        .unwrap_or_default()
+    };
+    for w in &collected.warnings {
+        em.gantry(&format!("warning: {w}")).await;
+    }
+    let mut sums = Vec::new();
+    // Every file tried gets its own index, so chunks of one that failed half-way never mix
+    // with the next one's.
+    for (index, wanted) in collected.files.into_iter().enumerate() {
+        let index = index as u32;
+        if ctx.cancel.is_cancelled() {
+            em.gantry("warning: artifact upload stopped: the step was cancelled")
+                .await;
+            break;
+        }
+        match upload_one(ctx, em, index, &wanted).await {
+            Ok(Some(sum)) => {
+                em.gantry(&format!(
+                    "Artifact {} uploaded: {} bytes, sha256 {}",
+                    sum.name, sum.size, sum.sha256
+                ))
+                .await;
+                sums.push(sum);
+            }
+            Ok(None) => {
+                em.gantry("warning: artifact upload stopped: the step was cancelled")
+                    .await;
+                break;
+            }
+            Err(e) => {
+                // Chunks already sent for it are dropped by the dispatcher, since
+                // `StepFinished` does not list it.
+                em.gantry(&format!(
+                    "warning: artifact {} not uploaded: cannot read {}: {e}",
+                    wanted.name,
+                    wanted.path.display()
+                ))
+                .await;
+            }
+        }
+    }
+    sums
+}
+
+/// Send one file as chunks. `Ok(None)` if cancelled meanwhile.
+async fn upload_one(
+    ctx: &StepContext,
+    em: &mut Emitter,
+    index: u32,
+    wanted: &crate::artifacts::Wanted,
+) -> std::io::Result<Option<ArtifactSum>> {
+    let mut reader = crate::artifacts::Reader::open(&wanted.path).await?;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Ok(None);
+        }
+        let offset = reader.size;
+        let seq = reader.chunks;
+        let Some(data) = reader.next(ARTIFACT_CHUNK_BYTES).await? else {
+            break;
+        };
+        // Waits while the outbox is full: the file is read as fast as the broker confirms.
+        em.event(Event::ArtifactChunk(ArtifactChunk {
+            origin: em.origin.clone(),
+            artifact: index,
+            name: wanted.name.clone(),
+            seq,
+            offset,
+            data,
+        }))
+        .await;
+    }
+    let (size, chunks) = (reader.size, reader.chunks);
+    Ok(Some(ArtifactSum {
+        artifact: index,
+        name: wanted.name.clone(),
+        size,
+        chunks,
+        sha256: reader.sha256(),
+    }))
 }
 
 type StepResult = (Outcome, Option<i32>, Option<String>);
@@ -839,11 +960,16 @@ async fn service_message(
                 message
             });
         }
-        ServiceMessage::CreateArtifact { path, .. } => {
+        ServiceMessage::CreateArtifact { path, name } => {
+            let shown = match &name {
+                Some(n) if !n.is_empty() => format!("{n} ({path})"),
+                _ => path.clone(),
+            };
             em.gantry(&format!(
-                "warning: artifact {path} not collected: artifacts are not supported by this version of Gantry yet"
+                "Artifact {shown} will be collected when the script ends"
             ))
             .await;
+            em.requested_artifacts.push((path, name));
         }
     }
 }

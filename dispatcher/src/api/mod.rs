@@ -5,6 +5,7 @@
 //! (`/api/agent/config`, `/api/jobs/{id}/claim`), which take a worker credential
 //! (`X-Gantry-Worker-Token`). Every error is `{"error", "field"}` with a 4xx for bad input.
 
+mod artifacts;
 pub mod error;
 pub mod extract;
 mod health;
@@ -83,6 +84,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/tasks/{id}/steps/{name}/approve", post(tasks::approve))
         .route("/api/tasks/{id}/steps/{name}/reject", post(tasks::reject))
         .route("/api/tasks/{id}/log", get(logs::log))
+        .route("/api/tasks/{id}/artifacts", get(artifacts::list))
+        .route("/api/artifacts/{id}", get(artifacts::download))
         .route("/metrics", get(health::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

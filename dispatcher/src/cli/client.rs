@@ -68,6 +68,17 @@ impl Client {
         decode(resp).await
     }
 
+    /// A GET whose body the caller streams: no overall timeout, since a large artifact may
+    /// take longer than any fixed limit.
+    pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(|e| CliError::Unreachable(format!("{} ({e})", self.base)))?;
+        check(resp).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
         self.send(self.request(reqwest::Method::DELETE, path))
             .await

@@ -2,7 +2,8 @@
 //!
 //! Talks to a dispatcher's REST API. The server and the key come from `--server` and
 //! `--api-key`, or `GANTRY_SERVER` and `GANTRY_API_KEY`. Exit codes: 0 success; 1 the task
-//! ended without `Success`; 2 a request failed (bad input, refused, unreachable).
+//! ended without `Success`; 2 a request failed (bad input, refused, unreachable); 3 a
+//! downloaded artifact did not match its sha256 (nothing is written then).
 
 mod client;
 mod render;
@@ -10,8 +11,8 @@ mod render;
 use clap::{Parser, Subcommand};
 use client::{CliError, Client};
 use gantry_shared::api::{
-    ApiKeyCreate, ApiKeyCreated, LogEnd, LogEntry, Permission, Pool, PoolCreate, Task, TaskCreated,
-    TaskSummary, Worker,
+    ARTIFACT_SHA256_HEADER, ApiKeyCreate, ApiKeyCreated, Artifact, LogEnd, LogEntry, Permission,
+    Pool, PoolCreate, Task, TaskCreated, TaskSummary, Worker,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -95,6 +96,13 @@ enum Command {
         #[arg(long)]
         note: Option<String>,
     },
+    /// List a task's artifacts (id, step, attempt, name, size, state, sha256).
+    Artifacts { id: String },
+    /// Download an artifact.
+    Artifact {
+        #[command(subcommand)]
+        action: ArtifactAction,
+    },
     /// List workers with their health and running steps.
     Workers,
     /// List worker pools, or create and delete them.
@@ -122,6 +130,17 @@ enum PoolAction {
     },
     /// Delete a pool (by id, name or slug).
     Delete { pool: String },
+}
+
+#[derive(Subcommand)]
+enum ArtifactAction {
+    /// Download an artifact by id into FILE, checking its sha256; FILE is written only if
+    /// the bytes match (exit 3 otherwise).
+    Get {
+        id: String,
+        #[arg(long, short, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -268,6 +287,20 @@ async fn dispatch(client: &Client, cli: &Cli) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Artifacts { id } => {
+            let list: Vec<Artifact> = client
+                .get(&format!("/api/tasks/{}/artifacts", urlencode(id)))
+                .await?;
+            if json {
+                print_json(&list);
+            } else {
+                print!("{}", render::artifacts(&list));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Artifact {
+            action: ArtifactAction::Get { id, out },
+        } => download(client, id, out, json).await,
         Command::Workers => {
             let workers: Vec<Worker> = client.get("/api/workers").await?;
             if json {
@@ -353,6 +386,83 @@ async fn dispatch(client: &Client, cli: &Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Stream an artifact into `FILE.part` while hashing it, then rename it to `FILE` only if
+/// its sha256 is the one the dispatcher announced.
+async fn download(
+    client: &Client,
+    id: &str,
+    out: &std::path::Path,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    use futures::StreamExt;
+    use sha2::{Digest, Sha256};
+    use tokio::io::AsyncWriteExt;
+
+    let resp = client
+        .get_stream(&format!("/api/artifacts/{}", urlencode(id)))
+        .await?;
+    let expected = resp
+        .headers()
+        .get(ARTIFACT_SHA256_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
+        .ok_or_else(|| {
+            CliError::Local(format!(
+                "the dispatcher sent no {ARTIFACT_SHA256_HEADER} header"
+            ))
+        })?;
+    let mut part = out.as_os_str().to_owned();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let local =
+        |e: std::io::Error| CliError::Local(format!("cannot write {}: {e}", part.display()));
+    let mut file = tokio::fs::File::create(&part).await.map_err(local)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(CliError::Unreachable(format!(
+                    "the download broke off after {size} bytes: {e}"
+                )));
+            }
+        };
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(local)?;
+    }
+    file.flush().await.map_err(local)?;
+    file.sync_all().await.map_err(local)?;
+    drop(file);
+    let got = hex::encode(hasher.finalize());
+    if got != expected {
+        let _ = tokio::fs::remove_file(&part).await;
+        eprintln!(
+            "gantry: artifact {id}: sha256 mismatch: the dispatcher announced {expected}, the {size} bytes received have {got}; {} not written",
+            out.display()
+        );
+        return Ok(ExitCode::from(3));
+    }
+    tokio::fs::rename(&part, out).await.map_err(|e| {
+        CliError::Local(format!(
+            "cannot move {} to {}: {e}",
+            part.display(),
+            out.display()
+        ))
+    })?;
+    if json {
+        print_json(&serde_json::json!({
+            "id": id, "file": out, "size": size, "sha256": got
+        }));
+    } else {
+        println!("{}: {size} bytes, sha256 {got} (verified)", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exit_for(state: &str) -> ExitCode {

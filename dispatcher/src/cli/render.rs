@@ -1,7 +1,7 @@
 //! Plain-text tables for the CLI.
 
 use chrono::{DateTime, Local, Utc};
-use gantry_shared::api::{LogEntry, Pool, Task, TaskSummary, Worker};
+use gantry_shared::api::{Artifact, LogEntry, Pool, Task, TaskSummary, Worker};
 use std::fmt::Write;
 
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -69,6 +69,27 @@ pub fn tasks(tasks: &[TaskSummary]) -> String {
         })
         .collect();
     table(&["ID", "NAME", "STATE", "CREATED", "DURATION"], &rows)
+}
+
+pub fn artifacts(artifacts: &[Artifact]) -> String {
+    let rows: Vec<Vec<String>> = artifacts
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.to_string(),
+                a.step.clone(),
+                a.attempt.to_string(),
+                a.name.clone(),
+                a.size.to_string(),
+                a.state.clone(),
+                a.sha256.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "STEP", "ATTEMPT", "NAME", "SIZE", "STATE", "SHA256"],
+        &rows,
+    )
 }
 
 pub fn task(t: &Task) -> String {
