@@ -232,8 +232,15 @@ async fn two_capped_nodes_share_the_tasks() {
         )
         .await
         .unwrap();
-    let counter = stack.dir.path().join("runs");
-    let process = |name: &str| format!("name = \"{name}\"\n{}", step(name, &counter, 30));
+    // Each step holds until the test lets it go, so "at the same time" does not depend on
+    // how fast the machine is.
+    let release = stack.dir.path().join("release");
+    let process = |name: &str| {
+        format!(
+            "name = \"{name}\"\n[[steps]]\nname = \"{name}\"\nscript = \"while [ ! -f '{}' ]; do sleep 0.1; done\"\n",
+            release.display()
+        )
+    };
 
     // Act: both submitted through the first node.
     let first = stack.submit(&process("first")).await.unwrap();
@@ -255,6 +262,7 @@ async fn two_capped_nodes_share_the_tasks() {
         .await
         .is_ok()
         && stack.task(first).await.unwrap().steps[0].state == "Running";
+    std::fs::write(&release, "").unwrap();
     let a = stack
         .wait_task(first, Duration::from_secs(60))
         .await
