@@ -175,6 +175,18 @@ async fn a_manual_step_waits_for_a_decision_and_records_who_decided_when_and_why
     assert!(decided.decided_at.unwrap() >= decided.requested_at.unwrap());
     assert_eq!(step(&approved, "ship").state, "Success");
     assert_eq!(step(&approved, "notify").state, "Skipped");
+    let shown = std::process::Command::new(bin("gantry"))
+        .args(["--server", &stack.url, "--api-key", API_KEY])
+        .args(["task", &approved.summary.id.to_string()])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains("gate") && l.contains("(manual)") && l.contains("approved by")),
+        "{shown}"
+    );
     let log = stack.log(approved.summary.id).await.unwrap();
     assert!(log.iter().any(|l| {
         l.text

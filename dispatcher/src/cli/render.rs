@@ -107,19 +107,35 @@ pub fn task(t: &Task) -> String {
     let mut rows = Vec::new();
     for step in &t.steps {
         if step.attempts.is_empty() {
+            // A manual step: the wait is its run, and the decision its note.
+            let note = match &step.approval {
+                Some(a) if a.decision.is_none() => {
+                    format!("waiting for approval: {}", a.instructions)
+                }
+                _ => step
+                    .reason
+                    .clone()
+                    .or_else(|| step.waiting_for.clone())
+                    .unwrap_or_default(),
+            };
             rows.push(vec![
                 step.name.clone(),
                 step.state.clone(),
                 "-".into(),
                 step.pool.clone().unwrap_or_else(|| "-".into()),
+                if step.approval.is_some() {
+                    "(manual)".into()
+                } else {
+                    "-".into()
+                },
                 "-".into(),
                 "-".into(),
-                "-".into(),
-                "-".into(),
-                step.reason
-                    .clone()
-                    .or_else(|| step.waiting_for.clone())
-                    .unwrap_or_default(),
+                if step.started_at.is_some() {
+                    duration(step.started_at, step.finished_at)
+                } else {
+                    "-".into()
+                },
+                note,
             ]);
         }
         for a in &step.attempts {
