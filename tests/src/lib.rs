@@ -32,11 +32,16 @@ pub const PG_ADMIN_URL: &str = "postgres://root@127.0.0.1:5432/postgres";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const API_KEY: &str = "API-TEST-0123456789abcdef";
 
-/// Where the binaries live: next to the test executable's `deps` folder.
+/// Where the binaries live: next to the test executable's `deps` folder, or next to the
+/// running binary itself (`gantry-bench` uses this harness too).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -69,6 +74,11 @@ fn ensure_binaries() {
         // The whole workspace, as `cargo nextest run --workspace` and the quick start build
         // it: the same feature set, so nothing is rebuilt back and forth.
         cmd.args(["build", "--workspace", "--bins"]);
+        // Into the target directory the binaries are looked for in, whatever CARGO_TARGET_DIR
+        // says (a binary such as gantry-bench may run outside cargo).
+        if let Some(target) = dir.parent() {
+            cmd.arg("--target-dir").arg(target);
+        }
         if profile == "release" {
             cmd.arg("--release");
         }
