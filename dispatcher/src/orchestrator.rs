@@ -95,6 +95,13 @@ enum Route {
     Fail(String),
 }
 
+/// Read only where the built-in worker could take the step: most steps never ask.
+async fn builtin_enabled(conn: &mut PgConnection) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT builtin_worker_enabled FROM settings")
+        .fetch_one(conn)
+        .await
+}
+
 /// Choose where an attempt goes (see ARCHITECTURE.md, "Choosing a worker"):
 ///
 /// - `location = "server"`: the built-in workers' queue, unless they are disabled;
@@ -104,16 +111,13 @@ enum Route {
 /// - otherwise the pool's queue, if any of its workers is enabled and `Healthy` or
 ///   `HasWarnings`; if none is, the step waits.
 async fn route(conn: &mut PgConnection, task: TaskId, step: &StepState) -> sqlx::Result<Route> {
-    let builtin_enabled: bool = sqlx::query_scalar("SELECT builtin_worker_enabled FROM settings")
-        .fetch_one(&mut *conn)
-        .await?;
     let server = Route::Go {
         routing_key: Topology::SERVER_ROUTING_KEY.to_owned(),
         pool_slug: None,
         worker: None,
     };
     let (Some(pool_id), Some(slug)) = (step.pool_id, step.pool_slug.clone()) else {
-        return Ok(if builtin_enabled {
+        return Ok(if builtin_enabled(conn).await? {
             server
         } else {
             Route::Fail(
@@ -133,7 +137,7 @@ async fn route(conn: &mut PgConnection, task: TaskId, step: &StepState) -> sqlx:
     let usable =
         |enabled: bool, health: &str| enabled && matches!(health, "Healthy" | "HasWarnings");
     if workers.is_empty() && step.pool_is_default == Some(true) {
-        return Ok(if builtin_enabled {
+        return Ok(if builtin_enabled(conn).await? {
             server
         } else {
             Route::Fail(format!(
@@ -209,19 +213,19 @@ async fn dispatch_or_wait(
             pool_slug,
             worker,
         } => {
-            let was_waiting: bool = sqlx::query_scalar(
+            sqlx::query(
                 "UPDATE attempts SET routed_worker = $3, routing_key = $4, no_worker_since = NULL
-                 WHERE step_run_id = $1 AND attempt = $2
-                 RETURNING (SELECT no_worker_since IS NOT NULL FROM attempts
-                            WHERE step_run_id = $1 AND attempt = $2)",
+                 WHERE step_run_id = $1 AND attempt = $2",
             )
             .bind(step.id)
             .bind(attempt as i32)
             .bind(worker)
             .bind(&routing_key)
-            .fetch_one(&mut *tx)
+            .execute(&mut *tx)
             .await?;
-            if was_waiting {
+            // Only a step that was waiting for a worker is `Waiting` here: mutex waits end
+            // before their attempt is routed.
+            if step.state == "Waiting" {
                 sqlx::query(
                     "UPDATE step_runs SET state = 'Pending', waiting_for = NULL
                      WHERE id = $1 AND state = 'Waiting'",
@@ -383,7 +387,7 @@ impl Orchestrator {
 
     /// Look at a task again soon.
     pub fn kick(&self, task: TaskId) {
-        let _ = self.inner.kick_tx.send(task);
+        schedule_kick(&self.inner, task);
     }
 
     /// Tell an agent to stop a running attempt.

@@ -475,6 +475,17 @@ impl Stack {
         Ok(serde_json::from_value(body)?)
     }
 
+    /// Create an API key with these permissions (`"TaskView"`, ...); the key itself.
+    pub async fn create_key(&self, name: &str, permissions: &[&str]) -> Result<String> {
+        let created: gantry_shared::api::ApiKeyCreated = self
+            .post(
+                "/api/keys",
+                &serde_json::json!({ "name": name, "permissions": permissions }),
+            )
+            .await?;
+        Ok(created.key)
+    }
+
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let (status, body) = self
             .request(

@@ -68,16 +68,10 @@ async fn health_checks_warn_then_fail_and_an_unhealthy_worker_gets_no_steps() {
         .await
         .unwrap();
     assert_eq!(status, 201);
-    let (_, created) = stack
-        .request(
-            Method::POST,
-            "/api/keys",
-            Some(API_KEY),
-            Some(json!({ "name": "viewer2", "permissions": ["TaskView", "TaskCreate"] })),
-        )
+    let weak_key = stack
+        .create_key("viewer2", &["TaskView", "TaskCreate"])
         .await
         .unwrap();
-    let weak_key = created["key"].as_str().unwrap().to_owned();
     let (status, body) = stack
         .request(
             Method::PUT,
@@ -501,16 +495,10 @@ async fn a_task_keeps_its_worker_in_a_pool_and_moves_on_when_it_dies() {
 async fn registering_and_managing_workers_needs_configure_server() {
     // Arrange: a key that may run tasks but not configure the server.
     let mut stack = Stack::start().await.unwrap();
-    let (_, created) = stack
-        .request(
-            Method::POST,
-            "/api/keys",
-            Some(API_KEY),
-            Some(json!({ "name": "deployer", "permissions": ["TaskView", "TaskCreate"] })),
-        )
+    let weak = stack
+        .create_key("deployer", &["TaskView", "TaskCreate"])
         .await
         .unwrap();
-    let weak = created["key"].as_str().unwrap().to_owned();
     let home = stack.dir.path().join("weak-agent");
     let idx = stack
         .add_agent("managed", AgentOpts::default())

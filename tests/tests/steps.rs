@@ -35,16 +35,7 @@ script = "echo 'someone said no'"
 async fn a_manual_step_waits_for_a_decision_and_records_who_decided_when_and_why() {
     // Arrange: no agent: script steps of the default pool run on the built-in worker.
     let stack = Stack::start().await.unwrap();
-    let (_, viewer) = stack
-        .request(
-            Method::POST,
-            "/api/keys",
-            Some(API_KEY),
-            Some(json!({ "name": "viewer", "permissions": ["TaskView"] })),
-        )
-        .await
-        .unwrap();
-    let viewer = viewer["key"].as_str().unwrap().to_owned();
+    let viewer = stack.create_key("viewer", &["TaskView"]).await.unwrap();
     let approved = stack.submit(GATED).await.unwrap();
     let rejected = stack.submit(GATED).await.unwrap();
     let cancelled = stack.submit(GATED).await.unwrap();

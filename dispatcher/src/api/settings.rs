@@ -22,8 +22,7 @@ pub async fn put(
     AppJson(req): AppJson<SettingsUpdate>,
 ) -> ApiResult<Json<Settings>> {
     caller.require(Permission::ConfigureServer)?;
-    let before = settings::get(&s.db).await?;
-    let after = settings::update(&s.db, &req).await?;
+    let (before, after) = settings::update(&s.db, &req).await?;
     if before.machine_policy != after.machine_policy {
         // Connected agents switch at once; others read it when they (re)start.
         let workers: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM workers")

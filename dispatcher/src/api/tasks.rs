@@ -30,7 +30,18 @@ pub async fn create(
     caller.require(Permission::TaskCreate)?;
     process.validate()?;
     let default_pool = pools::default_pool(&s.db).await?;
-    let settings = crate::store::settings::get(&s.db).await?;
+    // Read only if a step could need the built-in worker: most submissions never ask.
+    let mut builtin_enabled: Option<bool> = None;
+    let mut builtin = async |db: &sqlx::PgPool| -> ApiResult<bool> {
+        if builtin_enabled.is_none() {
+            builtin_enabled = Some(
+                crate::store::settings::get(db)
+                    .await?
+                    .builtin_worker_enabled,
+            );
+        }
+        Ok(builtin_enabled == Some(true))
+    };
     let mut step_pools: Vec<Option<PoolId>> = Vec::with_capacity(process.steps.len());
     for (i, step) in process.steps.iter().enumerate() {
         if step.kind != gantry_shared::process::StepKind::Script {
@@ -46,7 +57,7 @@ pub async fn create(
                 ));
             }
             (None, Location::Server) => {
-                if !settings.builtin_worker_enabled {
+                if !builtin(&s.db).await? {
                     return Err(ApiError::bad(
                         format!("steps[{i}].location"),
                         format!(
@@ -71,7 +82,7 @@ pub async fn create(
             (None, Location::Pool) => Some(default_pool.id),
         };
         if pool == Some(default_pool.id)
-            && !settings.builtin_worker_enabled
+            && !builtin(&s.db).await?
             && !pools::has_registered_workers(&s.db, default_pool.id).await?
         {
             return Err(ApiError::bad(

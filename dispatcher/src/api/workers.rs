@@ -23,11 +23,8 @@ pub async fn list(
     _caller: Caller,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Json<Vec<Worker>>> {
-    let builtin = q
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .any(|kv| kv == "builtin=true" || kv == "builtin=1");
+    let q = super::query_map(q.as_deref())?;
+    let builtin = matches!(q.get("builtin").map(String::as_str), Some("true" | "1"));
     Ok(Json(workers::list(&s.db, builtin).await?))
 }
 

@@ -42,14 +42,16 @@ pub async fn get(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Settings> {
     ))
 }
 
-/// Apply a partial update after checking every field; returns the new settings.
-pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<Settings> {
+/// Apply a partial update after checking every field; returns the settings before and
+/// after.
+pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, Settings)> {
     let mut tx = db.begin().await?;
-    let mut s = from_row(
+    let before = from_row(
         sqlx::query_as::<_, Row>(&format!("{SELECT} FOR UPDATE"))
             .fetch_one(&mut *tx)
             .await?,
     );
+    let mut s = before.clone();
     if let Some(b) = req.builtin_worker_enabled {
         s.builtin_worker_enabled = b;
     }
@@ -120,9 +122,9 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<Settings> {
     .bind(s.no_healthy_worker_timeout_secs as i32)
     .execute(&mut *tx)
     .await?;
-    let s = get(&mut *tx).await?;
+    let after = get(&mut *tx).await?;
     tx.commit().await?;
-    Ok(s)
+    Ok((before, after))
 }
 
 /// Set a worker's health; when it changed, record the change with its reason. Returns
