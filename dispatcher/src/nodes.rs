@@ -2,16 +2,21 @@
 //!
 //! Several `gantry-dispatcher serve` nodes may share one database, broker and Redis. Each task
 //! is orchestrated by exactly one of them, its **owner**: `tasks.owner_node` is the node's id
-//! and `tasks.lease_until` is in the future. A node gets a fresh id at every start and
-//! registers in `dispatcher_nodes`.
+//! and that node's lease is live. A node gets a fresh id at every start and registers in
+//! `dispatcher_nodes`; its one lease covers all its tasks: it is live while the node's
+//! `heartbeat_at` is less than [`LEASE`] old.
 //!
-//! - On every sweep a node renews the lease of all its tasks with one `UPDATE`, then takes
-//!   unowned tasks and tasks whose lease expired, oldest first (`FOR UPDATE SKIP LOCKED`),
-//!   while it owns fewer than `dispatcher.task_cap`.
-//! - `advance` (the orchestrator's one decision step) runs only on the owner: it checks the
-//!   owner under the task's row lock ([`own`]), and takes a free task there if the node is
-//!   under its cap, so a task submitted through a node is normally taken by that node at once.
-//!   A task owned by another node is left alone, and so is its wake-up row.
+//! - On every sweep a node renews its lease (one row, however many tasks it owns), then takes
+//!   unowned tasks and tasks whose owner's lease expired, oldest first (`FOR UPDATE SKIP
+//!   LOCKED`), while it owns fewer than `dispatcher.task_cap`.
+//! - `advance` (the orchestrator's one decision step) runs only on the owner. Before it locks
+//!   the task it takes a free task if the node is under its cap ([`take_for_advance`]), so a
+//!   task submitted through a node is normally taken by that node at once; under the task's
+//!   row lock it then checks that it is the owner ([`own`]). A task owned by another node is
+//!   left alone, and so is its wake-up row.
+//! - Takes are committed one at a time under an in-process lock, with the node's count of
+//!   owned tasks kept beside it (recounted on every sweep and whenever it reaches the cap), so
+//!   the cap is exact without a lock in PostgreSQL that every new task would queue on.
 //! - A task that ends has no owner any more (a trigger clears it), so it stops counting
 //!   against the cap.
 //! - A node that stops gracefully gives its leases up at once; one that dies loses them when
@@ -32,8 +37,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// How long a node's ownership of a task lasts without renewal. Renewed every sweep
-/// (default 2 s), so another node takes a dead node's tasks within this plus one sweep.
+/// How long a node's lease (its ownership of all its tasks) lasts without renewal. Renewed
+/// every sweep (default 2 s), so another node takes a dead node's tasks within this plus one
+/// sweep.
 pub const LEASE: Duration = Duration::from_secs(10);
 
 /// The PostgreSQL channel on which wake-ups are announced (payload: the task id).
@@ -47,6 +53,9 @@ const ACTIVE: &str = "('Queued', 'Executing', 'Waiting', 'Cancelling')";
 pub struct Node {
     pub id: Uuid,
     pub task_cap: u32,
+    /// Held while taking tasks, with how many this node owned at the last count plus what it
+    /// took since (tasks that ended since are only noticed at the next count).
+    owned: std::sync::Arc<tokio::sync::Mutex<i64>>,
 }
 
 impl Node {
@@ -54,8 +63,17 @@ impl Node {
         Self {
             id: Uuid::new_v4(),
             task_cap,
+            owned: Default::default(),
         }
     }
+}
+
+/// SQL: true when the lease of node `n` (joined on the task's owner) is not live.
+fn lease_expired(n: &str) -> String {
+    format!(
+        "({n}.id IS NULL OR {n}.heartbeat_at < now() - make_interval(secs => {}))",
+        LEASE.as_secs()
+    )
 }
 
 /// Register this node under `name` (`host@address`). A previous process registered under the
@@ -72,9 +90,9 @@ pub async fn register(db: &PgPool, node: &Node, name: &str) -> sqlx::Result<()> 
     .execute(&mut *tx)
     .await?;
     let expired = sqlx::query(
-        "UPDATE tasks SET lease_until = now()
-         WHERE owner_node IN (SELECT id FROM dispatcher_nodes WHERE name = $1 AND id <> $2)
-           AND lease_until > now()",
+        "UPDATE dispatcher_nodes SET heartbeat_at = '-infinity'
+         WHERE name = $1 AND id <> $2 AND heartbeat_at > '-infinity'
+           AND EXISTS (SELECT 1 FROM tasks WHERE owner_node = dispatcher_nodes.id)",
     )
     .bind(name)
     .bind(node.id)
@@ -84,15 +102,15 @@ pub async fn register(db: &PgPool, node: &Node, name: &str) -> sqlx::Result<()> 
     tracing::info!(node = %node.id, name, task_cap = node.task_cap, "dispatcher node registered");
     if expired.rows_affected() > 0 {
         tracing::info!(
-            tasks = expired.rows_affected(),
+            nodes = expired.rows_affected(),
             "a previous process at this address owned tasks; taking them over"
         );
     }
     Ok(())
 }
 
-/// The sweep's part: refresh this node's heartbeat and leases, then take free tasks while
-/// under the cap. Returns the tasks taken.
+/// The sweep's part: renew this node's lease, then take free tasks while under the cap.
+/// Returns the tasks taken.
 pub async fn renew_and_take(db: &PgPool, node: &Node) -> sqlx::Result<Vec<TaskId>> {
     let registered = sqlx::query("UPDATE dispatcher_nodes SET heartbeat_at = now() WHERE id = $1")
         .bind(node.id)
@@ -102,28 +120,26 @@ pub async fn renew_and_take(db: &PgPool, node: &Node) -> sqlx::Result<Vec<TaskId
         // Not registered yet (still starting): take nothing.
         return Ok(Vec::new());
     }
-    sqlx::query("UPDATE tasks SET lease_until = now() + $2 WHERE owner_node = $1")
-        .bind(node.id)
-        .bind(LEASE)
-        .execute(db)
-        .await?;
-    let mut tx = db.begin().await?;
-    let room = room(&mut tx, node).await?;
+    let mut owned = node.owned.lock().await;
+    *owned = count_owned(db, node).await?;
+    let room = (i64::from(node.task_cap) - *owned).max(0);
     if room == 0 {
         return Ok(Vec::new());
     }
+    let mut tx = db.begin().await?;
     let taken: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(&format!(
-        "UPDATE tasks t SET owner_node = $1, lease_until = now() + $2
-         FROM (SELECT id, owner_node AS previous FROM tasks
-               WHERE state IN {ACTIVE}
-                 AND (owner_node IS NULL OR lease_until IS NULL OR lease_until < now())
-               ORDER BY created_at LIMIT $3
-               FOR UPDATE SKIP LOCKED) free
+        "UPDATE tasks t SET owner_node = $1
+         FROM (SELECT t2.id, t2.owner_node AS previous FROM tasks t2
+               LEFT JOIN dispatcher_nodes n ON n.id = t2.owner_node
+               WHERE t2.state IN {ACTIVE}
+                 AND (t2.owner_node IS NULL OR {})
+               ORDER BY t2.created_at LIMIT $2
+               FOR UPDATE OF t2 SKIP LOCKED) free
          WHERE t.id = free.id
-         RETURNING t.id, free.previous"
+         RETURNING t.id, free.previous",
+        lease_expired("n")
     ))
     .bind(node.id)
-    .bind(LEASE)
     .bind(room)
     .fetch_all(&mut *tx)
     .await?;
@@ -135,40 +151,88 @@ pub async fn renew_and_take(db: &PgPool, node: &Node) -> sqlx::Result<Vec<TaskId
         }
     }
     tx.commit().await?;
+    *owned += taken.len() as i64;
     Ok(taken.into_iter().map(|(t, _)| TaskId(t)).collect())
 }
 
-/// How many more tasks this node may own. Locks the node's row, so two takers on one node
-/// (the sweep and an `advance`) cannot both use the last free place.
-async fn room(conn: &mut PgConnection, node: &Node) -> sqlx::Result<i64> {
-    sqlx::query("SELECT 1 FROM dispatcher_nodes WHERE id = $1 FOR UPDATE")
+async fn count_owned(db: &PgPool, node: &Node) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM tasks WHERE owner_node = $1")
         .bind(node.id)
-        .execute(&mut *conn)
-        .await?;
-    let owned: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE owner_node = $1")
-        .bind(node.id)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok((i64::from(node.task_cap) - owned).max(0))
+        .fetch_one(db)
+        .await
 }
 
-/// Without locking: false if another node holds a live lease on the task (so `advance` need
-/// not wait for the task's row lock only to find it is not ours).
-pub async fn may_own(db: &PgPool, node: &Node, task: TaskId) -> sqlx::Result<bool> {
-    let other: Option<bool> = sqlx::query_scalar(
-        "SELECT owner_node IS NOT NULL AND owner_node <> $2 AND lease_until > now()
-         FROM tasks WHERE id = $1",
-    )
+/// Before `advance` locks a task: false if another node holds a live lease on it (so
+/// `advance` need not wait for the task's row lock only to find it is not ours), or if
+/// `if_woken` and the task has no wake-up row (whoever deleted it decided on everything its
+/// wakers had committed). A task with no live owner is taken here, in its own short
+/// transaction, if this node is under its cap.
+pub async fn take_for_advance(
+    db: &PgPool,
+    node: &Node,
+    task: TaskId,
+    if_woken: bool,
+) -> sqlx::Result<bool> {
+    let row: Option<(Option<Uuid>, bool, bool, bool)> = sqlx::query_as(&format!(
+        "SELECT t.owner_node, {}, t.state IN {ACTIVE},
+                EXISTS (SELECT 1 FROM task_wakeups w WHERE w.task_id = t.id)
+         FROM tasks t LEFT JOIN dispatcher_nodes n ON n.id = t.owner_node WHERE t.id = $1",
+        lease_expired("n")
+    ))
     .bind(task.0)
-    .bind(node.id)
     .fetch_optional(db)
     .await?;
-    Ok(other != Some(true))
+    let Some((owner, expired, active, woken)) = row else {
+        return Ok(true);
+    };
+    if if_woken && !woken {
+        return Ok(false);
+    }
+    if owner == Some(node.id) || !active {
+        return Ok(true);
+    }
+    if owner.is_some() && !expired {
+        return Ok(false);
+    }
+    let mut owned = node.owned.lock().await;
+    if *owned >= i64::from(node.task_cap) {
+        *owned = count_owned(db, node).await?;
+        if *owned >= i64::from(node.task_cap) {
+            return Ok(false);
+        }
+    }
+    let mut tx = db.begin().await?;
+    let taken: Option<Option<Uuid>> = sqlx::query_scalar(&format!(
+        "UPDATE tasks t SET owner_node = $2
+         FROM (SELECT t2.id, t2.owner_node AS previous FROM tasks t2
+               LEFT JOIN dispatcher_nodes n ON n.id = t2.owner_node
+               WHERE t2.id = $1 AND t2.state IN {ACTIVE}
+                 AND (t2.owner_node IS NULL OR {})
+               FOR UPDATE OF t2) free
+         WHERE t.id = free.id
+         RETURNING free.previous",
+        lease_expired("n")
+    ))
+    .bind(task.0)
+    .bind(node.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(Some(previous)) = taken
+        && previous != node.id
+    {
+        log_takeover(&mut tx, node, task, previous).await?;
+    }
+    tx.commit().await?;
+    if taken.is_some() {
+        *owned += 1;
+    }
+    // Taken now, or by another node meanwhile, or ended: `own` decides under the row lock.
+    Ok(true)
 }
 
 /// Called by `advance` holding the task's row lock: may this node act on the task? True if it
-/// owns it, or took it just now (free or expired, and this node under its cap); false if
-/// another node owns it or this node is full. A task that has ended needs no owner.
+/// owns it (see [`take_for_advance`]), false if it does not. A task that has ended needs no
+/// owner.
 pub async fn own(
     conn: &mut PgConnection,
     node: &Node,
@@ -178,31 +242,11 @@ pub async fn own(
     if crate::store::tasks::is_terminal(task_state) {
         return Ok(true);
     }
-    let (owner, live): (Option<Uuid>, bool) = sqlx::query_as(
-        "SELECT owner_node, COALESCE(lease_until > now(), false) FROM tasks WHERE id = $1",
-    )
-    .bind(task.0)
-    .fetch_one(&mut *conn)
-    .await?;
-    if owner == Some(node.id) {
-        return Ok(true);
-    }
-    if owner.is_some() && live {
-        return Ok(false);
-    }
-    if room(conn, node).await? == 0 {
-        return Ok(false);
-    }
-    sqlx::query("UPDATE tasks SET owner_node = $2, lease_until = now() + $3 WHERE id = $1")
+    let owner: Option<Uuid> = sqlx::query_scalar("SELECT owner_node FROM tasks WHERE id = $1")
         .bind(task.0)
-        .bind(node.id)
-        .bind(LEASE)
-        .execute(&mut *conn)
+        .fetch_one(&mut *conn)
         .await?;
-    if let Some(previous) = owner {
-        log_takeover(conn, node, task, previous).await?;
-    }
-    Ok(true)
+    Ok(owner == Some(node.id))
 }
 
 async fn log_takeover(
@@ -232,17 +276,20 @@ async fn log_takeover(
     logs::append_system(conn, task, None, &line).await
 }
 
-/// At a graceful stop: give up every lease at once, so other nodes take the tasks on their
+/// At a graceful stop: give up the lease at once, so other nodes take the tasks on their
 /// next sweep.
 pub async fn release_all(db: &PgPool, node: &Node) {
-    let r = sqlx::query("UPDATE tasks SET lease_until = now() WHERE owner_node = $1")
-        .bind(node.id)
-        .execute(db)
-        .await;
+    let r: sqlx::Result<i64> = sqlx::query_scalar(
+        "WITH expired AS (UPDATE dispatcher_nodes SET heartbeat_at = '-infinity' WHERE id = $1)
+         SELECT count(*) FROM tasks WHERE owner_node = $1",
+    )
+    .bind(node.id)
+    .fetch_one(db)
+    .await;
     match r {
-        Ok(r) if r.rows_affected() > 0 => {
+        Ok(n) if n > 0 => {
             tracing::info!(
-                tasks = r.rows_affected(),
+                tasks = n,
                 "stopping: released this node's tasks to the other nodes"
             )
         }

@@ -59,11 +59,13 @@ struct Inner {
     topology: Topology,
     broker: Broker,
     publisher: Publisher,
-    kick_tx: mpsc::UnboundedSender<TaskId>,
+    /// Tasks to advance; `true` marks a kick from another node's `NOTIFY`, worth a decision
+    /// only while the task still has a wake-up row.
+    kick_tx: mpsc::UnboundedSender<(TaskId, bool)>,
     /// Attempts this node is publishing right now; the sweep leaves them alone.
     publishing: Mutex<HashSet<(StepRunId, u32)>>,
-    /// Tasks being advanced, and whether another kick arrived meanwhile.
-    advancing: Mutex<HashMap<TaskId, bool>>,
+    /// Tasks being advanced, and whether another kick arrived meanwhile (`Some(if_woken)`).
+    advancing: Mutex<HashMap<TaskId, Option<bool>>>,
     /// Wakes the mutex loop when an attempt starts waiting for a mutex.
     locks_wake: Arc<tokio::sync::Notify>,
     /// Delay before a failed step's next attempt (doubled per attempt).
@@ -372,7 +374,7 @@ impl Orchestrator {
         nodes::spawn_wake_listener(
             inner.db.clone(),
             move |task| {
-                let _ = kicks.send(task);
+                let _ = kicks.send((task, true));
             },
             cancel.clone(),
         );
@@ -404,7 +406,7 @@ impl Orchestrator {
 
 async fn run(
     inner: Arc<Inner>,
-    mut kicks: mpsc::UnboundedReceiver<TaskId>,
+    mut kicks: mpsc::UnboundedReceiver<(TaskId, bool)>,
     sweep_every: Duration,
     cancel: CancellationToken,
 ) {
@@ -413,7 +415,7 @@ async fn run(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            Some(task) = kicks.recv() => schedule(&inner, &permits, task),
+            Some((task, if_woken)) = kicks.recv() => schedule(&inner, &permits, task, if_woken),
             _ = sweep.tick() => {
                 if let Err(e) = sweep_once(&inner, &permits).await {
                     tracing::warn!(error = %e, "orchestrator sweep failed; will retry");
@@ -428,26 +430,29 @@ async fn run(
 }
 
 /// Run `advance` for a task, at most once at a time per task on this node; a kick that
-/// arrives meanwhile makes it run once more afterwards.
-fn schedule(inner: &Arc<Inner>, permits: &Arc<Semaphore>, task: TaskId) {
+/// arrives meanwhile makes it run once more afterwards. With `if_woken` (a `NOTIFY`, which
+/// every node hears, the waker's own included, usually after its in-process kick has already
+/// done the work) the decision is skipped unless the task still has a wake-up row.
+fn schedule(inner: &Arc<Inner>, permits: &Arc<Semaphore>, task: TaskId, if_woken: bool) {
     {
         let mut advancing = inner.advancing.lock().expect("lock poisoned");
         if let Some(again) = advancing.get_mut(&task) {
-            *again = true;
+            *again = Some(again.unwrap_or(true) && if_woken);
             return;
         }
-        advancing.insert(task, false);
+        advancing.insert(task, None);
     }
     let inner = inner.clone();
     let permits = permits.clone();
     tokio::spawn(async move {
+        let mut if_woken = if_woken;
         loop {
             let permit = permits.acquire().await.expect("semaphore never closed");
-            advance_and_publish(&inner, task).await;
+            advance_and_publish(&inner, task, if_woken).await;
             drop(permit);
             let mut advancing = inner.advancing.lock().expect("lock poisoned");
             match advancing.get_mut(&task) {
-                Some(again) if *again => *again = false,
+                Some(again @ Some(_)) => if_woken = again.take().unwrap_or(false),
                 _ => {
                     advancing.remove(&task);
                     return;
@@ -461,9 +466,13 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
     // Renew this node's leases and take free tasks first; then only tasks this node owns, or
     // that nobody holds, are worth advancing here.
     let taken = nodes::renew_and_take(&inner.db, &inner.node).await?;
+    // Wake-ups of this node's tasks, and of tasks that have ended. A free task's wake-up waits
+    // until some node takes it (above, oldest first, within the cap): advancing it now would
+    // only find the node full, and with a deep backlog that is thousands of wasted advances.
     let woken: Vec<Uuid> = sqlx::query_scalar(
         "SELECT w.task_id FROM task_wakeups w JOIN tasks t ON t.id = w.task_id
-         WHERE t.owner_node = $1 OR t.owner_node IS NULL OR NOT t.lease_until > now()
+         WHERE t.owner_node = $1
+            OR (t.owner_node IS NULL AND t.state IN ('Success', 'Failed', 'Cancelled'))
          LIMIT 10000",
     )
     .bind(inner.node.id)
@@ -478,7 +487,7 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
     .fetch_all(&inner.db)
     .await?;
     for t in taken.into_iter().map(|t| t.0).chain(woken).chain(due) {
-        schedule(inner, permits, TaskId(t));
+        schedule(inner, permits, TaskId(t), false);
     }
     let unconfirmed: Vec<(Uuid, i32)> = sqlx::query_as(
         "SELECT step_run_id, attempt FROM attempts
@@ -555,13 +564,13 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
 }
 
 fn schedule_kick(inner: &Inner, task: TaskId) {
-    let _ = inner.kick_tx.send(task);
+    let _ = inner.kick_tx.send((task, false));
 }
 
-async fn advance_and_publish(inner: &Arc<Inner>, task: TaskId) {
+async fn advance_and_publish(inner: &Arc<Inner>, task: TaskId, if_woken: bool) {
     let mut delay = Duration::from_millis(50);
     let outgoing = loop {
-        match advance(inner, task).await {
+        match advance(inner, task, if_woken).await {
             Ok(out) => break out,
             Err(e)
                 if e.downcast_ref::<sqlx::Error>()
@@ -585,8 +594,12 @@ async fn advance_and_publish(inner: &Arc<Inner>, task: TaskId) {
 }
 
 /// One decision step for a task (see the module docs). Returns the jobs to publish.
-async fn advance(inner: &Arc<Inner>, task: TaskId) -> anyhow::Result<Vec<Outgoing>> {
-    if !nodes::may_own(&inner.db, &inner.node, task).await? {
+async fn advance(
+    inner: &Arc<Inner>,
+    task: TaskId,
+    if_woken: bool,
+) -> anyhow::Result<Vec<Outgoing>> {
+    if !nodes::take_for_advance(&inner.db, &inner.node, task, if_woken).await? {
         return Ok(Vec::new());
     }
     let mut tx = inner.db.begin().await?;
@@ -603,8 +616,8 @@ async fn advance(inner: &Arc<Inner>, task: TaskId) -> anyhow::Result<Vec<Outgoin
         return Ok(Vec::new());
     };
     if !nodes::own(&mut tx, &inner.node, task, &task_state).await? {
-        // Another node's task (or this node is at its task_cap): its wake-up stays for the
-        // owner.
+        // Another node's task, or a free one this node had no room to take: its wake-up
+        // stays for the owner.
         return Ok(Vec::new());
     }
     let mut outgoing = Vec::new();
@@ -614,12 +627,17 @@ async fn advance(inner: &Arc<Inner>, task: TaskId) -> anyhow::Result<Vec<Outgoin
         settle_cancel(&mut tx, task, &task_name).await?;
     } else if !is_terminal(&task_state) {
         let mut steps: Vec<StepState> = sqlx::query_as(
+            // The attempt is a correlated lookup, not a join: a prepared statement's generic
+            // plan, made while the tables were small, would otherwise hash-join a sequential
+            // scan of every attempt into each advance, and with a deep backlog that was the
+            // dispatcher's main cost.
             "SELECT s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
                     s.pool_id, p.slug AS pool_slug, p.name AS pool_name,
-                    p.is_default AS pool_is_default, a.state AS attempt_state
+                    p.is_default AS pool_is_default,
+                    (SELECT a.state FROM attempts a
+                     WHERE a.step_run_id = s.id AND a.attempt = s.attempt) AS attempt_state
              FROM step_runs s
              LEFT JOIN pools p ON p.id = s.pool_id
-             LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
              WHERE s.task_id = $1 ORDER BY s.idx",
         )
         .bind(task.0)
@@ -783,9 +801,9 @@ async fn advance(inner: &Arc<Inner>, task: TaskId) -> anyhow::Result<Vec<Outgoin
                 else {
                     // Waiting for a worker, or failed: the state is in the database now.
                     let (state, attempt_state): (String, Option<String>) = sqlx::query_as(
-                        "SELECT s.state, a.state FROM step_runs s
-                         LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
-                         WHERE s.id = $1",
+                        "SELECT s.state, (SELECT a.state FROM attempts a
+                                          WHERE a.step_run_id = s.id AND a.attempt = s.attempt)
+                         FROM step_runs s WHERE s.id = $1",
                     )
                     .bind(step.id)
                     .fetch_one(&mut *tx)
@@ -1204,10 +1222,11 @@ async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
         let step: StepState = sqlx::query_as(
             "SELECT s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
                     s.pool_id, p.slug AS pool_slug, p.name AS pool_name,
-                    p.is_default AS pool_is_default, a.state AS attempt_state
+                    p.is_default AS pool_is_default,
+                    (SELECT a.state FROM attempts a
+                     WHERE a.step_run_id = s.id AND a.attempt = s.attempt) AS attempt_state
              FROM step_runs s
              LEFT JOIN pools p ON p.id = s.pool_id
-             LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
              WHERE s.id = $1 FOR UPDATE OF s",
         )
         .bind(step_run.0)
