@@ -553,26 +553,35 @@ impl Usage {
         })
     }
 
-    /// What was spent between `self` and `after`, per step.
-    fn note(&self, after: &Usage, steps: usize) -> String {
-        let per = |x: f64| x / steps as f64 * 1000.0;
+    /// What was spent between `self` and `after`, per `unit` (`step`, `line`, `POST`), in ms,
+    /// or in µs where a figure would print as 0.00 ms.
+    fn note(&self, after: &Usage, count: usize, unit: &str) -> String {
+        let per = |x: f64| x / count as f64 * 1000.0;
         let d = after.dispatcher.0 - self.dispatcher.0;
         let (mut a, mut c) = (0.0, 0.0);
         for (x, y) in self.agents.iter().zip(&after.agents) {
             a += y.0 - x.0;
             c += y.1 - x.1;
         }
+        let small = [per(d), per(a), per(c)].iter().all(|v| *v < 0.1);
+        let time = |ms: f64| {
+            if small {
+                format!("{:.2} µs", ms * 1000.0)
+            } else {
+                format!("{ms:.2} ms")
+            }
+        };
         let busy = after.machine.0 - self.machine.0;
         let total = after.machine.1 - self.machine.1;
         format!(
-            "CPU per step: dispatcher {:.2} ms, agents {:.2} ms, their children (guard + script) {:.2} ms; machine {:.0} % busy over the scenario ({:.1} of {:.1} CPU-seconds, the rest of the busy time is PostgreSQL, RabbitMQ, Redis, this harness and anything else on the machine); {:.0} bytes of PostgreSQL WAL per step (cluster-wide: other databases' writes count too).",
-            per(d),
-            per(a),
-            per(c),
+            "CPU per {unit}: dispatcher {}, agents {}, their children (guard + script) {}; machine {:.0} % busy over the scenario ({:.1} of {:.1} CPU-seconds, the rest of the busy time is PostgreSQL, RabbitMQ, Redis, this harness and anything else on the machine); {:.0} bytes of PostgreSQL WAL per {unit} (cluster-wide: other databases' writes count too).",
+            time(per(d)),
+            time(per(a)),
+            time(per(c)),
             busy / total.max(1e-9) * 100.0,
             busy,
             total,
-            (after.wal - self.wal) / steps as f64
+            (after.wal - self.wal) / count as f64
         )
     }
 }
@@ -840,7 +849,7 @@ async fn throughput(opts: &Opts, spawn_rate: f64) -> Result<ScenarioResult> {
     let usage = Usage::sample(&stack, &db).await?;
     let submitted = submit_many(&stack, &body, n, CLIENTS).await?;
     wait_all_success(&db, n, opts.limit(Duration::from_millis(n as u64 * 100))).await?;
-    let profile = usage.note(&Usage::sample(&stack, &db).await?, n);
+    let profile = usage.note(&Usage::sample(&stack, &db).await?, n, "step");
     let secs: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM tasks",
     )
@@ -1045,9 +1054,7 @@ awk 'BEGIN {{ p = sprintf("%71s", ""); gsub(/ /, "x", p); for (i = 0; i < {n}; i
     let usage = Usage::sample(&stack, &db).await?;
     let (task, _) = post_task(&stack, &body).await?;
     wait_all_success(&db, 1, opts.limit(Duration::from_millis(n as u64))).await?;
-    let profile = usage
-        .note(&Usage::sample(&stack, &db).await?, n)
-        .replace("per step", "per line");
+    let profile = usage.note(&Usage::sample(&stack, &db).await?, n, "line");
     // From submission to the task's Success, which needs every line stored (the attempt's
     // own finished_at is the script's end, on the agent's clock, before the lines are in).
     let secs: f64 = sqlx::query_scalar(
@@ -1121,9 +1128,7 @@ async fn api(opts: &Opts) -> Result<ScenarioResult> {
     let samples = submit_many(&stack, &body, n, CLIENTS).await?;
     let profile = format!(
         "While the {n} POSTs were answered: {}",
-        usage
-            .note(&Usage::sample(&stack, &db).await?, n)
-            .replace("per step", "per POST")
+        usage.note(&Usage::sample(&stack, &db).await?, n, "POST")
     );
     wait_all_success(
         &db,
