@@ -82,6 +82,25 @@ fn ensure_binaries() {
         if profile == "release" {
             cmd.arg("--release");
         }
+        // `cargo run` and `cargo nextest` describe the package they started in these; a build
+        // script that tracks them (ring's does) would see them differ from a build in a plain
+        // shell and rebuild, back and forth, on every run.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_BIN_",
+                "CARGO_CRATE_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+                || k == "CARGO_TARGET_TMPDIR"
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         let status = cmd
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
