@@ -55,6 +55,8 @@ pub struct Counts {
     pub api_tasks: usize,
     pub api_steps: usize,
     pub queued_steps: usize,
+    /// Idle agents started at once beside the first one's measurement.
+    pub idle_agents: usize,
 }
 
 impl Counts {
@@ -72,6 +74,7 @@ impl Counts {
             api_tasks: 100,
             api_steps: 10,
             queued_steps: s(10_000),
+            idle_agents: s(200),
         }
     }
 
@@ -88,6 +91,7 @@ impl Counts {
             api_tasks: 10,
             api_steps: 2,
             queued_steps: 40,
+            idle_agents: 3,
         }
     }
 }
@@ -303,7 +307,10 @@ async fn run_one(name: &str, opts: &Opts, refs: &mut References) -> Result<Scena
             opts.limit(Duration::from_millis(c.queued_steps as u64 * 50)),
             Box::pin(queued_rss(opts)),
         ),
-        "idle-agent" => (opts.limit(Duration::ZERO), Box::pin(idle_agent(opts))),
+        "idle-agent" => (
+            opts.limit(Duration::from_millis(c.idle_agents as u64 * 500)),
+            Box::pin(idle_agent(opts)),
+        ),
         other => bail!(
             "no scenario {other:?}; the scenarios: {}",
             SCENARIOS.join(", ")
@@ -342,6 +349,17 @@ pub fn proc_kib(pid: i32, field: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("{field} in /proc/{pid}/status"))
+}
+
+/// A field of `/proc/<pid>/smaps_rollup` (`Pss`, `Private_Clean`), in KiB.
+pub fn rollup_kib(pid: i32, field: &str) -> Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("reading /proc/{pid}/smaps_rollup"))?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{field} in /proc/{pid}/smaps_rollup"))
 }
 
 fn mib(kib: u64) -> f64 {
@@ -1232,21 +1250,170 @@ async fn queued_rss(opts: &Opts) -> Result<ScenarioResult> {
     })
 }
 
-/// The RSS of one idle agent, a few seconds after it started and heartbeated.
+/// The stack's workers (not the built-in ones), by name.
+async fn workers_by_name(
+    stack: &Stack,
+) -> Result<std::collections::HashMap<String, gantry_shared::api::Worker>> {
+    let all: Vec<gantry_shared::api::Worker> = stack.get("/api/workers").await?;
+    Ok(all
+        .into_iter()
+        .filter(|w| !w.builtin)
+        .map(|w| (w.name.clone(), w))
+        .collect())
+}
+
+/// What one agent process holds: (VmRSS, Pss, private) in KiB. Pss shares each page among
+/// the processes mapping it (the agents' common binary text); private is what only this
+/// agent holds, i.e. what one more agent costs the machine.
+fn agent_memory(pid: i32) -> Result<(u64, u64, u64)> {
+    Ok((
+        proc_kib(pid, "VmRSS")?,
+        rollup_kib(pid, "Pss")?,
+        rollup_kib(pid, "Private_Clean")? + rollup_kib(pid, "Private_Dirty")?,
+    ))
+}
+
+/// The RSS of one idle agent, a few seconds after it started and heartbeated; then of N
+/// idle agents connected to the same dispatcher at once.
 async fn idle_agent(opts: &Opts) -> Result<ScenarioResult> {
-    let stack = stack_with_agents(1, &[]).await?;
-    tokio::time::sleep(Duration::from_secs(if opts.quick { 1 } else { 5 })).await;
+    let n = opts.counts.idle_agents.max(1);
+    let settle = Duration::from_secs(if opts.quick { 1 } else { 5 });
+    let mut stack = stack_with_agents(1, &[]).await?;
+    tokio::time::sleep(settle).await;
     let pid = stack.agent(0).pid().context("agent pid")?;
     let rss = proc_kib(pid, "VmRSS")?;
     let hwm = proc_kib(pid, "VmHWM")?;
+    let (_, pss, private) = agent_memory(pid)?;
+    let dispatcher = dispatcher_pid(&stack)?;
+    let dispatcher_before = proc_kib(dispatcher, "VmRSS")?;
+
+    // The other N-1, started 16 at a time, like the first: quiet, 4 slots, 1 s heartbeats.
+    let started = Instant::now();
+    let names: Vec<String> = (2..=n).map(|i| format!("bench-{i}")).collect();
+    let quiet = vec![("RUST_LOG".to_owned(), "warn".to_owned())];
+    stack
+        .add_agents(
+            &names,
+            AgentOpts {
+                pools: Vec::new(),
+                max_concurrent_steps: SLOTS,
+                env: quiet,
+                server: None,
+            },
+            16,
+        )
+        .await?;
+    let start_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(settle).await;
+
+    // Nothing lost: every agent is registered, still running, and still heartbeating (each
+    // worker's last heartbeat moves on over a few intervals).
+    let before = workers_by_name(&stack).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = workers_by_name(&stack).await?;
+    ensure!(
+        after.len() == n,
+        "LOST AGENTS: {} workers registered for {n} agents",
+        after.len()
+    );
+    let mut silent = Vec::new();
+    for a in &stack.agents {
+        let moved = match (before.get(&a.name), after.get(&a.name)) {
+            (Some(b), Some(w)) => {
+                w.health != "Unavailable"
+                    && w.last_heartbeat_at.is_some()
+                    && w.last_heartbeat_at > b.last_heartbeat_at
+            }
+            _ => false,
+        };
+        if !moved {
+            silent.push(a.name.clone());
+        }
+    }
+    ensure!(
+        silent.is_empty(),
+        "LOST AGENTS: {} of {n} stopped heartbeating: {:?}",
+        silent.len(),
+        &silent[..silent.len().min(10)]
+    );
+    let mut exited = Vec::new();
+    for a in stack.agents.iter_mut() {
+        let alive = match a.proc.as_mut() {
+            Some(p) => matches!(p.child.try_wait(), Ok(None)),
+            None => false,
+        };
+        if !alive {
+            exited.push(a.name.clone());
+        }
+    }
+    ensure!(
+        exited.is_empty(),
+        "LOST AGENTS: {} of {n} exited: {:?}",
+        exited.len(),
+        &exited[..exited.len().min(10)]
+    );
+
+    let mut fleet = Vec::with_capacity(n);
+    for a in &stack.agents {
+        let pid = a.proc.as_ref().and_then(|p| p.pid()).context("agent pid")?;
+        fleet.push(agent_memory(pid)?);
+    }
+    let mean = |f: fn(&(u64, u64, u64)) -> u64| {
+        fleet.iter().map(f).sum::<u64>() as f64 / fleet.len() as f64 / 1024.0
+    };
+    let max_rss = fleet.iter().map(|m| m.0).max().unwrap_or(0);
+    let dispatcher_rss = proc_kib(dispatcher, "VmRSS")?;
     Ok(ScenarioResult {
         name: "idle-agent".into(),
         figures: vec![
             Figure::at_most("idle agent RSS", mib(rss), "MiB", 10.0),
             Figure::plain("idle agent peak RSS (VmHWM)", mib(hwm), "MiB"),
+            Figure::plain("idle agent PSS", mib(pss), "MiB"),
+            Figure::at_most(
+                &format!("mean RSS per agent, {n} idle agents"),
+                mean(|m| m.0),
+                "MiB",
+                10.0,
+            ),
+            Figure::at_most(
+                &format!("max RSS per agent, {n} idle agents"),
+                mib(max_rss),
+                "MiB",
+                10.0,
+            ),
+            Figure::plain(
+                &format!("mean PSS per agent, {n} idle agents"),
+                mean(|m| m.1),
+                "MiB",
+            ),
+            Figure::plain(
+                &format!("mean private memory per agent, {n} idle agents"),
+                mean(|m| m.2),
+                "MiB",
+            ),
+            Figure::plain(
+                &format!("time to register and start {} agents (16 at a time)", n - 1),
+                start_secs,
+                "s",
+            ),
+            Figure::plain(
+                &format!("dispatcher RSS with {n} idle agents connected"),
+                mib(dispatcher_rss),
+                "MiB",
+            ),
+            Figure::plain(
+                "dispatcher RSS with 1 idle agent",
+                mib(dispatcher_before),
+                "MiB",
+            ),
         ],
-        checked: "the agent registered, heartbeated and stayed up".into(),
-        notes: vec!["200 idle agents are not measured yet.".into()],
+        checked: format!(
+            "the first agent registered, heartbeated and stayed up; then all {n} agents were registered, running, and every one heartbeated again within 3 s"
+        ),
+        notes: vec![format!(
+            "The single agent's private memory (not shared with any other process) is {:.1} MiB. RSS counts every page an agent maps, including the binary's code, which N agents share in the page cache; PSS divides each shared page among the processes that map it, so the mean PSS of N agents is nearer what each one costs the machine. Agents heartbeat every second here (the harness's setting).",
+            mib(private)
+        )],
         ..Default::default()
     })
 }

@@ -94,15 +94,28 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
 /// `url` with `heartbeat=DEFAULT_HEARTBEAT_SECS` added unless it already sets a heartbeat.
 pub fn with_heartbeat(url: &str) -> String {
+    with_query_default(url, "heartbeat", DEFAULT_HEARTBEAT_SECS.into())
+}
+
+/// `url` with `frame_max=bytes` added unless it already sets a frame size.
+///
+/// Without one, lapin starts with buffers for 32 frames of the minimum size and, once the
+/// broker offers its own maximum (RabbitMQ: 128 KiB), grows its receive and send buffers to
+/// 32 such frames each by filling them with zeros: 8 MiB written, and so resident, on every
+/// connection, busy or idle. Asked for up front, the buffers are allocated at their final
+/// size and untouched until data goes through them. Messages larger than a frame are split
+/// into several frames by the protocol; nothing else changes.
+pub fn with_frame_max(url: &str, bytes: u32) -> String {
+    with_query_default(url, "frame_max", bytes)
+}
+
+fn with_query_default(url: &str, key: &str, value: u32) -> String {
     let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
-    if query
-        .split('&')
-        .any(|kv| kv.split('=').next() == Some("heartbeat"))
-    {
+    if query.split('&').any(|kv| kv.split('=').next() == Some(key)) {
         return url.to_owned();
     }
     let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}heartbeat={DEFAULT_HEARTBEAT_SECS}")
+    format!("{url}{sep}{key}={value}")
 }
 
 async fn supervise(
@@ -360,6 +373,27 @@ mod tests {
             "amqp://h/%2f?heartbeat=30"
         );
         let parsed: lapin::uri::AMQPUri = with_heartbeat("amqp://h/%2f").parse().unwrap();
+        assert_eq!(parsed.query.heartbeat, Some(10));
+    }
+
+    #[test]
+    fn a_frame_size_is_added_unless_the_url_sets_one() {
+        assert_eq!(
+            with_frame_max("amqp://h/%2f", 16_384),
+            "amqp://h/%2f?frame_max=16384"
+        );
+        assert_eq!(
+            with_frame_max("amqp://h/%2f?heartbeat=30", 16_384),
+            "amqp://h/%2f?heartbeat=30&frame_max=16384"
+        );
+        assert_eq!(
+            with_frame_max("amqp://h/%2f?frame_max=131072", 16_384),
+            "amqp://h/%2f?frame_max=131072"
+        );
+        let parsed: lapin::uri::AMQPUri = with_heartbeat(&with_frame_max("amqp://h/%2f", 16_384))
+            .parse()
+            .unwrap();
+        assert_eq!(parsed.query.frame_max, Some(16_384));
         assert_eq!(parsed.query.heartbeat, Some(10));
     }
 }

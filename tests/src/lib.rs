@@ -82,6 +82,25 @@ fn ensure_binaries() {
         if profile == "release" {
             cmd.arg("--release");
         }
+        // `cargo run` and `cargo nextest` describe the package they started in these; a build
+        // script that tracks them (ring's does) would see them differ from a build in a plain
+        // shell and rebuild, back and forth, on every run.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_BIN_",
+                "CARGO_CRATE_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+                || k == "CARGO_TARGET_TMPDIR"
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         let status = cmd
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
@@ -584,6 +603,60 @@ impl Stack {
 
     /// Register an agent through its CLI and start it; returns its index.
     pub async fn add_agent(&mut self, name: &str, opts: AgentOpts) -> Result<usize> {
+        let agent = self.register_agent(name, &opts).await?;
+        self.agents.push(agent);
+        let idx = self.agents.len() - 1;
+        self.start_agent(idx).await?;
+        Ok(idx)
+    }
+
+    /// Register and start several agents, up to `concurrency` at a time, and wait until the
+    /// dispatcher has a heartbeat from each; returns their indexes. An agent that started is
+    /// kept (and killed with the stack) even when another one failed.
+    pub async fn add_agents(
+        &mut self,
+        names: &[String],
+        opts: AgentOpts,
+        concurrency: usize,
+    ) -> Result<Vec<usize>> {
+        use futures::{StreamExt, TryStreamExt};
+        let concurrency = concurrency.max(1);
+        let registered: Vec<Agent> = futures::stream::iter(names)
+            .map(|n| self.register_agent(n, &opts))
+            .buffered(concurrency)
+            .try_collect()
+            .await?;
+        let first = self.agents.len();
+        self.agents.extend(registered);
+        let idxs: Vec<usize> = (first..self.agents.len()).collect();
+        let started: Vec<Result<Proc>> = futures::stream::iter(&idxs)
+            .map(|&i| self.launch_agent(i))
+            .buffered(concurrency)
+            .collect()
+            .await;
+        let mut failed = None;
+        for (&i, p) in idxs.iter().zip(started) {
+            match p {
+                Ok(p) => self.agents[i].proc = Some(p),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.wait_heartbeats(
+            &names,
+            Duration::from_secs(15) + Duration::from_millis(50) * names.len() as u32,
+        )
+        .await?;
+        Ok(idxs)
+    }
+
+    /// Register an agent through its CLI, without starting it.
+    async fn register_agent(&self, name: &str, opts: &AgentOpts) -> Result<Agent> {
         let home = self.dir.path().join(format!("agent-{name}"));
         std::fs::create_dir_all(&home)?;
         let mut args: Vec<String> = vec![
@@ -603,12 +676,14 @@ impl Stack {
             args.push("--pool".into());
             args.push(p.clone());
         }
-        let out = std::process::Command::new(bin("gantry-agent"))
+        let out = Command::new(bin("gantry-agent"))
             .args(&args)
             .current_dir(self.dir.path())
             .env_remove("GANTRY_SERVER")
             .env_remove("GANTRY_API_KEY")
-            .output()?;
+            .kill_on_drop(true)
+            .output()
+            .await?;
         if !out.status.success() {
             bail!(
                 "registering agent {name} failed: {}",
@@ -620,23 +695,34 @@ impl Stack {
             ("GANTRY__AGENT__HEARTBEAT_SECS".into(), "1".into()),
         ];
         env.extend(opts.env.clone());
-        self.agents.push(Agent {
+        Ok(Agent {
             name: name.into(),
             home,
             proc: None,
             env,
-        });
-        let idx = self.agents.len() - 1;
-        self.start_agent(idx).await?;
-        Ok(idx)
+        })
     }
 
     /// (Re)start a registered agent and wait until it runs.
     pub async fn start_agent(&mut self, idx: usize) -> Result<()> {
-        let (name, home, env) = {
-            let a = &self.agents[idx];
-            (a.name.clone(), a.home.clone(), a.env.clone())
-        };
+        let proc = self.launch_agent(idx).await?;
+        self.agents[idx].proc = Some(proc);
+        // Its first heartbeat makes it available to the orchestrator.
+        let name = self.agents[idx].name.clone();
+        if let Err(e) = self
+            .wait_heartbeats(&[&name], Duration::from_secs(15))
+            .await
+        {
+            bail!("{e}\n{}", self.agent(idx).log_text());
+        }
+        Ok(())
+    }
+
+    /// Start a registered agent's process and wait until it says it runs.
+    async fn launch_agent(&self, idx: usize) -> Result<Proc> {
+        let Agent {
+            name, home, env, ..
+        } = &self.agents[idx];
         let n = self.dead_procs.lock().expect("lock").len();
         let log = self.dir.path().join(format!("agent-{name}-{n}.log"));
         let home_s = home.display().to_string();
@@ -644,7 +730,7 @@ impl Stack {
             &format!("agent {name}"),
             &bin("gantry-agent"),
             &["--home", &home_s, "run"],
-            &env,
+            env,
             self.dir.path(),
             log,
         )
@@ -652,20 +738,43 @@ impl Stack {
         if let Err(e) = wait_for_line(&mut rx, "running", Duration::from_secs(30)).await {
             bail!("agent {name} did not start: {e}\n{}", proc.log_text());
         }
-        self.agents[idx].proc = Some(proc);
-        // Its first heartbeat makes it available to the orchestrator.
-        let seen = eventually(Duration::from_secs(15), "agent heartbeat", || async {
-            let workers: Vec<gantry_shared::api::Worker> = self.get("/api/workers").await.ok()?;
-            workers
+        Ok(proc)
+    }
+
+    /// Wait until the dispatcher lists every named worker as available, i.e. it had a
+    /// heartbeat from each.
+    pub async fn wait_heartbeats(&self, names: &[&str], limit: Duration) -> Result<()> {
+        use gantry_shared::api::Worker;
+        let missing = |workers: &[Worker]| -> Vec<String> {
+            names
                 .iter()
-                .any(|w| w.name == name && w.health != "Unavailable")
-                .then_some(())
+                .filter(|n| {
+                    !workers
+                        .iter()
+                        .any(|w| w.name == **n && w.health != "Unavailable")
+                })
+                .map(|n| n.to_string())
+                .collect()
+        };
+        let seen = eventually(limit, "agent heartbeat", || async {
+            let workers: Vec<Worker> = self.get("/api/workers").await.ok()?;
+            missing(&workers).is_empty().then_some(())
         })
         .await;
         if let Err(e) = seen {
+            let workers: Vec<Worker> = self.get("/api/workers").await.unwrap_or_default();
+            let missing = missing(&workers);
+            let shown = missing
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = if missing.len() > 10 { ", ..." } else { "" };
             bail!(
-                "agent {name} sent no heartbeat: {e}\n{}",
-                self.agent(idx).log_text()
+                "{} of {} agents sent no heartbeat ({shown}{more}): {e}",
+                missing.len(),
+                names.len(),
             );
         }
         Ok(())

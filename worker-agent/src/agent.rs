@@ -27,6 +27,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// The AMQP frame size the agent asks for (unless `amqp.url` sets `frame_max`). It bounds
+/// lapin's two connection buffers at 32 frames each, 512 KiB, instead of the 4 MiB each that
+/// RabbitMQ's 128 KiB maximum gives, which lapin also fills with zeros at once (see
+/// [`with_frame_max`](gantry_shared::amqp::with_frame_max)). A log batch (at most
+/// [`BATCH_BYTES`](crate::runner::BATCH_BYTES) of text) goes out as a few dozen frames.
+pub const AMQP_FRAME_MAX: u32 = 16 * 1024;
+
 pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     let identity = identity::load(home)?;
     let work_root = settings
@@ -108,7 +115,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
     };
     let broker_cancel = CancellationToken::new();
     let broker = Broker::start(
-        settings.amqp.url.clone(),
+        gantry_shared::amqp::with_frame_max(&settings.amqp.url, AMQP_FRAME_MAX),
         format!("gantry-agent {}", config.name),
         declare,
         broker_cancel.clone(),
