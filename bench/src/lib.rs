@@ -393,8 +393,23 @@ fn write_csv(opts: &Opts, file: &str, header: &str, rows: &[String]) -> Result<S
 /// A stack with a dispatcher and `agents` agents of 4 slots each in the given pools. Logging
 /// is at `warn` so that the figures measure the work, not debug output.
 async fn stack_with_agents(agents: usize, pools: &[&str]) -> Result<Stack> {
+    stack_with(agents, pools, &[]).await
+}
+
+/// As [`stack_with_agents`], with more environment for the dispatcher.
+async fn stack_with(
+    agents: usize,
+    pools: &[&str],
+    dispatcher_env: &[(&str, &str)],
+) -> Result<Stack> {
     let quiet = vec![("RUST_LOG".to_owned(), "warn".to_owned())];
-    let mut stack = Stack::start_with(quiet.clone()).await?;
+    let mut env = quiet.clone();
+    env.extend(
+        dispatcher_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let mut stack = Stack::start_with(env).await?;
     for p in pools {
         stack.add_pool(p).await?;
     }
@@ -1188,7 +1203,10 @@ async fn api(opts: &Opts) -> Result<ScenarioResult> {
 /// was stopped after it registered.
 async fn queued_rss(opts: &Opts) -> Result<ScenarioResult> {
     let n = opts.counts.queued_steps;
-    let mut stack = stack_with_agents(1, &["parked"]).await?;
+    // A task cap above the count, so that the dispatcher itself holds every queued task (with
+    // the default cap of 1,000 the rest would wait, unowned, for room).
+    let cap = (n + 1000).to_string();
+    let mut stack = stack_with(1, &["parked"], &[("GANTRY__DISPATCHER__TASK_CAP", &cap)]).await?;
     stack.kill_agent(0).await;
     let pid = dispatcher_pid(&stack)?;
     let db = stack.db().await;
