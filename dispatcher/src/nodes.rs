@@ -12,7 +12,7 @@
 //! - `advance` (the orchestrator's one decision step) runs only on the owner. Before it locks
 //!   the task it takes a free task if the node is under its cap ([`take_for_advance`]), so a
 //!   task submitted through a node is normally taken by that node at once; under the task's
-//!   row lock it then checks that it is the owner ([`own`]). A task owned by another node is
+//!   row lock it then checks that it is the owner ([`owns`]). A task owned by another node is
 //!   left alone, and so is its wake-up row.
 //! - Takes are committed one at a time under an in-process lock, with the node's count of
 //!   owned tasks kept beside it (recounted on every sweep and whenever it reaches the cap), so
@@ -126,23 +126,45 @@ pub async fn renew_and_take(db: &PgPool, node: &Node) -> sqlx::Result<Vec<TaskId
     if room == 0 {
         return Ok(Vec::new());
     }
-    let mut tx = db.begin().await?;
-    let taken: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(&format!(
+    let taken = take(db, node, None, room).await?;
+    *owned += taken.len() as i64;
+    Ok(taken)
+}
+
+/// Take free tasks (no owner, or an owner whose lease expired) for this node and commit:
+/// `one` task if given (waiting for its row lock), else up to `limit`, oldest first, skipping
+/// rows another transaction holds. A takeover gets a line in the task's log. The caller holds
+/// `node.owned` and adds what was taken.
+async fn take(
+    db: &PgPool,
+    node: &Node,
+    one: Option<TaskId>,
+    limit: i64,
+) -> sqlx::Result<Vec<TaskId>> {
+    // Two statements rather than `$3 IS NULL OR id = $3`, which a generic plan cannot
+    // answer from the primary key.
+    let (only, skip) = match one {
+        Some(_) => ("t2.id = $3 AND", ""),
+        None => ("", "SKIP LOCKED"),
+    };
+    let sql = format!(
         "UPDATE tasks t SET owner_node = $1
          FROM (SELECT t2.id, t2.owner_node AS previous FROM tasks t2
                LEFT JOIN dispatcher_nodes n ON n.id = t2.owner_node
-               WHERE t2.state IN {ACTIVE}
+               WHERE {only} t2.state IN {ACTIVE}
                  AND (t2.owner_node IS NULL OR {})
                ORDER BY t2.created_at LIMIT $2
-               FOR UPDATE OF t2 SKIP LOCKED) free
+               FOR UPDATE OF t2 {skip}) free
          WHERE t.id = free.id
          RETURNING t.id, free.previous",
         lease_expired("n")
-    ))
-    .bind(node.id)
-    .bind(room)
-    .fetch_all(&mut *tx)
-    .await?;
+    );
+    let mut query = sqlx::query_as(&sql).bind(node.id).bind(limit);
+    if let Some(task) = one {
+        query = query.bind(task.0);
+    }
+    let mut tx = db.begin().await?;
+    let taken: Vec<(Uuid, Option<Uuid>)> = query.fetch_all(&mut *tx).await?;
     for (task, previous) in &taken {
         if let Some(previous) = previous
             && *previous != node.id
@@ -151,7 +173,6 @@ pub async fn renew_and_take(db: &PgPool, node: &Node) -> sqlx::Result<Vec<TaskId
         }
     }
     tx.commit().await?;
-    *owned += taken.len() as i64;
     Ok(taken.into_iter().map(|(t, _)| TaskId(t)).collect())
 }
 
@@ -201,52 +222,16 @@ pub async fn take_for_advance(
             return Ok(false);
         }
     }
-    let mut tx = db.begin().await?;
-    let taken: Option<Option<Uuid>> = sqlx::query_scalar(&format!(
-        "UPDATE tasks t SET owner_node = $2
-         FROM (SELECT t2.id, t2.owner_node AS previous FROM tasks t2
-               LEFT JOIN dispatcher_nodes n ON n.id = t2.owner_node
-               WHERE t2.id = $1 AND t2.state IN {ACTIVE}
-                 AND (t2.owner_node IS NULL OR {})
-               FOR UPDATE OF t2) free
-         WHERE t.id = free.id
-         RETURNING free.previous",
-        lease_expired("n")
-    ))
-    .bind(task.0)
-    .bind(node.id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(Some(previous)) = taken
-        && previous != node.id
-    {
-        log_takeover(&mut tx, node, task, previous).await?;
-    }
-    tx.commit().await?;
-    if taken.is_some() {
-        *owned += 1;
-    }
-    // Taken now, or by another node meanwhile, or ended: `own` decides under the row lock.
+    *owned += take(db, node, Some(task), 1).await?.len() as i64;
+    // Taken now, or by another node meanwhile, or ended: `owns` decides under the row lock.
     Ok(true)
 }
 
-/// Called by `advance` holding the task's row lock: may this node act on the task? True if it
-/// owns it (see [`take_for_advance`]), false if it does not. A task that has ended needs no
-/// owner.
-pub async fn own(
-    conn: &mut PgConnection,
-    node: &Node,
-    task: TaskId,
-    task_state: &str,
-) -> sqlx::Result<bool> {
-    if crate::store::tasks::is_terminal(task_state) {
-        return Ok(true);
-    }
-    let owner: Option<Uuid> = sqlx::query_scalar("SELECT owner_node FROM tasks WHERE id = $1")
-        .bind(task.0)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(owner == Some(node.id))
+/// For `advance`, with the task's `owner_node` and state read under its row lock: may this
+/// node act on the task? True if it owns it (see [`take_for_advance`]); a task that has ended
+/// needs no owner.
+pub fn owns(node: &Node, owner: Option<Uuid>, task_state: &str) -> bool {
+    crate::store::tasks::is_terminal(task_state) || owner == Some(node.id)
 }
 
 async fn log_takeover(

@@ -603,19 +603,20 @@ async fn advance(
         return Ok(Vec::new());
     }
     let mut tx = inner.db.begin().await?;
-    let row: Option<(String, String, serde_json::Value)> =
-        sqlx::query_as("SELECT name, state, variables FROM tasks WHERE id = $1 FOR UPDATE")
-            .bind(task.0)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let row: Option<(String, String, serde_json::Value, Option<Uuid>)> = sqlx::query_as(
+        "SELECT name, state, variables, owner_node FROM tasks WHERE id = $1 FOR UPDATE",
+    )
+    .bind(task.0)
+    .fetch_optional(&mut *tx)
+    .await?;
     let bump: Option<i64> = sqlx::query_scalar("SELECT bump FROM task_wakeups WHERE task_id = $1")
         .bind(task.0)
         .fetch_optional(&mut *tx)
         .await?;
-    let Some((task_name, task_state, variables)) = row else {
+    let Some((task_name, task_state, variables, owner)) = row else {
         return Ok(Vec::new());
     };
-    if !nodes::own(&mut tx, &inner.node, task, &task_state).await? {
+    if !nodes::owns(&inner.node, owner, &task_state) {
         // Another node's task, or a free one this node had no room to take: its wake-up
         // stays for the owner.
         return Ok(Vec::new());
