@@ -28,10 +28,12 @@ trap 'rm -rf "$tmp"' EXIT
 perf record -a -g -F 499 -o "$tmp/perf.data" >/dev/null 2>&1 &
 perf_pid=$!
 sleep 1
-"$target/release/gantry-bench" "$scenario" --root "$tmp" "$@" | tee "$tmp/bench.txt"
+"$target/release/gantry-bench" "$scenario" --root "$tmp" "$@" 2>&1 | tee "$tmp/bench.txt"
 kill -INT "$perf_pid"
 wait "$perf_pid" || true
 
+# The report below cuts long listings with head, which would fail the pipes under pipefail.
+set +o pipefail
 steps=$(grep -oE '[0-9]+/[0-9]+ (tasks|steps|lines)' "$tmp/bench.txt" | head -1 | cut -d/ -f1 || true)
 {
   echo "# Profile of gantry-bench $scenario $*"

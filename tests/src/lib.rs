@@ -57,9 +57,14 @@ fn ensure_binaries() {
         let exe_time = std::fs::metadata(std::env::current_exe().expect("exe"))
             .and_then(|m| m.modified())
             .ok();
-        let fresh = ["gantry-dispatcher", "gantry-agent", "gantry"]
-            .iter()
-            .all(|b| dir.join(b).exists())
+        let fresh = [
+            "gantry-dispatcher",
+            "gantry-agent",
+            "gantry",
+            "gantry-guard",
+        ]
+        .iter()
+        .all(|b| dir.join(b).exists())
             && std::fs::metadata(&stamp)
                 .and_then(|m| m.modified())
                 .ok()

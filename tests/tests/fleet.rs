@@ -352,7 +352,7 @@ async fn builtin_worker_steps_run_as_the_configured_user() {
     let id = stack
         .submit(&one_step(
             None,
-            "id -un\ntouch made-here && stat -c '%U' made-here\nstat -c 'guard %U' /proc/$PPID",
+            "id -un\ntouch made-here && stat -c '%U' made-here\necho \"$(cat /proc/$PPID/comm) $(stat -c %U /proc/$PPID)\"",
         ))
         .await
         .unwrap();
@@ -385,9 +385,9 @@ async fn builtin_worker_steps_run_as_the_configured_user() {
         vec![
             "nobody".to_owned(),
             "nobody".to_owned(),
-            format!("guard {}", me.trim())
+            format!("gantry-guard {}", me.trim())
         ],
-        "the script runs as the user; its guard stays the dispatcher's user"
+        "the script runs as the user, under the small guard binary, which stays the dispatcher's user"
     );
     assert_eq!(bad.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("builtin_worker.user"));

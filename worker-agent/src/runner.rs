@@ -494,8 +494,16 @@ async fn execute(
     // Through the guard, so that the script dies with this agent (see `guard`).
     let mut cmd = match std::env::current_exe() {
         Ok(me) => {
-            let mut c = tokio::process::Command::new(me);
-            c.arg("guard");
+            // The small `gantry-guard` beside this binary; this binary's own `guard`
+            // subcommand (the same code, slower to start) when it is not installed.
+            let small = me.with_file_name(crate::guard::BINARY);
+            let mut c = if small.is_file() {
+                tokio::process::Command::new(small)
+            } else {
+                let mut c = tokio::process::Command::new(me);
+                c.arg("guard");
+                c
+            };
             if let Some(user) = &ctx.run_as {
                 // The guard stays this agent's user: it can always be started (the agent's
                 // binary need not be reachable by the step's user) and can always kill.
