@@ -4,7 +4,7 @@
 use crate::attempts;
 use crate::orchestrator::Orchestrator;
 use crate::store::settings;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use gantry_shared::amqp::Broker;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::{Heartbeat, Job};
@@ -81,6 +81,13 @@ async fn consume_forever<F, Fut>(
     }
 }
 
+/// Heartbeats stored in one transaction at most.
+const HEARTBEAT_BATCH: usize = 256;
+
+/// Store agents' heartbeats. They are taken in batches: whatever has arrived (up to
+/// [`HEARTBEAT_BATCH`]) is stored in one transaction, the latest heartbeat of each worker only,
+/// and acked at once. One transaction per heartbeat could not keep up with a large fleet on a
+/// busy database: the queue grew, and live workers looked silent and became `Unavailable`.
 pub fn spawn_heartbeats(
     db: PgPool,
     broker: Broker,
@@ -88,52 +95,155 @@ pub fn spawn_heartbeats(
     cancel: CancellationToken,
 ) {
     let queue = topology.heartbeats_queue();
-    tokio::spawn(consume_forever(
-        broker,
-        queue,
-        "gantry-dispatcher-heartbeats",
-        cancel,
-        move |body, _| {
-            let db = db.clone();
-            async move {
-                let Ok(hb) = Heartbeat::decode(&body) else {
-                    tracing::debug!("ignoring a malformed heartbeat");
-                    return true;
-                };
-                let r = async {
-                    let mut tx = db.begin().await?;
-                    let found = sqlx::query(
-                        "UPDATE workers SET last_heartbeat_at = now(), agent_version = $2 WHERE id = $1",
-                    )
-                    .bind(hb.worker_id.0)
-                    .bind(&hb.version)
-                    .execute(&mut *tx)
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                c = broker.connected() => c,
+                _ = cancel.cancelled() => return,
+            };
+            let consumer = async {
+                let ch = conn.create_channel().await?;
+                ch.basic_qos(HEARTBEAT_BATCH as u16, BasicQosOptions::default())
                     .await?;
-                    if found.rows_affected() > 0 {
-                        let health = hb
-                            .health
-                            .as_deref()
-                            .filter(|h| matches!(*h, "Healthy" | "HasWarnings" | "Unhealthy"))
-                            .unwrap_or("Healthy");
-                        settings::set_health(
-                            &mut tx,
-                            hb.worker_id.0,
-                            health,
-                            hb.health_reason.as_deref(),
-                        )
-                        .await?;
-                    }
-                    tx.commit().await
-                }
-                .await;
-                // A heartbeat that cannot be stored is simply superseded by the next one.
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "heartbeat not stored");
-                }
-                true
+                ch.basic_consume(
+                    queue.as_str().into(),
+                    "gantry-dispatcher-heartbeats".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
             }
-        },
-    ));
+            .await;
+            let mut consumer = match consumer {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, queue, "cannot consume heartbeats; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                let first = tokio::select! {
+                    n = consumer.next() => n,
+                    _ = cancel.cancelled() => return,
+                };
+                let Some(Ok(first)) = first else { break };
+                let mut batch = vec![first];
+                let mut broken = false;
+                while batch.len() < HEARTBEAT_BATCH {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        Some(_) => {
+                            broken = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let beats: Vec<Heartbeat> = batch
+                    .iter()
+                    .filter_map(|d| match Heartbeat::decode(&d.data) {
+                        Ok(hb) => Some(hb),
+                        Err(_) => {
+                            tracing::debug!("ignoring a malformed heartbeat");
+                            None
+                        }
+                    })
+                    .collect();
+                // A batch that cannot be stored is simply superseded by the next heartbeats.
+                if let Err(e) = store_heartbeats(&db, beats).await {
+                    tracing::debug!(error = %e, "heartbeats not stored");
+                }
+                // Deliveries on one channel are acked in order: acking the last with
+                // `multiple` acks the whole batch.
+                let last = batch.last().expect("one delivery at least");
+                let _ = last.ack(BasicAckOptions { multiple: true }).await;
+                if broken {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+/// Store a batch of heartbeats in one transaction: each worker's last heartbeat time and
+/// version, and its health where it changed (with a `worker_health_events` row).
+async fn store_heartbeats(db: &PgPool, beats: Vec<Heartbeat>) -> sqlx::Result<()> {
+    // The latest heartbeat of each worker, in a fixed order (row locks in id order).
+    let mut latest: std::collections::BTreeMap<uuid::Uuid, Heartbeat> = Default::default();
+    for hb in beats {
+        match latest.get(&hb.worker_id.0) {
+            Some(seen) if seen.sent_at > hb.sent_at => {}
+            _ => {
+                latest.insert(hb.worker_id.0, hb);
+            }
+        }
+    }
+    if latest.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = latest.keys().copied().collect();
+    let versions: Vec<&str> = latest.values().map(|h| h.version.as_str()).collect();
+    let healths: Vec<&str> = latest
+        .values()
+        .map(|h| {
+            h.health
+                .as_deref()
+                .filter(|h| matches!(*h, "Healthy" | "HasWarnings" | "Unhealthy"))
+                .unwrap_or("Healthy")
+        })
+        .collect();
+    let reasons: Vec<Option<&str>> = latest
+        .values()
+        .map(|h| h.health_reason.as_deref())
+        .collect();
+    let mut tx = db.begin().await?;
+    // One statement: the heartbeat itself, and the health where it changed (the old value
+    // comes from the row as it was before this update).
+    let changed: Vec<(uuid::Uuid, String, Option<String>)> = sqlx::query_as(
+        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+                      AS u(id, version, health, reason)),
+              old AS (SELECT w.id, w.health, w.health_reason FROM workers w JOIN u ON u.id = w.id
+                      ORDER BY w.id FOR UPDATE OF w)
+         UPDATE workers w SET last_heartbeat_at = now(), agent_version = u.version,
+                              health = u.health, health_reason = u.reason
+         FROM u JOIN old ON old.id = u.id
+         WHERE w.id = u.id
+         RETURNING w.id, w.health, w.health_reason,
+                   (old.health, COALESCE(old.health_reason, '')) <> (u.health, COALESCE(u.reason, ''))",
+    )
+    .bind(&ids)
+    .bind(&versions)
+    .bind(&healths)
+    .bind(&reasons)
+    .fetch_all(&mut *tx)
+    .await
+    .map(|rows: Vec<(uuid::Uuid, String, Option<String>, bool)>| {
+        rows.into_iter()
+            .filter(|r| r.3)
+            .map(|(id, h, r, _)| (id, h, r))
+            .collect()
+    })?;
+    if !changed.is_empty() {
+        let ids: Vec<uuid::Uuid> = changed.iter().map(|c| c.0).collect();
+        let healths: Vec<&str> = changed.iter().map(|c| c.1.as_str()).collect();
+        let reasons: Vec<Option<&str>> = changed.iter().map(|c| c.2.as_deref()).collect();
+        sqlx::query(
+            "INSERT INTO worker_health_events (worker_id, health, reason)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])",
+        )
+        .bind(&ids)
+        .bind(&healths)
+        .bind(&reasons)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    for (worker, health, reason) in &changed {
+        tracing::info!(%worker, health, reason, "worker health changed");
+    }
+    Ok(())
 }
 
 /// Mark workers whose heartbeats stopped as `Unavailable`.
