@@ -36,16 +36,18 @@ pub fn is_final(state: &str) -> bool {
 
 /// Ask the orchestrator to look at a task again, durably and without locking the task row.
 pub async fn wake(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()> {
+    // The task's owner may be another dispatcher node: the same statement tells it (latency
+    // only; its sweep reads the row anyway). `RETURNING` runs the notify once, for the one row.
     sqlx::query(
         "INSERT INTO task_wakeups (task_id) VALUES ($1)
-         ON CONFLICT (task_id) DO UPDATE SET bump = task_wakeups.bump + 1",
+         ON CONFLICT (task_id) DO UPDATE SET bump = task_wakeups.bump + 1
+         RETURNING pg_notify($2, $1::text)",
     )
     .bind(task.0)
+    .bind(crate::nodes::WAKE_CHANNEL)
     .execute(&mut *conn)
     .await?;
-    // The task's owner may be another dispatcher node: tell it (latency only; its sweep
-    // reads the row above anyway).
-    crate::nodes::notify_wake(conn, task).await
+    Ok(())
 }
 
 /// An attempt and its step, both rows locked (step run first).
@@ -81,53 +83,64 @@ impl Locked {
     }
 }
 
-/// Lock a step run and one of its attempts, in that order.
+/// The columns of [`Locked`], for `FROM step_runs s JOIN attempts a`.
+const LOCKED_COLUMNS: &str = "s.id AS step_run_id, a.attempt,
+    s.task_id, s.name AS step_name, s.attempt AS current_attempt,
+    COALESCE((s.spec->>'retries')::int, 0) AS retries, s.spec->>'mutex' AS mutex,
+    a.state, a.job_id, a.worker_id, a.lines_stored, a.line_count, a.outcome,
+    a.exit_code, a.error, a.started_at, a.claim_id, a.mutex_token";
+
+/// Lock a step run and one of its attempts, in that order, in one statement (`FOR UPDATE OF
+/// s, a` locks each joined row's step run before its attempt). `None` if either is missing.
 pub async fn lock(
     conn: &mut PgConnection,
     step_run: StepRunId,
     attempt: u32,
 ) -> sqlx::Result<Option<Locked>> {
-    let step: Option<(Uuid, String, i32, i32, Option<String>)> = sqlx::query_as(
-        "SELECT task_id, name, attempt, COALESCE((spec->>'retries')::int, 0), spec->>'mutex'
-         FROM step_runs WHERE id = $1 FOR UPDATE",
-    )
-    .bind(step_run.0)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some((task_id, step_name, current_attempt, retries, mutex)) = step else {
-        return Ok(None);
-    };
-    let row: Option<AttemptRow> = sqlx::query_as(
-        "SELECT state, job_id, worker_id, lines_stored, line_count, outcome, exit_code, error,
-                started_at, claim_id, mutex_token
-         FROM attempts WHERE step_run_id = $1 AND attempt = $2 FOR UPDATE",
-    )
+    let row: Option<AttemptRow> = sqlx::query_as(&format!(
+        "SELECT {LOCKED_COLUMNS}
+         FROM step_runs s JOIN attempts a ON a.step_run_id = s.id AND a.attempt = $2
+         WHERE s.id = $1
+         FOR UPDATE OF s, a"
+    ))
     .bind(step_run.0)
     .bind(attempt as i32)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|a| Locked {
-        task_id,
-        step_name,
-        current_attempt,
-        retries,
-        state: a.state,
-        job_id: a.job_id,
-        worker_id: a.worker_id,
-        lines_stored: a.lines_stored,
-        line_count: a.line_count,
-        outcome: a.outcome,
-        exit_code: a.exit_code,
-        error: a.error,
-        started_at: a.started_at,
-        claim_id: a.claim_id,
-        mutex,
-        mutex_token: a.mutex_token,
+    Ok(row.map(AttemptRow::into_locked))
+}
+
+/// [`lock`] the attempt whose current job is `job`: `None` if no attempt has that job id
+/// (never published, or voided by a re-publication, even one that commits while this waits
+/// for the lock). Returns the step run and the attempt's number too.
+pub async fn lock_job(
+    conn: &mut PgConnection,
+    job: JobId,
+) -> sqlx::Result<Option<(StepRunId, u32, Locked)>> {
+    let row: Option<AttemptRow> = sqlx::query_as(&format!(
+        "SELECT {LOCKED_COLUMNS}
+         FROM step_runs s JOIN attempts a ON a.step_run_id = s.id
+         WHERE a.job_id = $1
+         FOR UPDATE OF s, a"
+    ))
+    .bind(job.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| {
+        let (step_run, attempt) = (StepRunId(r.step_run_id), r.attempt as u32);
+        (step_run, attempt, r.into_locked())
     }))
 }
 
 #[derive(sqlx::FromRow)]
 struct AttemptRow {
+    step_run_id: Uuid,
+    attempt: i32,
+    task_id: Uuid,
+    step_name: String,
+    current_attempt: i32,
+    retries: i32,
+    mutex: Option<String>,
     state: String,
     job_id: Uuid,
     worker_id: Option<Uuid>,
@@ -139,6 +152,29 @@ struct AttemptRow {
     started_at: Option<chrono::DateTime<chrono::Utc>>,
     claim_id: Option<Uuid>,
     mutex_token: Option<i64>,
+}
+
+impl AttemptRow {
+    fn into_locked(self) -> Locked {
+        Locked {
+            task_id: self.task_id,
+            step_name: self.step_name,
+            current_attempt: self.current_attempt,
+            retries: self.retries,
+            state: self.state,
+            job_id: self.job_id,
+            worker_id: self.worker_id,
+            lines_stored: self.lines_stored,
+            line_count: self.line_count,
+            outcome: self.outcome,
+            exit_code: self.exit_code,
+            error: self.error,
+            started_at: self.started_at,
+            claim_id: self.claim_id,
+            mutex: self.mutex,
+            mutex_token: self.mutex_token,
+        }
+    }
 }
 
 /// Retry backoff: `base` doubled for each attempt already made, at most a minute.
@@ -257,26 +293,23 @@ pub async fn mark_queued(
         .bind(step_run.0)
         .execute(&mut *conn)
         .await?;
-    let r = sqlx::query(
-        "UPDATE attempts SET state = 'Queued', queued_at = now()
-         WHERE step_run_id = $1 AND attempt = $2 AND job_id = $3 AND state = 'Pending'",
+    // The step follows only if the attempt did (the step run's row is locked above, so the
+    // lock order holds).
+    let queued: i64 = sqlx::query_scalar(
+        "WITH a AS (UPDATE attempts SET state = 'Queued', queued_at = now()
+                    WHERE step_run_id = $1 AND attempt = $2 AND job_id = $3 AND state = 'Pending'
+                    RETURNING 1),
+              s AS (UPDATE step_runs SET state = 'Queued'
+                    WHERE id = $1 AND attempt = $2 AND state = 'Pending'
+                      AND EXISTS (SELECT 1 FROM a))
+         SELECT count(*) FROM a",
     )
     .bind(step_run.0)
     .bind(attempt as i32)
     .bind(job.0)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    if r.rows_affected() == 0 {
-        return Ok(false);
-    }
-    sqlx::query(
-        "UPDATE step_runs SET state = 'Queued' WHERE id = $1 AND attempt = $2 AND state = 'Pending'",
-    )
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .execute(&mut *conn)
-    .await?;
-    Ok(true)
+    Ok(queued > 0)
 }
 
 #[cfg(test)]

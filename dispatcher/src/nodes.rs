@@ -285,16 +285,6 @@ pub async fn release_all(db: &PgPool, node: &Node) {
     }
 }
 
-/// Announce a wake-up to whichever node owns the task (delivered at commit).
-pub async fn notify_wake(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(WAKE_CHANNEL)
-        .bind(task.0.to_string())
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
 /// Listen for wake-ups written by any node and pass them to `kick`. Notifications lost while
 /// the listener reconnects are covered by the sweep.
 pub fn spawn_wake_listener(

@@ -239,20 +239,17 @@ impl ResultConsumer {
             }
             Event::StepStarted(e) => {
                 if live {
+                    // Both rows are locked already: one statement for the two updates (the
+                    // step was `Waiting` only if its script said so before it started).
                     sqlx::query(
-                        "UPDATE attempts SET started_at = $3 WHERE step_run_id = $1 AND attempt = $2",
-                    )
-                    .bind(origin.step_run_id.0)
-                    .bind(origin.attempt as i32)
-                    .bind(e.started_at)
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
-                        "UPDATE step_runs SET state = 'Running', waiting_for = NULL
+                        "WITH a AS (UPDATE attempts SET started_at = $3
+                                    WHERE step_run_id = $1 AND attempt = $2)
+                         UPDATE step_runs SET state = 'Running', waiting_for = NULL
                          WHERE id = $1 AND attempt = $2 AND state = 'Waiting'",
                     )
                     .bind(origin.step_run_id.0)
                     .bind(origin.attempt as i32)
+                    .bind(e.started_at)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -295,7 +292,9 @@ impl ResultConsumer {
                     if let Some(count) = locked.line_count
                         && locked.outcome.is_some()
                         && stored >= count
-                        && self.try_finish(&mut tx, &locked, origin).await?
+                        && self
+                            .try_finish(&mut tx, &locked, origin, Now::locked(&locked, stored))
+                            .await?
                     {
                         kick = Some(locked.task());
                     }
@@ -346,7 +345,8 @@ impl ResultConsumer {
                             origin.attempt,
                         )
                         .await?;
-                        if self.try_finish(&mut tx, &locked, origin).await? {
+                        let now = Now::locked(&locked, locked.lines_stored);
+                        if self.try_finish(&mut tx, &locked, origin, now).await? {
                             kick = Some(locked.task());
                         }
                     }
@@ -396,9 +396,26 @@ impl ResultConsumer {
                         &f.artifacts,
                     )
                     .await?;
-                    artifacts::settle(&mut tx, locked.task(), origin.step_run_id, origin.attempt)
+                    // With none announced, `announce` has just removed every artifact row of
+                    // the attempt: nothing to settle, nothing pending.
+                    if !f.artifacts.is_empty() {
+                        artifacts::settle(
+                            &mut tx,
+                            locked.task(),
+                            origin.step_run_id,
+                            origin.attempt,
+                        )
                         .await?;
-                    if self.try_finish(&mut tx, &locked, origin).await? {
+                    }
+                    let now = Now {
+                        outcome: Some(f.outcome.as_str().to_owned()),
+                        line_count: Some(f.line_count as i64),
+                        lines_stored: locked.lines_stored,
+                        exit_code: f.exit_code,
+                        error: f.error.clone(),
+                        no_artifacts: f.artifacts.is_empty(),
+                    };
+                    if self.try_finish(&mut tx, &locked, origin, now).await? {
                         kick = Some(locked.task());
                     }
                 }
@@ -420,36 +437,34 @@ impl ResultConsumer {
 
     /// Conclude the attempt if its `StepFinished` is stored, all its lines are, and none of
     /// its artifacts is still receiving. A corrupt artifact fails an attempt that would
-    /// otherwise succeed. Reads the attempt's row again, since this transaction may just have
-    /// changed it. Returns true if the attempt ended.
+    /// otherwise succeed. `now` is the attempt's row as this transaction has left it. Returns
+    /// true if the attempt ended.
     async fn try_finish(
         &self,
         conn: &mut PgConnection,
         locked: &Locked,
         origin: &Origin,
+        now: Now,
     ) -> sqlx::Result<bool> {
-        let (outcome, line_count, lines_stored, exit_code, error): (
-            Option<String>,
-            Option<i64>,
-            i64,
-            Option<i32>,
-            Option<String>,
-        ) = sqlx::query_as(
-            "SELECT outcome, line_count, lines_stored, exit_code, error FROM attempts
-             WHERE step_run_id = $1 AND attempt = $2",
-        )
-        .bind(origin.step_run_id.0)
-        .bind(origin.attempt as i32)
-        .fetch_one(&mut *conn)
-        .await?;
+        let Now {
+            outcome,
+            line_count,
+            lines_stored,
+            exit_code,
+            error,
+            no_artifacts,
+        } = now;
         let (Some(outcome), Some(line_count)) = (outcome, line_count) else {
             return Ok(false);
         };
         if lines_stored < line_count {
             return Ok(false);
         }
-        let (receiving, corrupt) =
-            artifacts::pending(conn, origin.step_run_id, origin.attempt).await?;
+        let (receiving, corrupt) = if no_artifacts {
+            (0, Vec::new())
+        } else {
+            artifacts::pending(conn, origin.step_run_id, origin.attempt).await?
+        };
         if receiving > 0 {
             return Ok(false);
         }
@@ -517,6 +532,32 @@ impl ResultConsumer {
             self.retry_base,
         )
         .await
+    }
+}
+
+/// The attempt's row as the current transaction has left it (what [`ResultConsumer::try_finish`]
+/// needs), known without reading it again.
+struct Now {
+    outcome: Option<String>,
+    line_count: Option<i64>,
+    lines_stored: i64,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    /// True when the attempt is known to have no artifact rows.
+    no_artifacts: bool,
+}
+
+impl Now {
+    /// As locked, with `lines_stored` as this transaction stored it.
+    fn locked(locked: &Locked, lines_stored: i64) -> Self {
+        Self {
+            outcome: locked.outcome.clone(),
+            line_count: locked.line_count,
+            lines_stored,
+            exit_code: locked.exit_code,
+            error: locked.error.clone(),
+            no_artifacts: false,
+        }
     }
 }
 

@@ -17,7 +17,6 @@ use axum::extract::{Path, State};
 use gantry_shared::api::{AgentConfig, ClaimGrant, ClaimRequest, MutexGrant, SensitiveOutput};
 use gantry_shared::ids::{JobId, StepRunId};
 use std::collections::BTreeMap;
-use uuid::Uuid;
 
 pub async fn agent_config(
     State(s): State<AppState>,
@@ -42,28 +41,14 @@ pub async fn claim(
     AppJson(req): AppJson<ClaimRequest>,
 ) -> ApiResult<Json<ClaimGrant>> {
     let job_id: JobId = parse_id(&job_id, "job")?;
-    let found: Option<(Uuid, i32, Uuid)> = sqlx::query_as(
-        "SELECT a.step_run_id, a.attempt, s.task_id FROM attempts a
-         JOIN step_runs s ON s.id = a.step_run_id WHERE a.job_id = $1",
-    )
-    .bind(job_id.0)
-    .fetch_optional(&s.db)
-    .await?;
-    let Some((step_run, attempt, task)) = found else {
+    let mut tx = s.db.begin().await?;
+    let Some((step_run, attempt, locked)) = attempts::lock_job(&mut tx, job_id).await? else {
         return Err(ApiError::Conflict(format!(
             "job {job_id} is unknown: never published, or superseded by a newer publication of its attempt"
         )));
     };
-    let step_run = StepRunId(step_run);
-    let mut tx = s.db.begin().await?;
-    let Some(locked) = attempts::lock(&mut tx, step_run, attempt as u32).await? else {
-        return Err(ApiError::Conflict(format!("job {job_id} has no attempt")));
-    };
-    if locked.job_id != job_id.0 {
-        return Err(ApiError::Conflict(format!(
-            "job {job_id} was superseded by a newer publication of its attempt"
-        )));
-    }
+    let task = locked.task_id;
+    let attempt = attempt as i32;
     match locked.state.as_str() {
         "Pending" | "Queued" => {
             let refusal = if !worker.enabled {
@@ -308,16 +293,8 @@ pub async fn sensitive_output(
     if req.name.is_empty() || req.name.len() > 200 {
         return Err(ApiError::bad("name", "must be 1 to 200 characters"));
     }
-    let found: Option<(Uuid, i32)> =
-        sqlx::query_as("SELECT step_run_id, attempt FROM attempts WHERE job_id = $1")
-            .bind(job_id.0)
-            .fetch_optional(&s.db)
-            .await?;
-    let Some((step_run, attempt)) = found else {
-        return Err(ApiError::not_found(format!("no job {job_id}")));
-    };
     let mut tx = s.db.begin().await?;
-    let Some(locked) = attempts::lock(&mut tx, StepRunId(step_run), attempt as u32).await? else {
+    let Some((step_run, attempt, locked)) = attempts::lock_job(&mut tx, job_id).await? else {
         return Err(ApiError::not_found(format!("no job {job_id}")));
     };
     if !locked.is_claimant(job_id, worker.worker_id) || locked.state != "Running" {
@@ -332,8 +309,8 @@ pub async fn sensitive_output(
          ON CONFLICT (step_run_id, attempt, name)
          DO UPDATE SET value = NULL, sensitive = true, sealed = EXCLUDED.sealed",
     )
-    .bind(step_run)
-    .bind(attempt)
+    .bind(step_run.0)
+    .bind(attempt as i32)
     .bind(&req.name)
     .bind(s.secrets.seal(&req.value))
     .execute(&mut *tx)
