@@ -486,8 +486,15 @@ async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> anyhow::Res
     .bind(inner.node.id)
     .fetch_all(&inner.db)
     .await?;
-    for t in taken.into_iter().map(|t| t.0).chain(woken).chain(due) {
+    for t in taken.into_iter().map(|t| t.0).chain(due) {
         schedule(inner, permits, TaskId(t), false);
+    }
+    // A woken task is usually already being advanced, or waiting for a permit, because of
+    // the kick that came with its wake-up: advance it again only if its wake-up row is still
+    // there by then (with a deep backlog, most are gone and each check is one statement
+    // instead of a whole advance).
+    for t in woken {
+        schedule(inner, permits, TaskId(t), true);
     }
     let unconfirmed: Vec<(Uuid, i32)> = sqlx::query_as(
         "SELECT step_run_id, attempt FROM attempts
