@@ -18,7 +18,7 @@ use crate::attempts::{self, Locked};
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::orchestrator::Orchestrator;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use gantry_shared::amqp::Broker;
 use gantry_shared::ids::{StepRunId, TaskId};
 use gantry_shared::topology::Topology;
@@ -32,6 +32,29 @@ use tokio_util::sync::CancellationToken;
 
 /// Unacked result deliveries held at once.
 const PREFETCH: u16 = 256;
+/// Events of one attempt stored in one transaction at most.
+const GROUP: usize = 64;
+
+/// A delivery and its body, decoded once.
+struct Received {
+    delivery: lapin::message::Delivery,
+    event: Result<Event, String>,
+}
+
+impl Received {
+    fn new(delivery: lapin::message::Delivery) -> Self {
+        let event = Event::decode(&delivery.data).map_err(|e| e.to_string());
+        Self { delivery, event }
+    }
+
+    /// The attempt the event belongs to, if the body is an event.
+    fn attempt(&self) -> Option<(StepRunId, u32)> {
+        self.event
+            .as_ref()
+            .ok()
+            .map(|e| (e.origin().step_run_id, e.origin().attempt))
+    }
+}
 
 #[derive(Clone)]
 pub struct ResultConsumer {
@@ -90,35 +113,142 @@ impl ResultConsumer {
                     continue;
                 }
             };
-            loop {
-                let next = tokio::select! {
-                    n = consumer.next() => n,
-                    _ = cancel.cancelled() => return,
-                };
-                match next {
-                    Some(Ok(delivery)) => {
-                        if !self.process(&delivery, &cancel).await {
-                            return;
+            // A delivery read ahead that did not belong to the group before it.
+            let mut ahead: Option<Received> = None;
+            let mut broken = false;
+            while !broken {
+                let first = match ahead.take() {
+                    Some(d) => d,
+                    None => {
+                        let next = tokio::select! {
+                            n = consumer.next() => n,
+                            _ = cancel.cancelled() => return,
+                        };
+                        match next {
+                            Some(Ok(d)) => Received::new(d),
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "result consumer interrupted; re-consuming");
+                                break;
+                            }
+                            None => break,
                         }
                     }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "result consumer interrupted; re-consuming");
-                        break;
+                };
+                // Events of the same attempt that have already arrived behind it (a step's
+                // last log batch and its StepFinished, a stream of log batches) are stored
+                // in one transaction: the same rows locked as for one event, so no new lock
+                // order, and one commit instead of several.
+                let mut group = vec![first];
+                let attempt = group[0].attempt();
+                while attempt.is_some() && group.len() < GROUP {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => {
+                            let d = Received::new(d);
+                            if d.attempt() == attempt {
+                                group.push(d);
+                            } else {
+                                ahead = Some(d);
+                                break;
+                            }
+                        }
+                        Some(_) => {
+                            broken = true;
+                            break;
+                        }
+                        None => break,
                     }
-                    None => break,
+                }
+                if !self.process_group(&group, &cancel).await {
+                    return;
                 }
             }
+            // Deliveries of a broken channel are redelivered; handling them again changes
+            // nothing.
+            drop(ahead);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
+    /// Store a group of deliveries of one attempt in one transaction, then ack them. If one
+    /// of them cannot be stored (a malformed body, an error that is not transient), each is
+    /// handled on its own instead, so that only that one is dead-lettered. Returns false on
+    /// shutdown.
+    async fn process_group(&self, group: &[Received], cancel: &CancellationToken) -> bool {
+        if group.len() == 1 {
+            return self.process(&group[0], cancel).await;
+        }
+        // Only events reach a group of several (see `run`).
+        let events: Vec<&Event> = group.iter().filter_map(|r| r.event.as_ref().ok()).collect();
+        let mut delay = Duration::from_millis(100);
+        let done = loop {
+            let r = async {
+                let mut tx = self.db.begin().await?;
+                let mut done = Vec::with_capacity(events.len());
+                for ev in &events {
+                    done.push(self.handle_in(&mut tx, ev).await?);
+                }
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(done)
+            }
+            .await;
+            match r {
+                Ok(done) => break done,
+                Err(e) if crate::db::is_transient(&e) => {
+                    if delay >= Duration::from_secs(2) {
+                        tracing::warn!(error = %e, "PostgreSQL unavailable; holding results until it is back");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(_) => return self.process_each(group, cancel).await,
+            }
+        };
+        for (r, handled) in group.iter().zip(done) {
+            self.after_commit(&r.delivery, handled).await;
+        }
+        true
+    }
+
+    async fn process_each(&self, group: &[Received], cancel: &CancellationToken) -> bool {
+        for d in group {
+            if !self.process(d, cancel).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Once an event's transaction committed: give its mutex back, ack it, wake its task.
+    async fn after_commit(&self, delivery: &lapin::message::Delivery, handled: Handled) {
+        let Handled::Done(kick, release) = handled;
+        if let Some(r) = release {
+            // The agent released it already when its step ended; this covers an agent that
+            // could not (the lease would expire anyway). Either way the next waiter may go
+            // now that the attempt's end is stored.
+            let locks = self.locks.clone();
+            tokio::spawn(async move {
+                locks
+                    .release(&r.mutex, r.step_run, r.attempt, r.token)
+                    .await;
+                locks.wake();
+            });
+        }
+        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+            // Redelivered later; handling it again changes nothing.
+            tracing::debug!(error = %e, "ack failed");
+        }
+        if let Some(task) = kick {
+            self.orchestrator.kick(task);
+        }
+    }
+
     /// Handle one delivery until it is stored or dead-lettered. Returns false on shutdown.
-    async fn process(
-        &self,
-        delivery: &lapin::message::Delivery,
-        cancel: &CancellationToken,
-    ) -> bool {
-        let event = match Event::decode(&delivery.data) {
+    async fn process(&self, received: &Received, cancel: &CancellationToken) -> bool {
+        let delivery = &received.delivery;
+        let event = match &received.event {
             Ok(ev) => ev,
             Err(e) => {
                 tracing::warn!(error = %e, "dead-lettering a malformed result message");
@@ -128,27 +258,9 @@ impl ResultConsumer {
         };
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.handle(&event).await {
-                Ok(Handled::Done(kick, release)) => {
-                    if let Some(r) = release {
-                        // The agent released it already when its step ended; this covers an
-                        // agent that could not (the lease would expire anyway). Either way the
-                        // next waiter may go now that the attempt's end is stored.
-                        let locks = self.locks.clone();
-                        tokio::spawn(async move {
-                            locks
-                                .release(&r.mutex, r.step_run, r.attempt, r.token)
-                                .await;
-                            locks.wake();
-                        });
-                    }
-                    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                        // Redelivered later; handling it again changes nothing.
-                        tracing::debug!(error = %e, "ack failed");
-                    }
-                    if let Some(task) = kick {
-                        self.orchestrator.kick(task);
-                    }
+            match self.handle(event).await {
+                Ok(handled) => {
+                    self.after_commit(delivery, handled).await;
                     return true;
                 }
                 Err(e) if crate::db::is_transient(&e) => {
@@ -171,23 +283,32 @@ impl ResultConsumer {
     }
 
     async fn handle(&self, event: &Event) -> Result<Handled, sqlx::Error> {
-        let origin = event.origin();
         let mut tx = self.db.begin().await?;
-        let Some(locked) = attempts::lock(&mut tx, origin.step_run_id, origin.attempt).await?
+        let handled = self.handle_in(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(handled)
+    }
+
+    /// Store one event in the caller's transaction; what to do after the commit comes back.
+    async fn handle_in(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+    ) -> Result<Handled, sqlx::Error> {
+        let origin = event.origin();
+        let Some(locked) = attempts::lock(&mut *tx, origin.step_run_id, origin.attempt).await?
         else {
-            stale(&mut tx, origin, event.kind(), "no such attempt").await?;
-            tx.commit().await?;
+            stale(&mut *tx, origin, event.kind(), "no such attempt").await?;
             return Ok(Handled::Done(None, None));
         };
         if !locked.is_claimant(origin.job_id, origin.worker_id) {
             stale(
-                &mut tx,
+                &mut *tx,
                 origin,
                 event.kind(),
                 "not from the attempt's current claimant",
             )
             .await?;
-            tx.commit().await?;
             return Ok(Handled::Done(None, None));
         }
         if let Some(current) = locked.mutex_token {
@@ -206,8 +327,7 @@ impl ResultConsumer {
                     }
                 }
                 _ => {
-                    stale(&mut tx, origin, event.kind(), "stale mutex fencing token").await?;
-                    tx.commit().await?;
+                    stale(&mut *tx, origin, event.kind(), "stale mutex fencing token").await?;
                     return Ok(Handled::Done(None, None));
                 }
             }
@@ -228,7 +348,7 @@ impl ResultConsumer {
                     .await?;
                     if r.rows_affected() == 1 {
                         logs::append_system(
-                            &mut tx,
+                            &mut *tx,
                             locked.task(),
                             Some((origin.step_run_id, origin.attempt)),
                             &format!("Step {} waiting for {}", locked.step_name, w.waiting_for),
@@ -259,7 +379,7 @@ impl ResultConsumer {
                 if !live {
                     if end > locked.lines_stored {
                         stale(
-                            &mut tx,
+                            &mut *tx,
                             origin,
                             "LogBatch",
                             "lines for an attempt that has ended",
@@ -268,7 +388,7 @@ impl ResultConsumer {
                     }
                 } else {
                     let stored = logs::apply_batch(
-                        &mut tx,
+                        &mut *tx,
                         locked.task(),
                         origin.step_run_id,
                         origin.attempt,
@@ -293,7 +413,7 @@ impl ResultConsumer {
                         && locked.outcome.is_some()
                         && stored >= count
                         && self
-                            .try_finish(&mut tx, &locked, origin, Now::locked(&locked, stored))
+                            .try_finish(&mut *tx, &locked, origin, Now::locked(&locked, stored))
                             .await?
                     {
                         kick = Some(locked.task());
@@ -333,20 +453,20 @@ impl ResultConsumer {
             Event::ArtifactChunk(c) => {
                 if live {
                     let announced = locked.outcome.is_some();
-                    if artifacts::store_chunk(&mut tx, locked.task(), c, announced).await?
+                    if artifacts::store_chunk(&mut *tx, locked.task(), c, announced).await?
                         && announced
                     {
                         // A chunk that arrived after StepFinished (a redelivery): it may be
                         // the last one the attempt waited for.
                         artifacts::settle(
-                            &mut tx,
+                            &mut *tx,
                             locked.task(),
                             origin.step_run_id,
                             origin.attempt,
                         )
                         .await?;
                         let now = Now::locked(&locked, locked.lines_stored);
-                        if self.try_finish(&mut tx, &locked, origin, now).await? {
+                        if self.try_finish(&mut *tx, &locked, origin, now).await? {
                             kick = Some(locked.task());
                         }
                     }
@@ -363,7 +483,7 @@ impl ResultConsumer {
                     .await?;
                     if stored.is_none() {
                         stale(
-                            &mut tx,
+                            &mut *tx,
                             origin,
                             "ArtifactChunk",
                             "a chunk for an attempt that has ended",
@@ -389,7 +509,7 @@ impl ResultConsumer {
                     .execute(&mut *tx)
                     .await?;
                     artifacts::announce(
-                        &mut tx,
+                        &mut *tx,
                         locked.task(),
                         origin.step_run_id,
                         origin.attempt,
@@ -400,7 +520,7 @@ impl ResultConsumer {
                     // the attempt: nothing to settle, nothing pending.
                     if !f.artifacts.is_empty() {
                         artifacts::settle(
-                            &mut tx,
+                            &mut *tx,
                             locked.task(),
                             origin.step_run_id,
                             origin.attempt,
@@ -415,14 +535,13 @@ impl ResultConsumer {
                         error: f.error.clone(),
                         no_artifacts: f.artifacts.is_empty(),
                     };
-                    if self.try_finish(&mut tx, &locked, origin, now).await? {
+                    if self.try_finish(&mut *tx, &locked, origin, now).await? {
                         kick = Some(locked.task());
                     }
                 }
             }
         }
-        tx.commit().await?;
-        // An attempt that ended here gives its mutex back.
+        // An attempt that ended here gives its mutex back (once the caller has committed).
         let release = match (&kick, &locked.mutex, origin.mutex_token) {
             (Some(_), Some(mutex), Some(token)) => Some(Release {
                 mutex: mutex.clone(),
