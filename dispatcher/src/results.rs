@@ -5,6 +5,10 @@
 //! and retries, so the broker keeps everything. A body that fails validation is rejected
 //! without requeue, which dead-letters it into `<ns>.dead`.
 //!
+//! Consecutive events of one attempt that have already arrived (a stream of log batches, a
+//! step's last batch and its `StepFinished`) are stored in one transaction: the rows locked are
+//! those of a single event, and one commit replaces many. Each is still acked only after it.
+//!
 //! Every event names its attempt and its sender (`job_id`, `worker_id`). An event that does
 //! not come from the attempt's current claimant (a voided job, a lost worker's late results)
 //! is recorded in `stale_events` and changes nothing else. Redelivered events change nothing
