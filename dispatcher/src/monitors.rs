@@ -25,6 +25,24 @@ async fn unavailable_after(db: &PgPool) -> sqlx::Result<Duration> {
     )))
 }
 
+/// A consumer of `queue` on a new channel, with `prefetch` unacked deliveries at most.
+async fn open_consumer(
+    conn: &lapin::Connection,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> Result<lapin::Consumer, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
 /// Consume a queue forever, re-consuming after connection loss; `handle` returns whether to
 /// ack (heartbeats and dead letters are acked once handled or found useless).
 async fn consume_forever<F, Fut>(
@@ -42,19 +60,7 @@ async fn consume_forever<F, Fut>(
             c = broker.connected() => c,
             _ = cancel.cancelled() => return,
         };
-        let consumer = async {
-            let ch = conn.create_channel().await?;
-            ch.basic_qos(64, BasicQosOptions::default()).await?;
-            ch.basic_consume(
-                queue.as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        }
-        .await;
-        let mut consumer = match consumer {
+        let mut consumer = match open_consumer(&conn, &queue, tag, 64).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, queue, "cannot consume; retrying");
@@ -101,20 +107,9 @@ pub fn spawn_heartbeats(
                 c = broker.connected() => c,
                 _ = cancel.cancelled() => return,
             };
-            let consumer = async {
-                let ch = conn.create_channel().await?;
-                ch.basic_qos(HEARTBEAT_BATCH as u16, BasicQosOptions::default())
-                    .await?;
-                ch.basic_consume(
-                    queue.as_str().into(),
-                    "gantry-dispatcher-heartbeats".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-            .await;
-            let mut consumer = match consumer {
+            let tag = "gantry-dispatcher-heartbeats";
+            let prefetch = HEARTBEAT_BATCH as u16;
+            let mut consumer = match open_consumer(&conn, &queue, tag, prefetch).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, queue, "cannot consume heartbeats; retrying");

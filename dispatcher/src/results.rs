@@ -198,14 +198,9 @@ impl ResultConsumer {
             match r {
                 Ok(done) => break done,
                 Err(e) if crate::db::is_transient(&e) => {
-                    if delay >= Duration::from_secs(2) {
-                        tracing::warn!(error = %e, "PostgreSQL unavailable; holding results until it is back");
+                    if !hold(&mut delay, &e, cancel).await {
+                        return false;
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => return false,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(_) => return self.process_each(group, cancel).await,
             }
@@ -268,14 +263,9 @@ impl ResultConsumer {
                     return true;
                 }
                 Err(e) if crate::db::is_transient(&e) => {
-                    if delay >= Duration::from_secs(2) {
-                        tracing::warn!(error = %e, "PostgreSQL unavailable; holding results until it is back");
+                    if !hold(&mut delay, &e, cancel).await {
+                        return false;
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => return false,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, kind = event.kind(), "cannot store a result event; dead-lettering it");
@@ -656,6 +646,20 @@ impl ResultConsumer {
         )
         .await
     }
+}
+
+/// After a transient error: wait `delay` (doubled each time, at most 5 s) before the next
+/// try, holding the deliveries meanwhile. False if the consumer is shutting down.
+async fn hold(delay: &mut Duration, e: &sqlx::Error, cancel: &CancellationToken) -> bool {
+    if *delay >= Duration::from_secs(2) {
+        tracing::warn!(error = %e, "PostgreSQL unavailable; holding results until it is back");
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(*delay) => {}
+        _ = cancel.cancelled() => return false,
+    }
+    *delay = (*delay * 2).min(Duration::from_secs(5));
+    true
 }
 
 /// The attempt's row as the current transaction has left it (what [`ResultConsumer::try_finish`]
