@@ -1362,42 +1362,41 @@ async fn idle_agent(opts: &Opts) -> Result<ScenarioResult> {
         "LOST AGENTS: {} workers registered for {n} agents",
         after.len()
     );
-    let mut silent = Vec::new();
-    for a in &stack.agents {
-        let moved = match (before.get(&a.name), after.get(&a.name)) {
+    let none_lost = |lost: Vec<String>, how: &str| {
+        ensure!(
+            lost.is_empty(),
+            "LOST AGENTS: {} of {n} {how}: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
+        Ok(())
+    };
+    let silent = stack
+        .agents
+        .iter()
+        .filter(|a| match (before.get(&a.name), after.get(&a.name)) {
             (Some(b), Some(w)) => {
-                w.health != "Unavailable"
-                    && w.last_heartbeat_at.is_some()
-                    && w.last_heartbeat_at > b.last_heartbeat_at
+                w.health == "Unavailable"
+                    || w.last_heartbeat_at.is_none()
+                    || w.last_heartbeat_at <= b.last_heartbeat_at
             }
-            _ => false,
-        };
-        if !moved {
-            silent.push(a.name.clone());
-        }
-    }
-    ensure!(
-        silent.is_empty(),
-        "LOST AGENTS: {} of {n} stopped heartbeating: {:?}",
-        silent.len(),
-        &silent[..silent.len().min(10)]
-    );
-    let mut exited = Vec::new();
-    for a in stack.agents.iter_mut() {
-        let alive = match a.proc.as_mut() {
-            Some(p) => matches!(p.child.try_wait(), Ok(None)),
-            None => false,
-        };
-        if !alive {
-            exited.push(a.name.clone());
-        }
-    }
-    ensure!(
-        exited.is_empty(),
-        "LOST AGENTS: {} of {n} exited: {:?}",
-        exited.len(),
-        &exited[..exited.len().min(10)]
-    );
+            _ => true,
+        })
+        .map(|a| a.name.clone())
+        .collect();
+    none_lost(silent, "stopped heartbeating")?;
+    let exited = stack
+        .agents
+        .iter_mut()
+        .filter_map(|a| {
+            let alive = a
+                .proc
+                .as_mut()
+                .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)));
+            (!alive).then(|| a.name.clone())
+        })
+        .collect();
+    none_lost(exited, "exited")?;
 
     let mut fleet = Vec::with_capacity(n);
     for a in &stack.agents {

@@ -51,7 +51,7 @@ pub async fn wake(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()> {
 }
 
 /// An attempt and its step, both rows locked (step run first).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Locked {
     pub task_id: Uuid,
     pub step_name: String,

@@ -43,6 +43,30 @@ async fn open_consumer(
     .await
 }
 
+/// Wait for the broker and open a consumer of `queue`, trying again every second; `None` once
+/// cancelled.
+async fn reconsume(
+    broker: &Broker,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+    cancel: &CancellationToken,
+) -> Option<lapin::Consumer> {
+    loop {
+        let conn = tokio::select! {
+            c = broker.connected() => c,
+            _ = cancel.cancelled() => return None,
+        };
+        match open_consumer(&conn, queue, tag, prefetch).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::debug!(error = %e, queue, "cannot consume; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 /// Consume a queue forever, re-consuming after connection loss; `handle` returns whether to
 /// ack (heartbeats and dead letters are acked once handled or found useless).
 async fn consume_forever<F, Fut>(
@@ -56,17 +80,8 @@ async fn consume_forever<F, Fut>(
     Fut: std::future::Future<Output = bool>,
 {
     loop {
-        let conn = tokio::select! {
-            c = broker.connected() => c,
-            _ = cancel.cancelled() => return,
-        };
-        let mut consumer = match open_consumer(&conn, &queue, tag, 64).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, queue, "cannot consume; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
+        let Some(mut consumer) = reconsume(&broker, &queue, tag, 64, &cancel).await else {
+            return;
         };
         loop {
             let next = tokio::select! {
@@ -103,19 +118,11 @@ pub fn spawn_heartbeats(
     let queue = topology.heartbeats_queue();
     tokio::spawn(async move {
         loop {
-            let conn = tokio::select! {
-                c = broker.connected() => c,
-                _ = cancel.cancelled() => return,
-            };
             let tag = "gantry-dispatcher-heartbeats";
             let prefetch = HEARTBEAT_BATCH as u16;
-            let mut consumer = match open_consumer(&conn, &queue, tag, prefetch).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, queue, "cannot consume heartbeats; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
+            let Some(mut consumer) = reconsume(&broker, &queue, tag, prefetch, &cancel).await
+            else {
+                return;
             };
             loop {
                 let first = tokio::select! {

@@ -593,22 +593,12 @@ impl ResultConsumer {
             (outcome, None)
         };
         let finished = Locked {
-            task_id: locked.task_id,
-            step_name: locked.step_name.clone(),
-            current_attempt: locked.current_attempt,
-            retries: locked.retries,
-            state: locked.state.clone(),
-            job_id: locked.job_id,
-            worker_id: locked.worker_id,
             lines_stored,
             line_count: Some(line_count),
             outcome: Some(outcome.clone()),
             exit_code,
             error: override_error.clone().or(error),
-            started_at: locked.started_at,
-            claim_id: locked.claim_id,
-            mutex: locked.mutex.clone(),
-            mutex_token: locked.mutex_token,
+            ..locked.clone()
         };
         self.finish(
             conn,
