@@ -125,17 +125,23 @@ need_register=1
 if [[ -f "$identity" ]]; then
     # Reuse it, unless it names another server or a worker the dispatcher no longer has (its
     # database was wiped): then register again under the same name.
-    read -r saved_server saved_id saved_name < <(python3 -c '
+    read -r saved_server saved_id saved_name saved_broker < <(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))
-print(d["server"].rstrip("/"), d["worker_id"], d["name"])' "$identity") \
+print(d["server"].rstrip("/"), d["worker_id"], d["name"], "yes" if d.get("broker") else "no")' "$identity") \
         || die "cannot read ${identity}"
+    broker_users=$(python3 -c '
+import json, os, urllib.request
+with urllib.request.urlopen(os.environ["GANTRY_SERVER"] + "/api/health", timeout=5) as r:
+    print("yes" if json.load(r).get("broker_users") else "no")' 2>/dev/null || echo no)
     rc=0
     api worker-known "$saved_id" || rc=$?
     if [[ "$saved_server" != "$GANTRY_SERVER" ]]; then
         log "identity.json belongs to ${saved_server}, not ${GANTRY_SERVER}: registering again"
     elif [[ "$rc" -eq 3 ]]; then
         log "the dispatcher does not know worker ${saved_name} (${saved_id}) any more: registering again"
+    elif [[ "$broker_users" == yes && "$saved_broker" == no ]]; then
+        log "the dispatcher gives workers broker users of their own; identity.json has none: registering again"
     elif [[ "$saved_name" != "$GANTRY_AGENT_NAME" ]]; then
         log "identity.json is for worker ${saved_name}, not ${GANTRY_AGENT_NAME}: registering again"
     else

@@ -74,10 +74,24 @@ start_bg() { # name, then the command
 }
 
 up() {
-  say "checking PostgreSQL (5432), RabbitMQ (5672) and Redis (6379)"
+  say "checking PostgreSQL (5432), RabbitMQ (5672, management 15672) and Redis (6379)"
   if ! { port_open 5432 && port_open 5672 && port_open 6379; }; then
     say "some services are down: starting them with infra/start-services.sh"
     bash "$root/infra/start-services.sh" || die "could not start the services; see above (or use infra/docker-compose.yml with Docker)"
+  fi
+  # Per-worker broker users need RabbitMQ's management API. Enabling the plugin again changes
+  # nothing and needs no restart; without it the stack runs in development mode (one shared
+  # broker user), and the dispatcher says so.
+  if ! port_open 15672 && command -v rabbitmq-plugins >/dev/null 2>&1; then
+    rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null 2>&1 || true
+    for _ in $(seq 1 60); do port_open 15672 && break; sleep 0.5; done
+  fi
+  management=()
+  if port_open 15672; then
+    management=(GANTRY__AMQP__MANAGEMENT_URL="${GANTRY_DEMO_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}")
+    say "RabbitMQ's management API answers: every agent gets a broker user of its own"
+  else
+    say "RabbitMQ's management API is not there: development mode (agents share the guest user)"
   fi
 
   say "building (cargo build; the first build takes a few minutes)"
@@ -90,7 +104,7 @@ up() {
   fi
 
   say "starting the dispatcher on $server"
-  start_bg dispatcher env \
+  start_bg dispatcher env "${management[@]}" \
     GANTRY__NAMESPACE=demo \
     GANTRY__POSTGRES__URL=postgres://root@127.0.0.1:5432/gantry_demo \
     GANTRY__HTTP__BIND="127.0.0.1:$port" \

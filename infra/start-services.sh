@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts the services Gantry needs on a Debian machine WITHOUT Docker, from Debian's packages:
-# PostgreSQL (127.0.0.1:5432), Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672), at the
-# addresses that Gantry's defaults use (see DESIGN.md, "Configuration").
+# PostgreSQL (127.0.0.1:5432), Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672, with its
+# management API on 15672), at the addresses that Gantry's defaults use
+# (docs/configuration.md).
 #
 #   sudo bash infra/start-services.sh [--pg-trust-local]
 #
@@ -208,6 +209,21 @@ start_rabbitmq() {
     say rabbitmq "up on 127.0.0.1:5672 ($how; user guest/guest from loopback)"
 }
 
+# The management API (port 15672), through which the dispatcher gives every worker a broker
+# user of its own. Enabling it again changes nothing and needs no restart.
+enable_rabbitmq_management() {
+    if port_open 15672; then
+        say management "up on 127.0.0.1:15672 (already enabled)"
+        return
+    fi
+    is_root || fail management "enabling the management plugin needs root: run sudo bash $0"
+    rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null \
+        || fail management "rabbitmq-plugins enable rabbitmq_management failed"
+    wait_port management 15672 || fail management "enabled, but 127.0.0.1:15672 did not answer within ${WAIT_SECS}s"
+    say management "up on 127.0.0.1:15672 (enabled the rabbitmq_management plugin)"
+}
+
 start_postgresql
 start_redis
 start_rabbitmq
+enable_rabbitmq_management

@@ -2,6 +2,7 @@
 //! cancelled.
 
 use crate::api::{self, AppState};
+use crate::broker_users::BrokerUsers;
 use crate::db;
 use crate::locks::{Locks, LocksConfig};
 use crate::metrics::Metrics;
@@ -11,6 +12,7 @@ use crate::notify::Notifier;
 use crate::orchestrator::Orchestrator;
 use crate::results::ResultConsumer;
 use crate::secrets::SecretBox;
+use crate::senders::Attribution;
 use anyhow::Context;
 use gantry_shared::amqp::{Broker, DeclareFn, Publisher};
 use gantry_shared::config::Settings;
@@ -36,35 +38,41 @@ impl Dispatcher {
     /// at start only delays jobs) and bind the HTTP port.
     pub async fn build(settings: Settings, cancel: CancellationToken) -> anyhow::Result<Self> {
         let secrets = SecretBox::from_config(settings.secrets.key.as_deref())?;
+        let broker_users = BrokerUsers::from_settings(&settings)?;
         let db = db::prepare(&settings).await?;
         db::bootstrap(&db, &settings).await?;
         let topology = Topology::new(&settings.namespace);
         let declare: DeclareFn = {
             let db = db.clone();
             let topology = topology.clone();
-            Arc::new(move |ch| {
+            Arc::new(move |conn| {
                 let db = db.clone();
                 let topology = topology.clone();
-                Box::pin(async move {
-                    topology.declare_base(&ch).await?;
-                    // Every pool's queue, so jobs published while no agent runs are kept.
-                    let slugs: Vec<String> = sqlx::query_scalar("SELECT slug FROM pools")
-                        .fetch_all(&db)
-                        .await
-                        .unwrap_or_default();
-                    for slug in slugs {
-                        topology.declare_pool(&ch, &slug).await?;
-                    }
-                    Ok(())
-                })
+                Box::pin(async move { declare_all(&conn, &db, &topology).await })
             })
         };
-        let broker = Broker::start(
+        let broker = Broker::start_tls(
             settings.amqp.url.clone(),
             format!("gantry-dispatcher@{}", hostname()),
             declare,
+            settings.ca_pem(),
             cancel.clone(),
         );
+        let attribution =
+            Attribution::new(&settings.namespace, broker.user(), broker_users.is_some());
+        match &broker_users {
+            Some(_) => tracing::info!(
+                "every worker gets a broker user of its own (amqp.management_url is set)"
+            ),
+            None => tracing::warn!(
+                user = broker.user(),
+                "development mode: amqp.management_url is not set, so every agent shares the broker user of amqp.url and can forge any worker's results; see docs/security.md before exposing this installation"
+            ),
+        }
+        if let Some(users) = broker_users.clone() {
+            spawn_reconcile(db.clone(), users, cancel.clone());
+        }
+        let builtin_runs_code = crate::builtin::runs_user_code(&settings);
         let retry_base = Duration::from_millis(settings.dispatcher.retry_backoff_ms);
         let locks_wake = Arc::new(tokio::sync::Notify::new());
         let node = Node::new(settings.dispatcher.task_cap);
@@ -77,9 +85,13 @@ impl Dispatcher {
             Duration::from_millis(settings.dispatcher.retry_backoff_ms),
             node.clone(),
             crate::email::Mailer::new(&settings.smtp),
+            builtin_runs_code,
             cancel.clone(),
         );
-        let redis = Arc::new(RedisLink::new(&settings.redis.url).context("redis.url")?);
+        let redis = Arc::new(
+            RedisLink::with_ca(&settings.redis.url, settings.ca_pem().as_deref())
+                .context("redis.url")?,
+        );
         let locks = Locks::start(
             db.clone(),
             redis.clone(),
@@ -102,9 +114,16 @@ impl Dispatcher {
             orchestrator: orchestrator.clone(),
             metrics: metrics.clone(),
             retry_base,
+            attribution: attribution.clone(),
         }
         .spawn(cancel.clone());
-        monitors::spawn_heartbeats(db.clone(), broker.clone(), &topology, cancel.clone());
+        monitors::spawn_heartbeats(
+            db.clone(),
+            broker.clone(),
+            &topology,
+            attribution,
+            cancel.clone(),
+        );
         monitors::spawn_availability(db.clone(), cancel.clone());
         monitors::spawn_worker_loss(
             db.clone(),
@@ -136,6 +155,9 @@ impl Dispatcher {
             orchestrator,
             secrets,
             metrics,
+            broker_users,
+            production: settings.production,
+            builtin_runs_code,
             cancel: cancel.clone(),
         };
         // 5xx answers here are deliberate (503 while a service is away) and logged where they
@@ -190,6 +212,88 @@ impl Dispatcher {
         }
     }
 }
+
+/// Everything a dispatcher declares on a new broker connection: the base topology, every
+/// pool's queue (so jobs published while no agent runs are kept) and every worker's own queue
+/// and control queue (agents declare nothing: their broker users may not). A worker's queues
+/// that cannot be declared (a control queue left by an older version with other arguments)
+/// are skipped with a warning rather than stop the whole connection.
+async fn declare_all(
+    conn: &lapin::Connection,
+    db: &sqlx::PgPool,
+    topology: &Topology,
+) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    topology.declare_base(&ch).await?;
+    let slugs: Vec<String> = sqlx::query_scalar("SELECT slug FROM pools")
+        .fetch_all(db)
+        .await
+        .unwrap_or_default();
+    for slug in slugs {
+        topology.declare_pool(&ch, &slug).await?;
+    }
+    let _ = ch.close(200, "declared".into()).await;
+    let workers: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM workers")
+        .fetch_all(db)
+        .await
+        .unwrap_or_default();
+    declare_workers(conn, topology, &workers).await
+}
+
+/// Declare workers' own queues and control queues, each failure on its own (a failed declare
+/// closes its channel).
+pub async fn declare_workers(
+    conn: &lapin::Connection,
+    topology: &Topology,
+    workers: &[uuid::Uuid],
+) -> lapin::Result<()> {
+    let mut ch = conn.create_channel().await?;
+    for w in workers {
+        let r = async {
+            topology.declare_worker(&ch, w).await?;
+            topology.declare_control(&ch, w).await
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, worker = %w, "could not declare a worker's queues");
+            ch = conn.create_channel().await?;
+        }
+    }
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Reconcile the broker's worker users with PostgreSQL at start and every
+/// [`RECONCILE_EVERY`] (see [`BrokerUsers::reconcile`]).
+fn spawn_reconcile(db: sqlx::PgPool, users: BrokerUsers, cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cancel.cancelled() => return,
+            }
+            match crate::store::workers::reconcile_broker_users(&db, &users).await {
+                Ok(r) if r != Default::default() => {
+                    tracing::warn!(
+                        created = r.created,
+                        repermissioned = r.repermissioned,
+                        deleted = r.deleted,
+                        "corrected the broker's worker users"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not reconcile the broker's worker users; will retry")
+                }
+            }
+        }
+    });
+}
+
+/// How often broker users are checked against PostgreSQL.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(60);
 
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

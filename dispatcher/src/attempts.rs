@@ -69,8 +69,14 @@ pub struct Locked {
     pub claim_id: Option<Uuid>,
     /// The step's named mutex, if it has one.
     pub mutex: Option<String>,
-    /// The fencing token of the attempt's mutex grant.
+    /// The fencing token of the attempt's mutex grant: the dispatcher's record, never a value
+    /// an agent sent.
     pub mutex_token: Option<i64>,
+    /// The claimant is a dispatcher node's built-in worker (its events come from the
+    /// dispatcher's own broker user).
+    pub claimant_builtin: bool,
+    /// The sha256 of the job body published for the current job id.
+    pub job_sha256: Option<String>,
 }
 
 impl Locked {
@@ -88,7 +94,8 @@ const LOCKED_COLUMNS: &str = "s.id AS step_run_id, a.attempt,
     s.task_id, s.name AS step_name, s.attempt AS current_attempt,
     COALESCE((s.spec->>'retries')::int, 0) AS retries, s.spec->>'mutex' AS mutex,
     a.state, a.job_id, a.worker_id, a.lines_stored, a.line_count, a.outcome,
-    a.exit_code, a.error, a.started_at, a.claim_id, a.mutex_token";
+    a.exit_code, a.error, a.started_at, a.claim_id, a.mutex_token, a.job_sha256,
+    COALESCE(w.builtin, false) AS claimant_builtin";
 
 /// Lock a step run and one of its attempts, in that order, in one statement (`FOR UPDATE OF
 /// s, a` locks each joined row's step run before its attempt). `None` if either is missing.
@@ -100,6 +107,7 @@ pub async fn lock(
     let row: Option<AttemptRow> = sqlx::query_as(&format!(
         "SELECT {LOCKED_COLUMNS}
          FROM step_runs s JOIN attempts a ON a.step_run_id = s.id AND a.attempt = $2
+         LEFT JOIN workers w ON w.id = a.worker_id
          WHERE s.id = $1
          FOR UPDATE OF s, a"
     ))
@@ -120,6 +128,7 @@ pub async fn lock_job(
     let row: Option<AttemptRow> = sqlx::query_as(&format!(
         "SELECT {LOCKED_COLUMNS}
          FROM step_runs s JOIN attempts a ON a.step_run_id = s.id
+         LEFT JOIN workers w ON w.id = a.worker_id
          WHERE a.job_id = $1
          FOR UPDATE OF s, a"
     ))
@@ -130,6 +139,51 @@ pub async fn lock_job(
         let (step_run, attempt) = (StepRunId(r.step_run_id), r.attempt as u32);
         (step_run, attempt, r.into_locked())
     }))
+}
+
+/// What renewing a mutex lease needs to know of the attempt whose job it is.
+#[derive(sqlx::FromRow)]
+pub struct LeaseHolder {
+    pub step_run_id: Uuid,
+    pub attempt: i32,
+    pub state: String,
+    pub worker_id: Option<Uuid>,
+    pub mutex: Option<String>,
+    pub mutex_token: Option<i64>,
+}
+
+/// The attempt whose current job is `job`, for a lease renewal (no lock: the renewal is a
+/// compare-and-set in Redis, and [`raise_token`] one in PostgreSQL).
+pub async fn lease_holder(
+    db: impl sqlx::PgExecutor<'_>,
+    job: JobId,
+) -> sqlx::Result<Option<LeaseHolder>> {
+    sqlx::query_as(
+        "SELECT a.step_run_id, a.attempt, a.state, a.worker_id, s.spec->>'mutex' AS mutex,
+                a.mutex_token
+         FROM attempts a JOIN step_runs s ON s.id = a.step_run_id WHERE a.job_id = $1",
+    )
+    .bind(job.0)
+    .fetch_optional(db)
+    .await
+}
+
+/// Record a higher fencing token for a running attempt (its holder re-claimed the mutex after
+/// Redis lost its data). Tokens only grow.
+pub async fn raise_token(
+    db: impl sqlx::PgExecutor<'_>,
+    job: JobId,
+    token: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE attempts SET mutex_token = $2
+         WHERE job_id = $1 AND state = 'Running' AND mutex_token < $2",
+    )
+    .bind(job.0)
+    .bind(token)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]
@@ -152,6 +206,8 @@ struct AttemptRow {
     started_at: Option<chrono::DateTime<chrono::Utc>>,
     claim_id: Option<Uuid>,
     mutex_token: Option<i64>,
+    job_sha256: Option<String>,
+    claimant_builtin: bool,
 }
 
 impl AttemptRow {
@@ -173,6 +229,8 @@ impl AttemptRow {
             claim_id: self.claim_id,
             mutex: self.mutex,
             mutex_token: self.mutex_token,
+            claimant_builtin: self.claimant_builtin,
+            job_sha256: self.job_sha256,
         }
     }
 }

@@ -6,11 +6,18 @@
 //! and the default pool's steps while that pool has no registered worker (see
 //! `orchestrator::route`). It claims over this node's own API like any agent, so claims,
 //! logs, masking, cancel and worker loss work the same. Scripts run as the dispatcher's user,
-//! or as `builtin_worker.user`.
+//! or as `builtin_worker.user`, with an environment built from scratch (never the node's own,
+//! which holds its configuration).
+//!
+//! It connects to the broker with the node's own user (`amqp.url`), which the result consumer
+//! believes only for built-in workers (see `senders`), and declares its own queues itself.
+//! With `production = true` it runs no user code unless `builtin_worker.user` names an
+//! unprivileged user other than the dispatcher's own ([`runs_user_code`]): a server step would
+//! otherwise run with the dispatcher's rights, next to its secrets key and its database.
 
 use crate::auth;
 use anyhow::Context;
-use gantry_agent::agent::{Setup, Stop, run_with};
+use gantry_agent::agent::{BrokerLogin, Setup, Stop, run_with};
 use gantry_agent::runner::RunAs;
 use gantry_shared::config::{ConfigError, Settings};
 use gantry_shared::topology::Topology;
@@ -36,6 +43,38 @@ pub fn run_as(settings: &Settings) -> Result<Option<RunAs>, ConfigError> {
             })
         })
         .transpose()
+}
+
+/// True when `user` may run built-in steps under `production = true`: not root, and not the
+/// dispatcher's own user.
+pub fn is_unprivileged(user: &RunAs) -> bool {
+    user.uid != 0 && user.uid != gantry_agent::runner::effective_uid()
+}
+
+/// Whether this node's built-in worker may run user code: always in development; with
+/// `production = true` only as an unprivileged `builtin_worker.user`.
+pub fn runs_user_code(settings: &Settings) -> bool {
+    if !settings.production {
+        return true;
+    }
+    matches!(run_as(settings), Ok(Some(u)) if is_unprivileged(&u))
+}
+
+/// Checks of `builtin_worker.user` under `production = true`, at start: a user that exists
+/// but is privileged is a configuration error (none at all only disables server steps).
+pub fn check_production(settings: &Settings) -> Result<(), ConfigError> {
+    if let (true, Some(user)) = (settings.production, run_as(settings)?)
+        && !is_unprivileged(&user)
+    {
+        return Err(ConfigError {
+            key: Some("builtin_worker.user".into()),
+            message: format!(
+                "{} (uid {}) is root or the dispatcher's own user; with production = true server steps must run as an unprivileged user of their own",
+                user.name, user.uid
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The name of this node's built-in worker.
@@ -92,6 +131,7 @@ pub async fn start(
         extra_queues: vec![Topology::new(&settings.namespace).server_queue()],
         run_as,
         stop: Stop::Token(cancel, SHUTDOWN_GRACE),
+        broker: BrokerLogin::Dispatcher,
     };
     let settings = settings.clone();
     tracing::info!(worker = name, %id, "starting the built-in worker");

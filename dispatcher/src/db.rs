@@ -38,7 +38,7 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
 /// A pool of connections. Connections are checked before use, so the pool heals by itself
 /// after a Postgres restart.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
-    let opts = PgConnectOptions::from_str(&settings.postgres.url)
+    let opts = PgConnectOptions::from_str(&settings.postgres_url())
         .context("postgres.url")?
         .application_name("gantry-dispatcher");
     let pool = PgPoolOptions::new()
@@ -53,7 +53,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 
 /// Create the database if needed, connect, and apply migrations.
 pub async fn prepare(settings: &Settings) -> anyhow::Result<PgPool> {
-    ensure_database(&settings.postgres.url).await?;
+    ensure_database(&settings.postgres_url()).await?;
     let pool = connect(settings).await?;
     MIGRATOR
         .run(&pool)

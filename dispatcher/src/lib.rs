@@ -22,6 +22,8 @@
 //! - [`metrics`]: Prometheus text.
 //! - [`secrets`]: sensitive values sealed at rest.
 //! - [`auth`]: API keys and worker credentials.
+//! - [`broker_users`]: one RabbitMQ user per worker, through the management API.
+//! - [`senders`]: attributing events and heartbeats to workers by their broker user.
 //! - [`cli`]: the `gantry` client.
 
 #![forbid(unsafe_code)]
@@ -31,6 +33,7 @@ pub mod app;
 pub mod artifacts;
 pub mod attempts;
 pub mod auth;
+pub mod broker_users;
 pub mod builtin;
 pub mod cli;
 pub mod db;
@@ -44,4 +47,5 @@ pub mod notify;
 pub mod orchestrator;
 pub mod results;
 pub mod secrets;
+pub mod senders;
 pub mod store;

@@ -5,8 +5,9 @@
 //! (`shared::locks`, arrival order), at once when a release is announced on pub/sub and
 //! otherwise once a second. On a grant it records the fencing token on the attempt, makes it
 //! `Pending` and publishes its job; it then renews the lease until an agent claims the job,
-//! and the claim hands the lease over (the agent renews it while the step runs and releases
-//! it at the end).
+//! and the claim hands the lease over: the agent asks the dispatcher to renew it
+//! (`POST /api/jobs/{id}/lease`, [`Locks::renew_for`]) while the step runs, and the dispatcher
+//! releases it once the attempt's end is stored. Agents never talk to Redis.
 //!
 //! Waiting is visible: the step is `Waiting` with `waiting_for` saying who holds the mutex
 //! ("mutex prod-db held by task T (step migrate)"), and the task log says so once per
@@ -72,6 +73,17 @@ struct Held {
     step_name: String,
     mutex: Option<String>,
     mutex_token: i64,
+}
+
+/// What renewing a holder's lease found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Renewed {
+    /// Held, under this fencing token.
+    Held(u64),
+    /// Gone: expired, taken over, or not re-claimable.
+    Lost,
+    /// Redis lost its data and the new epoch is not set yet: ask again shortly.
+    NotYet,
 }
 
 /// What the mutex loop is given.
@@ -159,6 +171,33 @@ impl Locks {
             locks::renew(&self.inner.redis, &keys, &waiter, token, self.inner.lease).await?
                 == Renew::Held,
         )
+    }
+
+    /// For a running attempt's claimant (`POST /api/jobs/{id}/lease`): renew its lease, or
+    /// re-claim it under a new token during the quiet period after Redis lost its data.
+    pub async fn renew_for(
+        &self,
+        mutex: &str,
+        step_run: StepRunId,
+        attempt: u32,
+        token: u64,
+    ) -> redis::RedisResult<Renewed> {
+        let keys = MutexKeys::new(&self.inner.ns, mutex);
+        let waiter = locks::waiter(step_run, attempt);
+        let lease = self.inner.lease;
+        match locks::renew(&self.inner.redis, &keys, &waiter, token, lease).await? {
+            Renew::Held => Ok(Renewed::Held(token)),
+            Renew::Lost | Renew::NoEpoch => {
+                match locks::reclaim(&self.inner.redis, &keys, &waiter, lease).await? {
+                    Reclaim::Held(new) => {
+                        tracing::info!(mutex, token = new, %step_run, "re-claimed a mutex for its holder after Redis lost its data");
+                        Ok(Renewed::Held(new))
+                    }
+                    Reclaim::Lost => Ok(Renewed::Lost),
+                    Reclaim::NoEpoch => Ok(Renewed::NotYet),
+                }
+            }
+        }
     }
 
     /// Put an attempt whose lease is gone before it started back in the mutex's queue.

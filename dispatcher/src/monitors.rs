@@ -3,6 +3,7 @@
 
 use crate::attempts;
 use crate::orchestrator::Orchestrator;
+use crate::senders::{Attribution, Sender};
 use crate::store::settings;
 use futures::{FutureExt, StreamExt};
 use gantry_shared::amqp::Broker;
@@ -113,6 +114,7 @@ pub fn spawn_heartbeats(
     db: PgPool,
     broker: Broker,
     topology: &Topology,
+    attribution: Attribution,
     cancel: CancellationToken,
 ) {
     let queue = topology.heartbeats_queue();
@@ -142,10 +144,10 @@ pub fn spawn_heartbeats(
                         None => break,
                     }
                 }
-                let beats: Vec<Heartbeat> = batch
+                let beats: Vec<Beat> = batch
                     .iter()
                     .filter_map(|d| match Heartbeat::decode(&d.data) {
-                        Ok(hb) => Some(hb),
+                        Ok(hb) => attribute(&attribution, d, hb),
                         Err(_) => {
                             tracing::debug!("ignoring a malformed heartbeat");
                             None
@@ -169,16 +171,42 @@ pub fn spawn_heartbeats(
     });
 }
 
+/// A heartbeat and whether it counts only for a built-in worker (it came from the
+/// dispatcher's own broker user with per-worker users in force).
+struct Beat {
+    hb: Heartbeat,
+    builtin_only: bool,
+}
+
+/// Believe a heartbeat's `worker_id` only as far as its sender allows (see `senders`): a
+/// forged heartbeat for another worker (to keep a killed agent looking alive) is dropped.
+fn attribute(a: &Attribution, d: &lapin::message::Delivery, mut hb: Heartbeat) -> Option<Beat> {
+    let sender = a.sender(d.properties.user_id().as_ref().map(|u| u.as_str()));
+    match a.worker(&sender, hb.worker_id, || true) {
+        Ok(w) => {
+            hb.worker_id = w;
+            Some(Beat {
+                builtin_only: a.managed() && sender == Sender::Dispatcher,
+                hb,
+            })
+        }
+        Err(why) => {
+            tracing::warn!(worker = %hb.worker_id, sender = %sender.describe(), %why, "ignoring a heartbeat");
+            None
+        }
+    }
+}
+
 /// Store a batch of heartbeats in one transaction: each worker's last heartbeat time and
 /// version, and its health where it changed (with a `worker_health_events` row).
-async fn store_heartbeats(db: &PgPool, beats: Vec<Heartbeat>) -> sqlx::Result<()> {
+async fn store_heartbeats(db: &PgPool, beats: Vec<Beat>) -> sqlx::Result<()> {
     // The latest heartbeat of each worker, in a fixed order (row locks in id order).
-    let mut latest: std::collections::BTreeMap<uuid::Uuid, Heartbeat> = Default::default();
-    for hb in beats {
-        match latest.get(&hb.worker_id.0) {
-            Some(seen) if seen.sent_at > hb.sent_at => {}
+    let mut latest: std::collections::BTreeMap<uuid::Uuid, Beat> = Default::default();
+    for b in beats {
+        match latest.get(&b.hb.worker_id.0) {
+            Some(seen) if seen.hb.sent_at > b.hb.sent_at => {}
             _ => {
-                latest.insert(hb.worker_id.0, hb);
+                latest.insert(b.hb.worker_id.0, b);
             }
         }
     }
@@ -186,11 +214,11 @@ async fn store_heartbeats(db: &PgPool, beats: Vec<Heartbeat>) -> sqlx::Result<()
         return Ok(());
     }
     let ids: Vec<uuid::Uuid> = latest.keys().copied().collect();
-    let versions: Vec<&str> = latest.values().map(|h| h.version.as_str()).collect();
+    let versions: Vec<&str> = latest.values().map(|b| b.hb.version.as_str()).collect();
     let healths: Vec<&str> = latest
         .values()
-        .map(|h| {
-            h.health
+        .map(|b| {
+            b.hb.health
                 .as_deref()
                 .filter(|h| matches!(*h, "Healthy" | "HasWarnings" | "Unhealthy"))
                 .unwrap_or("Healthy")
@@ -198,15 +226,18 @@ async fn store_heartbeats(db: &PgPool, beats: Vec<Heartbeat>) -> sqlx::Result<()
         .collect();
     let reasons: Vec<Option<&str>> = latest
         .values()
-        .map(|h| h.health_reason.as_deref())
+        .map(|b| b.hb.health_reason.as_deref())
         .collect();
+    let builtin_only: Vec<bool> = latest.values().map(|b| b.builtin_only).collect();
     let mut tx = db.begin().await?;
     // One statement: the heartbeat itself, and the health where it changed (the old value
     // comes from the row as it was before this update).
     let changed: Vec<(uuid::Uuid, String, Option<String>)> = sqlx::query_as(
-        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
-                      AS u(id, version, health, reason)),
+        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                         $5::bool[])
+                      AS u(id, version, health, reason, builtin_only)),
               old AS (SELECT w.id, w.health, w.health_reason FROM workers w JOIN u ON u.id = w.id
+                      WHERE w.builtin OR NOT u.builtin_only
                       ORDER BY w.id FOR UPDATE OF w)
          UPDATE workers w SET last_heartbeat_at = now(), agent_version = u.version,
                               health = u.health, health_reason = u.reason
@@ -219,6 +250,7 @@ async fn store_heartbeats(db: &PgPool, beats: Vec<Heartbeat>) -> sqlx::Result<()
     .bind(&versions)
     .bind(&healths)
     .bind(&reasons)
+    .bind(&builtin_only)
     .fetch_all(&mut *tx)
     .await
     .map(|rows: Vec<(uuid::Uuid, String, Option<String>, bool)>| {
@@ -329,11 +361,16 @@ pub fn spawn_dead_letters(
                     return false;
                 }
                 if let Ok(job) = Job::decode(&body) {
+                    let sha = gantry_shared::wire::body_sha256(&body);
                     let r = async {
                         let mut tx = db.begin().await?;
+                        // Only the very body published for the attempt counts: anyone may
+                        // get a message dead-lettered (an agent rejects what it publishes
+                        // itself), and its headers say whatever its sender wrote.
                         if let Some(locked) =
                             attempts::lock(&mut tx, job.step_run_id, job.attempt).await?
                             && locked.job_id == job.job_id.0
+                            && locked.job_sha256.as_ref().is_none_or(|s| *s == sha)
                             && matches!(locked.state.as_str(), "Pending" | "Queued")
                         {
                             let why = format!(
@@ -491,9 +528,16 @@ pub fn spawn_worker_loss(
                     )
                     .await
                 {
-                    // Alive: the queue exists and its agent consumes it.
+                    // Alive: its agent consumes it (the consumer goes with its connection).
                     Ok(q) => q.consumer_count() > 0,
-                    Err(e) => !e.to_string().contains("NOT_FOUND"),
+                    Err(e) if e.to_string().contains("NOT_FOUND") => {
+                        // Agents cannot declare it: declare it, so a live agent can consume
+                        // it again (the failed passive declare closed the probe channel).
+                        probe = None;
+                        let _ = crate::app::declare_workers(&conn, &topology, &[id]).await;
+                        false
+                    }
+                    Err(_) => true,
                 };
                 if exists {
                     missing_since.remove(&id);

@@ -74,11 +74,15 @@ struct Inner {
     mailer: crate::email::Mailer,
     /// This dispatcher node: it advances only the tasks it owns (see `nodes`).
     node: Node,
+    /// Whether the built-in worker may run user code (see `builtin::runs_user_code`).
+    builtin_runs_code: bool,
 }
 
 /// A job ready to go out.
 struct Outgoing {
     job: Job,
+    /// `job` encoded: the bytes whose sha256 the attempt records.
+    body: Vec<u8>,
     routing_key: String,
     pool_slug: Option<String>,
 }
@@ -112,14 +116,24 @@ async fn builtin_enabled(conn: &mut PgConnection) -> sqlx::Result<bool> {
 ///   and healthy: that worker's own queue;
 /// - otherwise the pool's queue, if any of its workers is enabled and `Healthy` or
 ///   `HasWarnings`; if none is, the step waits.
-async fn route(conn: &mut PgConnection, task: TaskId, step: &StepState) -> sqlx::Result<Route> {
+async fn route(
+    conn: &mut PgConnection,
+    task: TaskId,
+    step: &StepState,
+    builtin_runs_code: bool,
+) -> sqlx::Result<Route> {
     let server = Route::Go {
         routing_key: Topology::SERVER_ROUTING_KEY.to_owned(),
         pool_slug: None,
         worker: None,
     };
     let (Some(pool_id), Some(slug)) = (step.pool_id, step.pool_slug.clone()) else {
-        return Ok(if builtin_enabled(conn).await? {
+        return Ok(if !builtin_runs_code {
+            Route::Fail(
+                "it runs on the server (location = \"server\"), and with production = true the built-in worker runs user code only as an unprivileged builtin_worker.user, which is not set"
+                    .into(),
+            )
+        } else if builtin_enabled(conn).await? {
             server
         } else {
             Route::Fail(
@@ -138,7 +152,7 @@ async fn route(conn: &mut PgConnection, task: TaskId, step: &StepState) -> sqlx:
     .await?;
     let usable =
         |enabled: bool, health: &str| enabled && matches!(health, "Healthy" | "HasWarnings");
-    if workers.is_empty() && step.pool_is_default == Some(true) {
+    if workers.is_empty() && step.pool_is_default == Some(true) && builtin_runs_code {
         return Ok(if builtin_enabled(conn).await? {
             server
         } else {
@@ -209,22 +223,29 @@ async fn dispatch_or_wait(
     attempt: u32,
     job_id: JobId,
 ) -> anyhow::Result<Option<Outgoing>> {
-    match route(tx, task, step).await? {
+    match route(tx, task, step, inner.builtin_runs_code).await? {
         Route::Go {
             routing_key,
             pool_slug,
             worker,
         } => {
+            let mut out = build_job(tx, task, task_name, variables, step, attempt, job_id).await?;
+            // The sha256 of exactly the bytes that will be published: the claim compares it
+            // with what the agent received.
+            let body = out.job.encode();
             sqlx::query(
-                "UPDATE attempts SET routed_worker = $3, routing_key = $4, no_worker_since = NULL
+                "UPDATE attempts SET routed_worker = $3, routing_key = $4, no_worker_since = NULL,
+                     job_sha256 = $5
                  WHERE step_run_id = $1 AND attempt = $2",
             )
             .bind(step.id)
             .bind(attempt as i32)
             .bind(worker)
             .bind(&routing_key)
+            .bind(gantry_shared::wire::body_sha256(&body))
             .execute(&mut *tx)
             .await?;
+            out.body = body;
             // Only a step that was waiting for a worker is `Waiting` here: mutex waits end
             // before their attempt is routed.
             if step.state == "Waiting" {
@@ -243,7 +264,6 @@ async fn dispatch_or_wait(
                 )
                 .await?;
             }
-            let mut out = build_job(tx, task, task_name, variables, step, attempt, job_id).await?;
             out.routing_key = routing_key;
             out.pool_slug = pool_slug;
             Ok(Some(out))
@@ -354,6 +374,7 @@ impl Orchestrator {
         retry_base: Duration,
         node: Node,
         mailer: crate::email::Mailer,
+        builtin_runs_code: bool,
         cancel: CancellationToken,
     ) -> Self {
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
@@ -369,6 +390,7 @@ impl Orchestrator {
             retry_base,
             node,
             mailer,
+            builtin_runs_code,
         });
         let kicks = inner.kick_tx.clone();
         nodes::spawn_wake_listener(
@@ -1154,6 +1176,7 @@ async fn build_job(
     };
     let slug = step.pool_slug.clone();
     Ok(Outgoing {
+        body: Vec::new(),
         routing_key: slug
             .as_deref()
             .map(Topology::pool_routing_key)
@@ -1167,7 +1190,7 @@ async fn build_job(
 /// `Pending` for the sweep to re-publish.
 async fn publish(inner: &Arc<Inner>, out: Outgoing) {
     let key = (out.job.step_run_id, out.job.attempt);
-    let body = out.job.encode();
+    let body = out.body;
     let exchange = inner.topology.jobs_exchange();
     let props = json_properties().with_message_id(out.job.job_id.to_string().into());
     let mut result = inner

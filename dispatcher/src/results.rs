@@ -9,9 +9,12 @@
 //! step's last batch and its `StepFinished`) are stored in one transaction: the rows locked are
 //! those of a single event, and one commit replaces many. Each is still acked only after it.
 //!
-//! Every event names its attempt and its sender (`job_id`, `worker_id`). An event that does
-//! not come from the attempt's current claimant (a voided job, a lost worker's late results)
-//! is recorded in `stale_events` and changes nothing else. Redelivered events change nothing
+//! Every event names its attempt (`job_id` too) and is attributed to a worker by the broker
+//! user that published it (its validated `user_id`, see [`crate::senders`]), never by the
+//! `worker_id` in its body alone. An event that does not come from the attempt's current
+//! claimant (a voided job, a lost worker's late results, another worker's forgery) is recorded
+//! in `stale_events` and changes nothing else. A mutex step's fencing token is the attempt's
+//! row, which only the dispatcher writes; events carry none. Redelivered events change nothing
 //! either: log lines are keyed by `seq`, outputs by name, artifact chunks by (artifact, seq),
 //! and `StepFinished` is a compare-and-set. An attempt becomes final only once its
 //! `StepFinished` arrived, all the lines it announced are stored, and every artifact it
@@ -22,6 +25,7 @@ use crate::attempts::{self, Locked};
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::orchestrator::Orchestrator;
+use crate::senders::{Attribution, Sender};
 use futures::{FutureExt, StreamExt};
 use gantry_shared::amqp::Broker;
 use gantry_shared::ids::{StepRunId, TaskId};
@@ -39,16 +43,22 @@ const PREFETCH: u16 = 256;
 /// Events of one attempt stored in one transaction at most.
 const GROUP: usize = 64;
 
-/// A delivery and its body, decoded once.
+/// A delivery, its body decoded once, and who sent it.
 struct Received {
     delivery: lapin::message::Delivery,
     event: Result<Event, String>,
+    sender: Sender,
 }
 
 impl Received {
-    fn new(delivery: lapin::message::Delivery) -> Self {
+    fn new(delivery: lapin::message::Delivery, attribution: &Attribution) -> Self {
         let event = Event::decode(&delivery.data).map_err(|e| e.to_string());
-        Self { delivery, event }
+        let sender = attribution.sender(delivery.properties.user_id().as_ref().map(|u| u.as_str()));
+        Self {
+            delivery,
+            event,
+            sender,
+        }
     }
 
     /// The attempt the event belongs to, if the body is an event.
@@ -69,6 +79,7 @@ pub struct ResultConsumer {
     pub orchestrator: Orchestrator,
     pub metrics: Arc<Metrics>,
     pub retry_base: Duration,
+    pub attribution: Attribution,
 }
 
 enum Handled {
@@ -129,7 +140,7 @@ impl ResultConsumer {
                             _ = cancel.cancelled() => return,
                         };
                         match next {
-                            Some(Ok(d)) => Received::new(d),
+                            Some(Ok(d)) => Received::new(d, &self.attribution),
                             Some(Err(e)) => {
                                 tracing::warn!(error = %e, "result consumer interrupted; re-consuming");
                                 break;
@@ -147,7 +158,7 @@ impl ResultConsumer {
                 while attempt.is_some() && group.len() < GROUP {
                     match consumer.next().now_or_never() {
                         Some(Some(Ok(d))) => {
-                            let d = Received::new(d);
+                            let d = Received::new(d, &self.attribution);
                             if d.attempt() == attempt {
                                 group.push(d);
                             } else {
@@ -182,14 +193,17 @@ impl ResultConsumer {
             return self.process(&group[0], cancel).await;
         }
         // Only events reach a group of several (see `run`).
-        let events: Vec<&Event> = group.iter().filter_map(|r| r.event.as_ref().ok()).collect();
+        let events: Vec<(&Event, &Sender)> = group
+            .iter()
+            .filter_map(|r| r.event.as_ref().ok().map(|e| (e, &r.sender)))
+            .collect();
         let mut delay = Duration::from_millis(100);
         let done = loop {
             let r = async {
                 let mut tx = self.db.begin().await?;
                 let mut done = Vec::with_capacity(events.len());
-                for ev in &events {
-                    done.push(self.handle_in(&mut tx, ev).await?);
+                for (ev, sender) in &events {
+                    done.push(self.handle_in(&mut tx, ev, sender).await?);
                 }
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(done)
@@ -257,7 +271,7 @@ impl ResultConsumer {
         };
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.handle(event).await {
+            match self.handle(event, &received.sender).await {
                 Ok(handled) => {
                     self.after_commit(delivery, handled).await;
                     return true;
@@ -276,9 +290,9 @@ impl ResultConsumer {
         }
     }
 
-    async fn handle(&self, event: &Event) -> Result<Handled, sqlx::Error> {
+    async fn handle(&self, event: &Event, sender: &Sender) -> Result<Handled, sqlx::Error> {
         let mut tx = self.db.begin().await?;
-        let handled = self.handle_in(&mut tx, event).await?;
+        let handled = self.handle_in(&mut tx, event, sender).await?;
         tx.commit().await?;
         Ok(handled)
     }
@@ -288,43 +302,35 @@ impl ResultConsumer {
         &self,
         tx: &mut PgConnection,
         event: &Event,
+        sender: &Sender,
     ) -> Result<Handled, sqlx::Error> {
         let origin = event.origin();
+        let stale_as = |reason: String| Stale {
+            origin,
+            kind: event.kind(),
+            reason,
+            sender: self.attribution.user_of(sender),
+        };
         let Some(locked) = attempts::lock(&mut *tx, origin.step_run_id, origin.attempt).await?
         else {
-            stale(&mut *tx, origin, event.kind(), "no such attempt").await?;
+            stale_as("no such attempt".into()).record(&mut *tx).await?;
             return Ok(Handled::Done(None, None));
         };
-        if !locked.is_claimant(origin.job_id, origin.worker_id) {
-            stale(
-                &mut *tx,
-                origin,
-                event.kind(),
-                "not from the attempt's current claimant",
-            )
-            .await?;
-            return Ok(Handled::Done(None, None));
-        }
-        if let Some(current) = locked.mutex_token {
-            match origin.mutex_token.map(|t| t as i64) {
-                Some(t) if t >= current => {
-                    if t > current {
-                        // Re-claimed under a higher token after Redis lost its data.
-                        sqlx::query(
-                            "UPDATE attempts SET mutex_token = $3 WHERE step_run_id = $1 AND attempt = $2",
-                        )
-                        .bind(origin.step_run_id.0)
-                        .bind(origin.attempt as i32)
-                        .bind(t)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                }
-                _ => {
-                    stale(&mut *tx, origin, event.kind(), "stale mutex fencing token").await?;
-                    return Ok(Handled::Done(None, None));
-                }
+        let worker = match self
+            .attribution
+            .worker(sender, origin.worker_id, || locked.claimant_builtin)
+        {
+            Ok(w) => w,
+            Err(why) => {
+                stale_as(why).record(&mut *tx).await?;
+                return Ok(Handled::Done(None, None));
             }
+        };
+        if !locked.is_claimant(origin.job_id, worker) {
+            stale_as("not from the attempt's current claimant".into())
+                .record(&mut *tx)
+                .await?;
+            return Ok(Handled::Done(None, None));
         }
         let live = locked.state == "Running";
         let mut kick = None;
@@ -372,13 +378,9 @@ impl ResultConsumer {
                 let end = b.first_seq as i64 + b.lines.len() as i64;
                 if !live {
                     if end > locked.lines_stored {
-                        stale(
-                            &mut *tx,
-                            origin,
-                            "LogBatch",
-                            "lines for an attempt that has ended",
-                        )
-                        .await?;
+                        stale_as("lines for an attempt that has ended".into())
+                            .record(&mut *tx)
+                            .await?;
                     }
                 } else {
                     let stored = logs::apply_batch(
@@ -476,13 +478,9 @@ impl ResultConsumer {
                     .fetch_optional(&mut *tx)
                     .await?;
                     if stored.is_none() {
-                        stale(
-                            &mut *tx,
-                            origin,
-                            "ArtifactChunk",
-                            "a chunk for an attempt that has ended",
-                        )
-                        .await?;
+                        stale_as("a chunk for an attempt that has ended".into())
+                            .record(&mut *tx)
+                            .await?;
                     }
                 }
             }
@@ -535,13 +533,14 @@ impl ResultConsumer {
                 }
             }
         }
-        // An attempt that ended here gives its mutex back (once the caller has committed).
-        let release = match (&kick, &locked.mutex, origin.mutex_token) {
+        // An attempt that ended here gives its mutex back (once the caller has committed),
+        // under the token the dispatcher recorded for it.
+        let release = match (&kick, &locked.mutex, locked.mutex_token) {
             (Some(_), Some(mutex), Some(token)) => Some(Release {
                 mutex: mutex.clone(),
                 step_run: origin.step_run_id,
                 attempt: origin.attempt,
-                token,
+                token: token as u64,
             }),
             _ => None,
         };
@@ -678,24 +677,32 @@ impl Now {
     }
 }
 
-async fn stale(
-    conn: &mut PgConnection,
-    origin: &Origin,
-    kind: &str,
-    reason: &str,
-) -> sqlx::Result<()> {
-    tracing::info!(step_run = %origin.step_run_id, attempt = origin.attempt, job_id = %origin.job_id, worker = %origin.worker_id, kind, reason, "keeping a stale event apart");
-    sqlx::query(
-        "INSERT INTO stale_events (step_run_id, attempt, job_id, worker_id, kind, reason)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(origin.step_run_id.0)
-    .bind(origin.attempt as i32)
-    .bind(origin.job_id.0)
-    .bind(origin.worker_id.0)
-    .bind(kind)
-    .bind(reason)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// An event kept apart: it changes nothing but this row.
+struct Stale<'a> {
+    origin: &'a Origin,
+    kind: &'static str,
+    reason: String,
+    /// The broker user that sent it, if it had one.
+    sender: Option<String>,
+}
+
+impl Stale<'_> {
+    async fn record(self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        let o = self.origin;
+        tracing::info!(step_run = %o.step_run_id, attempt = o.attempt, job_id = %o.job_id, worker = %o.worker_id, sender = self.sender.as_deref().unwrap_or("-"), kind = self.kind, reason = %self.reason, "keeping a stale event apart");
+        sqlx::query(
+            "INSERT INTO stale_events (step_run_id, attempt, job_id, worker_id, kind, reason, sender)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(o.step_run_id.0)
+        .bind(o.attempt as i32)
+        .bind(o.job_id.0)
+        .bind(o.worker_id.0)
+        .bind(self.kind)
+        .bind(&self.reason)
+        .bind(&self.sender)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
 }

@@ -12,7 +12,12 @@
 //!
 //! [`Publisher`] publishes with publisher confirms and `mandatory`, on a channel it re-opens
 //! when the connection changes: a publish is `Ok` only once the broker confirmed it and did
-//! not return it.
+//! not return it. Every message it sends carries `user_id`, the connection's own login, which
+//! RabbitMQ checks (a message claiming any other user is refused with 406): that is how the
+//! dispatcher knows which worker sent an event, whatever its body says.
+//!
+//! `amqps://` URLs connect with TLS (rustls), trusting the built-in web roots and the PEM CA
+//! given to [`Broker::start_tls`] (`tls.ca_file`).
 
 use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -24,9 +29,17 @@ use std::time::Duration;
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
-/// Declares what a process needs on a fresh connection.
-pub type DeclareFn =
-    Arc<dyn Fn(Channel) -> Pin<Box<dyn Future<Output = lapin::Result<()>> + Send>> + Send + Sync>;
+/// Declares what a process needs on a fresh connection (channels are the function's own).
+pub type DeclareFn = Arc<
+    dyn Fn(SharedConnection) -> Pin<Box<dyn Future<Output = lapin::Result<()>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A [`DeclareFn`] that declares nothing (agents: their broker users may not).
+pub fn declare_nothing() -> DeclareFn {
+    Arc::new(|_| Box::pin(async { Ok(()) }))
+}
 
 /// A connection, shared by the components that use it.
 pub type SharedConnection = Arc<Connection>;
@@ -35,6 +48,8 @@ pub type SharedConnection = Arc<Connection>;
 #[derive(Clone)]
 pub struct Broker {
     rx: watch::Receiver<Option<SharedConnection>>,
+    /// The user the connection logs in as (the `user_id` of everything published on it).
+    user: Arc<str>,
 }
 
 impl Broker {
@@ -44,10 +59,27 @@ impl Broker {
     /// the broker then closes the connection of a process that froze (SIGSTOP, a hung host)
     /// within about two intervals and requeues what it held, instead of after minutes.
     pub fn start(url: String, name: String, declare: DeclareFn, cancel: CancellationToken) -> Self {
+        Self::start_tls(url, name, declare, None, cancel)
+    }
+
+    /// As [`Broker::start`], trusting `ca_pem` (a PEM CA) for `amqps://` besides the web roots.
+    pub fn start_tls(
+        url: String,
+        name: String,
+        declare: DeclareFn,
+        ca_pem: Option<String>,
+        cancel: CancellationToken,
+    ) -> Self {
         let url = with_heartbeat(&url);
+        let user: Arc<str> = login_user(&url).into();
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(supervise(url, name, declare, tx, cancel));
-        Self { rx }
+        tokio::spawn(supervise(url, name, declare, ca_pem, tx, cancel));
+        Self { rx, user }
+    }
+
+    /// The user this connection logs in as.
+    pub fn user(&self) -> &str {
+        &self.user
     }
 
     /// The current connection, if there is one.
@@ -89,6 +121,36 @@ impl Broker {
     }
 }
 
+/// The user an AMQP URL logs in as (`guest` when it names none, as RabbitMQ's clients do).
+pub fn login_user(url: &str) -> String {
+    url.parse::<lapin::uri::AMQPUri>()
+        .map(|u| u.authority.userinfo.username)
+        .unwrap_or_else(|_| "guest".into())
+}
+
+/// `url` with its user and password replaced (both percent-encoded).
+pub fn with_credentials(url: &str, user: &str, password: &str) -> Result<String, String> {
+    let mut parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    parsed
+        .set_username(user)
+        .and_then(|_| parsed.set_password(Some(password)))
+        .map_err(|_| "this URL cannot carry credentials".to_owned())?;
+    Ok(parsed.to_string())
+}
+
+/// Connect once, with TLS for `amqps://` (web roots plus `ca_pem`).
+pub async fn connect(
+    url: &str,
+    props: ConnectionProperties,
+    ca_pem: Option<&str>,
+) -> lapin::Result<Connection> {
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: ca_pem.map(str::to_owned),
+    };
+    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
+}
+
 /// The AMQP heartbeat Gantry asks for, in seconds, when the URL does not set one.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
@@ -122,6 +184,7 @@ async fn supervise(
     url: String,
     name: String,
     declare: DeclareFn,
+    ca_pem: Option<String>,
     tx: watch::Sender<Option<SharedConnection>>,
     cancel: CancellationToken,
 ) {
@@ -133,7 +196,7 @@ async fn supervise(
         }
         let props = ConnectionProperties::default().with_connection_name(name.clone().into());
         let attempt = tokio::select! {
-            r = Connection::connect(&url, props) => r,
+            r = connect(&url, props, ca_pem.as_deref()) => r,
             _ = cancel.cancelled() => return,
         };
         let conn = match attempt {
@@ -153,15 +216,8 @@ async fn supervise(
                 continue;
             }
         };
-        let declared = match conn.create_channel().await {
-            Ok(ch) => {
-                let r = declare(ch.clone()).await;
-                let _ = ch.close(200, "declared".into()).await;
-                r
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = declared {
+        let conn = Arc::new(conn);
+        if let Err(e) = declare(conn.clone()).await {
             tracing::warn!(error = %e, "declaring the broker topology failed; reconnecting");
             let _ = conn.close(200, "declare failed".into()).await;
             tokio::select! {
@@ -178,7 +234,6 @@ async fn supervise(
         }
         failures = 0;
         backoff = Duration::from_millis(100);
-        let conn = Arc::new(conn);
         let mut events = conn.events_listener();
         let _ = tx.send(Some(conn.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -305,8 +360,9 @@ impl Publisher {
         Ok(ch)
     }
 
-    /// Send a persistent, mandatory message; await [`PendingConfirm::wait`] to know it is
-    /// stored. Messages sent through one publisher reach the broker in call order.
+    /// Send a persistent, mandatory message stamped with the connection's `user_id`; await
+    /// [`PendingConfirm::wait`] to know it is stored. Messages sent through one publisher
+    /// reach the broker in call order.
     pub async fn send(
         &self,
         exchange: &str,
@@ -324,7 +380,9 @@ impl Publisher {
                     ..Default::default()
                 },
                 body,
-                properties.with_delivery_mode(2),
+                properties
+                    .with_delivery_mode(2)
+                    .with_user_id(self.broker.user().into()),
             )
             .await
             .map_err(|e| PublishError::Unavailable(e.to_string()))?;
@@ -374,6 +432,21 @@ mod tests {
         );
         let parsed: lapin::uri::AMQPUri = with_heartbeat("amqp://h/%2f").parse().unwrap();
         assert_eq!(parsed.query.heartbeat, Some(10));
+    }
+
+    #[test]
+    fn the_login_user_comes_from_the_url() {
+        assert_eq!(login_user("amqp://guest:guest@127.0.0.1:5672/%2f"), "guest");
+        assert_eq!(
+            login_user("amqps://gantry.worker.1:pw@h/%2f"),
+            "gantry.worker.1"
+        );
+        assert_eq!(login_user("amqp://127.0.0.1/%2f"), "guest");
+        let url = with_credentials("amqp://guest:guest@h:5672/%2f", "w", "p/w@x").unwrap();
+        assert_eq!(login_user(&url), "w");
+        let parsed: lapin::uri::AMQPUri = url.parse().unwrap();
+        assert_eq!(parsed.authority.userinfo.password, "p/w@x");
+        assert_eq!(parsed.vhost, "/");
     }
 
     #[test]

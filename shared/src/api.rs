@@ -56,6 +56,13 @@ pub struct Health {
     pub rabbitmq: bool,
     pub redis: bool,
     pub version: String,
+    /// True when every worker has a broker user of its own (`amqp.management_url` is set);
+    /// false in development mode, where all agents share one.
+    #[serde(default)]
+    pub broker_users: bool,
+    /// What makes this installation unsafe to expose (development mode, ...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 // ---- pools ----
@@ -120,6 +127,9 @@ pub struct WorkerRegister {
 pub struct WorkerPatch {
     pub enabled: Option<bool>,
     pub max_concurrent_steps: Option<u32>,
+    /// The worker's pools from now on (names, slugs or ids; at least one). Its broker user's
+    /// permissions change at once, and its agent reconnects to consume the new set.
+    pub pools: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -139,15 +149,29 @@ pub struct Worker {
     /// A dispatcher node's built-in worker (in no pool; runs server steps).
     #[serde(default)]
     pub builtin: bool,
+    /// The RabbitMQ user of this worker (none in development mode, where agents share one).
+    #[serde(default)]
+    pub broker_user: Option<String>,
 }
 
-/// The answer to a registration: the worker, and the credential it authenticates with.
-/// The credential is shown once; only its hash is stored.
+/// The answer to a registration: the worker, and the credentials it authenticates with.
+/// They are shown once; only their hashes are stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerRegistered {
     pub worker: Worker,
     pub token: String,
     pub namespace: String,
+    /// The worker's own RabbitMQ user (absent in development mode).
+    #[serde(default)]
+    pub broker: Option<BrokerCredentials>,
+}
+
+/// A worker's RabbitMQ user: it may consume only its pools' queues, its own queue and its own
+/// control messages, and publish only events and heartbeats.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BrokerCredentials {
+    pub user: String,
+    pub password: String,
 }
 
 /// What a running agent asks the dispatcher at start (with its worker credential).
@@ -162,6 +186,9 @@ pub struct AgentConfig {
     /// The machine policy in force (older dispatchers send none: the defaults apply).
     #[serde(default)]
     pub policy: MachinePolicy,
+    /// The broker user this agent must log in as (none in development mode).
+    #[serde(default)]
+    pub broker_user: Option<String>,
 }
 
 // ---- settings ----
@@ -414,6 +441,10 @@ pub struct LogEnd {
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     pub claim_id: ClaimId,
+    /// The sha256 (hex) of the job body as the agent received it: a body changed on its way
+    /// is refused and nothing runs.
+    #[serde(default)]
+    pub job_sha256: Option<String>,
 }
 
 /// A granted claim: the attempt is the agent's to run.
@@ -427,6 +458,19 @@ pub struct ClaimGrant {
     /// For a step with a mutex: the lease the agent now holds and must renew.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutex: Option<MutexGrant>,
+    /// The sha256 of the job body the dispatcher published for this attempt; the agent runs
+    /// nothing unless it is the body it received.
+    #[serde(default)]
+    pub job_sha256: Option<String>,
+}
+
+/// `POST /api/jobs/{job_id}/lease`: the dispatcher renewed the attempt's mutex lease in Redis.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseRenewed {
+    /// The fencing token now in force (it grows if the lease was re-claimed after Redis lost
+    /// its data).
+    pub token: u64,
+    pub lease_ms: u64,
 }
 
 /// A mutex lease handed to the agent with its claim.

@@ -30,7 +30,9 @@ pub struct Settings {
     /// Prefix of every exchange, queue and Redis key; lets two stacks share one broker.
     pub namespace: String,
     /// A production installation: the dispatcher refuses to start without `secrets.key`
-    /// (instead of using the built-in development key with a warning).
+    /// (instead of using the built-in development key with a warning) or without
+    /// `amqp.management_url` (per-worker broker users), and no program sends a credential in
+    /// plain text to another machine (see [`crate::tls`]).
     pub production: bool,
     pub amqp: AmqpSettings,
     pub postgres: PostgresSettings,
@@ -48,6 +50,17 @@ pub struct Settings {
     pub builtin_worker: BuiltinWorkerSettings,
     #[serde(default)]
     pub smtp: SmtpSettings,
+    #[serde(default)]
+    pub tls: TlsSettings,
+}
+
+/// Transport security for every client (see [`crate::tls`]).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// A private CA (PEM) trusted besides the built-in web roots, by HTTP, AMQP, Redis and
+    /// PostgreSQL clients alike.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where e-mail steps are sent from (the dispatcher sends them; workers never do).
@@ -84,6 +97,11 @@ impl Default for SmtpSettings {
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: String,
+    /// RabbitMQ's management HTTP API with an administrator's credentials
+    /// (`http://admin:pw@rabbit:15672`). Set, the dispatcher gives every worker a broker user
+    /// of its own; unset, every program shares `url`'s user (development mode).
+    #[serde(default)]
+    pub management_url: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -324,6 +342,25 @@ impl Settings {
                 format!("scheme must be amqp or amqps, not {:?}", amqp.scheme()),
             ));
         }
+        if let Some(m) = &self.amqp.management_url {
+            let parsed = url::Url::parse(m)
+                .map_err(|e| ConfigError::key("amqp.management_url", format!("not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(ConfigError::key(
+                    "amqp.management_url",
+                    format!("scheme must be http or https, not {:?}", parsed.scheme()),
+                ));
+            }
+            if parsed.username().is_empty() {
+                return Err(ConfigError::key(
+                    "amqp.management_url",
+                    "must carry an administrator's user and password (http://user:password@host:15672)",
+                ));
+            }
+        }
+        if let Some(ca) = &self.tls.ca_file {
+            crate::tls::read_ca(ca).map_err(|m| ConfigError::key("tls.ca_file", m))?;
+        }
         let pg = url::Url::parse(&self.postgres.url)
             .map_err(|e| ConfigError::key("postgres.url", format!("not a URL: {e}")))?;
         if !matches!(pg.scheme(), "postgres" | "postgresql") {
@@ -425,6 +462,76 @@ impl Settings {
             return Err(ConfigError::key("log.level", e.to_string()));
         }
         Ok(())
+    }
+
+    /// What `production = true` asks of a dispatcher on top of [`Settings::validate`]:
+    /// per-worker broker users, and no credential in plain text to another machine.
+    pub fn check_dispatcher_production(&self) -> Result<(), ConfigError> {
+        if !self.production {
+            return Ok(());
+        }
+        let Some(management) = &self.amqp.management_url else {
+            return Err(ConfigError::key(
+                "amqp.management_url",
+                "is required with production = true: without it every agent shares one broker user and can forge any worker's results (see docs/security.md)",
+            ));
+        };
+        for (key, url) in [
+            ("amqp.url", self.amqp.url.as_str()),
+            ("amqp.management_url", management.as_str()),
+            ("redis.url", self.redis.url.as_str()),
+        ] {
+            crate::tls::refuse_plaintext(key, url).map_err(|m| ConfigError::key(key, m))?;
+        }
+        let pg = url::Url::parse(&self.postgres.url)
+            .map_err(|e| ConfigError::key("postgres.url", format!("not a URL: {e}")))?;
+        let verified = pg
+            .query_pairs()
+            .any(|(k, v)| k == "sslmode" && v == "verify-full");
+        if !verified && !pg.host_str().is_some_and(crate::tls::is_loopback_host) {
+            return Err(ConfigError::key(
+                "postgres.url",
+                "needs ?sslmode=verify-full to a host other than loopback with production = true (sslmode=require does not check the certificate)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What `production = true` asks of an agent or the CLI: no credential in plain text to
+    /// another machine, on the broker or on `server` (the dispatcher's URL or URLs).
+    pub fn check_client_production(&self, what: &str, server: &str) -> Result<(), String> {
+        if !self.production {
+            return Ok(());
+        }
+        for url in server.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            crate::tls::refuse_plaintext(what, url)?;
+        }
+        crate::tls::refuse_plaintext("amqp.url", &self.amqp.url)
+    }
+
+    /// `postgres.url`, with `sslrootcert` pointing at `tls.ca_file` when that is set and the
+    /// URL names no root certificate of its own.
+    pub fn postgres_url(&self) -> String {
+        let Some(ca) = &self.tls.ca_file else {
+            return self.postgres.url.clone();
+        };
+        let Ok(mut url) = url::Url::parse(&self.postgres.url) else {
+            return self.postgres.url.clone();
+        };
+        if url.query_pairs().any(|(k, _)| k == "sslrootcert") {
+            return self.postgres.url.clone();
+        }
+        url.query_pairs_mut()
+            .append_pair("sslrootcert", &ca.display().to_string());
+        url.to_string()
+    }
+
+    /// The PEM text of `tls.ca_file`, if set (checked readable at load).
+    pub fn ca_pem(&self) -> Option<String> {
+        self.tls
+            .ca_file
+            .as_deref()
+            .and_then(|p| crate::tls::read_ca(p).ok())
     }
 
     /// The HTTP bind address (validated at load).

@@ -17,6 +17,8 @@
 //! - [`mask`]: hiding sensitive values in log lines.
 //! - [`locks`]: the fair, leased, fenced mutex on Redis.
 //! - [`redis_link`]: a Redis connection that survives Redis being away.
+//! - [`tls`]: the crypto provider, `tls.ca_file`, and the production refusal of plain text.
+//! - [`stepenv`]: the environment user code gets, built from scratch.
 
 #![forbid(unsafe_code)]
 
@@ -29,8 +31,10 @@ pub mod mask;
 pub mod process;
 pub mod redis_link;
 pub mod service_messages;
+pub mod stepenv;
 pub mod telemetry;
 pub mod template;
+pub mod tls;
 pub mod topology;
 pub mod wire;
 

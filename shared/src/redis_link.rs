@@ -13,8 +13,24 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(url: &str) -> redis::RedisResult<Self> {
+        Self::with_ca(url, None)
+    }
+
+    /// As [`RedisLink::new`]; a `rediss://` URL then trusts only `ca_pem` (`tls.ca_file`)
+    /// when given, else the system's roots.
+    pub fn with_ca(url: &str, ca_pem: Option<&str>) -> redis::RedisResult<Self> {
+        let client = match ca_pem {
+            Some(pem) if url.starts_with("rediss:") => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.as_bytes().to_vec()),
+                },
+            )?,
+            _ => redis::Client::open(url)?,
+        };
         Ok(Self {
-            client: redis::Client::open(url)?,
+            client,
             manager: Mutex::new(None),
         })
     }

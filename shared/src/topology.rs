@@ -1,8 +1,9 @@
 //! # Broker topology
 //!
-//! Names of every exchange and queue, all under the configured namespace `<ns>`, and the one
-//! function that declares them. Declarations are idempotent, so whichever side starts first
-//! (dispatcher or agent) creates them and the other finds them in place.
+//! Names of every exchange and queue, all under the configured namespace `<ns>`, and the
+//! functions that declare them. Only the dispatcher declares (agents may have no `configure`
+//! right at all, see "Broker users" in `docs/security.md`); declarations are idempotent, so
+//! every dispatcher node declares everything it knows of on each new connection.
 //!
 //! | name | kind | carries |
 //! | --- | --- | --- |
@@ -10,11 +11,17 @@
 //! | `<ns>.pool.<slug>` | quorum queue | jobs for any worker of a pool |
 //! | `<ns>.worker.<id>` | quorum queue | jobs for one worker (a task's later steps in a pool) |
 //! | `<ns>.server` | quorum queue | jobs for the dispatchers' built-in workers |
+//! | `<ns>.x.results` | fanout exchange | where agents publish events, into `<ns>.results` |
 //! | `<ns>.results` | quorum queue | events from agents: started, log batches, outputs, finished |
+//! | `<ns>.x.heartbeats` | fanout exchange | where agents publish heartbeats, into `<ns>.heartbeats` |
 //! | `<ns>.heartbeats` | classic queue, message TTL | agent heartbeats, kept off the result path |
 //! | `<ns>.control` | direct exchange | control messages, routing key = worker id |
-//! | `<ns>.control.<id>` | classic auto-delete queue | one agent's control messages; dies with its connection |
+//! | `<ns>.control.<id>` | classic durable queue, message TTL | one agent's control messages; its agent consumes it exclusively |
 //! | `<ns>.dead` | fanout exchange + quorum queue | messages that failed validation |
+//!
+//! The exchanges agents publish to live under `<ns>.x.`, apart from every queue name: RabbitMQ's
+//! permissions match names without telling an exchange from a queue, so a grant meant for one
+//! must never match the other.
 //!
 //! Job and result queues are durable quorum queues dead-lettering (at least once) into
 //! `<ns>.dead`, with a delivery limit of 20 as a backstop against poison loops.
@@ -28,6 +35,12 @@ pub const DELIVERY_LIMIT: i32 = 20;
 
 /// Heartbeats older than this are dropped by the broker: a stale heartbeat says nothing.
 pub const HEARTBEAT_TTL_MS: i32 = 60_000;
+
+/// Control messages older than this are dropped: a cancel or a reconfiguration that waited a
+/// minute for a disconnected agent is moot (it reads its configuration when it reconnects).
+pub const CONTROL_TTL_MS: i32 = 60_000;
+/// Control messages kept for one agent at most (the oldest go first).
+pub const CONTROL_MAX_LENGTH: i32 = 1000;
 
 /// Every name under one namespace.
 #[derive(Clone, Debug)]
@@ -68,8 +81,16 @@ impl Topology {
     pub fn results_queue(&self) -> String {
         format!("{}.results", self.ns)
     }
+    /// Where agents publish events (fanout into [`Topology::results_queue`]).
+    pub fn results_exchange(&self) -> String {
+        format!("{}.x.results", self.ns)
+    }
     pub fn heartbeats_queue(&self) -> String {
         format!("{}.heartbeats", self.ns)
+    }
+    /// Where agents publish heartbeats (fanout into [`Topology::heartbeats_queue`]).
+    pub fn heartbeats_exchange(&self) -> String {
+        format!("{}.x.heartbeats", self.ns)
     }
     pub fn control_exchange(&self) -> String {
         format!("{}.control", self.ns)
@@ -174,6 +195,8 @@ impl Topology {
         )
         .await?;
         self.declare_work_queue(ch, &self.results_queue()).await?;
+        self.declare_inlet(ch, &self.results_exchange(), &self.results_queue())
+            .await?;
         let server = self.server_queue();
         self.declare_work_queue(ch, &server).await?;
         self.bind_jobs(ch, &server, Self::SERVER_ROUTING_KEY)
@@ -192,7 +215,31 @@ impl Topology {
             hb_args,
         )
         .await?;
+        self.declare_inlet(ch, &self.heartbeats_exchange(), &self.heartbeats_queue())
+            .await?;
         Ok(())
+    }
+
+    /// A fanout exchange agents publish to, bound to the one queue it feeds.
+    async fn declare_inlet(&self, ch: &Channel, exchange: &str, queue: &str) -> lapin::Result<()> {
+        ch.exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
     }
 
     async fn bind_jobs(&self, ch: &Channel, queue: &str, key: &str) -> lapin::Result<()> {
@@ -225,25 +272,34 @@ impl Topology {
             .await
     }
 
-    /// A worker's control queue: classic and auto-delete, consumed only by its agent, so it
-    /// disappears (and its consumer count drops to zero) as soon as the agent's connection is
-    /// gone; that is how the dispatcher notices a killed agent. It is not `exclusive` (as
-    /// DESIGN.md has it) because the dispatcher must be able to look at it: a passive declare
-    /// of another connection's exclusive queue fails with RESOURCE_LOCKED and closes the
-    /// channel, once a second per worker.
+    /// A worker's control queue: classic and durable, declared by the dispatcher (at
+    /// registration and on every connection) and consumed by its agent alone, with an
+    /// exclusive consumer. The dispatcher tells a live agent from a killed one by the queue's
+    /// consumer count, which drops to zero as soon as the agent's connection is gone; an agent
+    /// needs no right to declare or bind anything for that, and no other worker's user can
+    /// consume the queue (see `docs/security.md`).
     pub async fn declare_control(
         &self,
         ch: &Channel,
         worker: impl std::fmt::Display,
     ) -> lapin::Result<()> {
         let q = self.control_queue(&worker);
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-message-ttl"),
+            AMQPValue::LongInt(CONTROL_TTL_MS),
+        );
+        args.insert(
+            ShortString::from("x-max-length"),
+            AMQPValue::LongInt(CONTROL_MAX_LENGTH),
+        );
         ch.queue_declare(
             q.as_str().into(),
             QueueDeclareOptions {
-                auto_delete: true,
+                durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            args,
         )
         .await?;
         ch.queue_bind(

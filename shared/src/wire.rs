@@ -136,18 +136,17 @@ impl Job {
     }
 }
 
-/// Who sent an event and for which attempt: carried by every event, so that the dispatcher
-/// can refuse anything that does not come from the attempt's current claimant.
+/// Which attempt an event is about, and the worker that says it sent it. With per-worker
+/// broker users the dispatcher does not believe `worker_id`: it attributes the event to the
+/// broker user that published it (the message's validated `user_id`) and keeps an event whose
+/// body names another worker apart as stale. Only in development mode (one shared broker user)
+/// is `worker_id` all it has.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
     pub step_run_id: StepRunId,
     pub attempt: u32,
     pub job_id: JobId,
     pub worker_id: WorkerId,
-    /// The fencing token of the step's mutex, for steps with one: results carrying a token
-    /// lower than the attempt's are refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mutex_token: Option<u64>,
 }
 
 /// Where a log line came from.
@@ -431,7 +430,9 @@ impl Heartbeat {
     }
 }
 
-/// Instructions for one agent, on its control queue.
+/// Instructions for one agent, on its control queue. Only the dispatcher can publish them;
+/// none carries configuration, which agents read over the API (`GET /api/agent/config`), so
+/// that no message body can tell an agent what to run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Control {
@@ -441,12 +442,16 @@ pub enum Control {
         attempt: u32,
         reason: String,
     },
-    /// Change how many steps the agent runs at once, without a restart.
-    SetMaxConcurrentSteps { max_concurrent_steps: u32 },
-    /// A disabled worker takes no new steps (running ones finish); enabling resumes it.
-    SetEnabled { enabled: bool },
-    /// The machine policy changed (heartbeat interval, health check).
-    SetPolicy { policy: crate::api::MachinePolicy },
+    /// Something in the worker's configuration changed (its pools, `max_concurrent_steps`,
+    /// enabled, the machine policy): read it again from `GET /api/agent/config`.
+    Reconfigure,
+}
+
+/// The sha256 of a message body, lowercase hex: what the dispatcher records for each job it
+/// publishes, and what the claim compares with the body the agent received.
+pub fn body_sha256(body: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(body))
 }
 
 impl Control {
@@ -469,7 +474,6 @@ mod tests {
             attempt: 1,
             job_id: JobId::new(),
             worker_id: WorkerId::new(),
-            mutex_token: None,
         }
     }
 

@@ -28,6 +28,11 @@ pub use gantry_dispatcher;
 pub use gantry_shared;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// RabbitMQ's management API, as `.ci/run` enables it: every stack gives its workers broker
+/// users of their own unless a test asks for development mode ([`DEV_MODE`]).
+pub const MANAGEMENT_URL: &str = "http://guest:guest@127.0.0.1:15672";
+/// Extra dispatcher setting for a stack in development mode (shared broker credentials).
+pub const DEV_MODE: (&str, &str) = ("GANTRY__AMQP__MANAGEMENT_URL", "");
 pub const PG_ADMIN_URL: &str = "postgres://root@127.0.0.1:5432/postgres";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const API_KEY: &str = "API-TEST-0123456789abcdef";
@@ -321,6 +326,7 @@ impl Stack {
             ("GANTRY__POSTGRES__URL".into(), self.db_url.clone()),
             ("GANTRY__POSTGRES__MAX_CONNECTIONS".into(), "8".into()),
             ("GANTRY__AMQP__URL".into(), AMQP_URL.into()),
+            ("GANTRY__AMQP__MANAGEMENT_URL".into(), MANAGEMENT_URL.into()),
             ("GANTRY__REDIS__URL".into(), REDIS_URL.into()),
             ("GANTRY__HTTP__BIND".into(), self.http_bind.clone()),
             ("GANTRY__API__BOOTSTRAP_KEY".into(), API_KEY.into()),
@@ -452,10 +458,94 @@ impl Stack {
         self.db.get().expect("set").clone()
     }
 
+    /// A connection as the broker's administrator (`guest`), for a test's own look around.
     pub async fn amqp(&self) -> Connection {
         Connection::connect(AMQP_URL, ConnectionProperties::default())
             .await
             .expect("RabbitMQ")
+    }
+
+    /// A connection as another broker user (a worker's, from its registration).
+    pub async fn amqp_as(&self, user: &str, password: &str) -> Result<Connection> {
+        let url = gantry_shared::amqp::with_credentials(AMQP_URL, user, password)
+            .map_err(anyhow::Error::msg)?;
+        Ok(Connection::connect(&url, ConnectionProperties::default()).await?)
+    }
+
+    /// Publish `body` as broker user `user` (confirmed, mandatory), with `user_id` set as
+    /// given (an agent sets its own). `Ok` once the broker confirmed it and routed it
+    /// somewhere; `Err` with the broker's reason when it refused it (a 403 on the exchange, a
+    /// 406 for a foreign `user_id`) or routed it nowhere.
+    pub async fn publish_as(
+        &self,
+        (user, password): (&str, &str),
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        user_id: Option<&str>,
+    ) -> Result<(), String> {
+        let conn = self
+            .amqp_as(user, password)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let r = async {
+            let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+            ch.confirm_select(Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut props = lapin::BasicProperties::default().with_delivery_mode(2);
+            if let Some(u) = user_id {
+                props = props.with_user_id(u.into());
+            }
+            let confirm = ch
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    lapin::options::BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    props,
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            if !confirm.is_ack() {
+                return Err("nacked".to_owned());
+            }
+            if confirm.take_message().is_some() {
+                return Err("returned: routed to no queue".to_owned());
+            }
+            Ok(())
+        }
+        .await;
+        let _ = conn.close(200, "done".into()).await;
+        r
+    }
+
+    /// The broker user and password of a registered agent, from its identity file.
+    pub fn broker_credentials(&self, idx: usize) -> Result<gantry_shared::api::BrokerCredentials> {
+        let path = self.agents[idx].home.join("identity.json");
+        let text = std::fs::read_to_string(&path)?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        serde_json::from_value(v["broker"].clone())
+            .with_context(|| format!("{} holds no broker credentials", path.display()))
+    }
+
+    /// Register a worker through the API only (no agent process): what an attacker holding a
+    /// registration would have.
+    pub async fn register_worker(
+        &self,
+        name: &str,
+        pools: &[&str],
+    ) -> Result<gantry_shared::api::WorkerRegistered> {
+        self.post(
+            "/api/workers",
+            &serde_json::json!({ "name": name, "pools": pools }),
+        )
+        .await
     }
 
     pub fn topology(&self) -> gantry_shared::topology::Topology {
@@ -852,13 +942,41 @@ impl Leftovers {
                 .await
                 .unwrap_or_default();
             names.extend(workers.iter().map(|w| t.worker_queue(w)));
+            names.extend(workers.iter().map(|w| t.control_queue(w)));
             pool.close().await;
         }
         names
     }
 
+    /// Delete the broker users the stack's dispatcher created (`<ns>.worker.*`).
+    async fn remove_broker_users(&self) {
+        let http = reqwest::Client::new();
+        let Ok(resp) = http
+            .get("http://127.0.0.1:15672/api/users")
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+        else {
+            return;
+        };
+        let users: Vec<serde_json::Value> = resp.json().await.unwrap_or_default();
+        let prefix = format!("{}.worker.", self.ns);
+        for u in users {
+            if let Some(name) = u["name"].as_str()
+                && name.starts_with(&prefix)
+            {
+                let _ = http
+                    .delete(format!("http://127.0.0.1:15672/api/users/{name}"))
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await;
+            }
+        }
+    }
+
     async fn remove(self) {
         let queues = self.queue_names().await;
+        self.remove_broker_users().await;
         if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
             let t = gantry_shared::topology::Topology::new(&self.ns);
             for q in queues {
@@ -868,7 +986,13 @@ impl Leftovers {
                         .await;
                 }
             }
-            for ex in [t.jobs_exchange(), t.control_exchange(), t.dead_exchange()] {
+            for ex in [
+                t.jobs_exchange(),
+                t.control_exchange(),
+                t.dead_exchange(),
+                t.results_exchange(),
+                t.heartbeats_exchange(),
+            ] {
                 if let Ok(ch) = conn.create_channel().await {
                     let _ = ch
                         .exchange_delete(

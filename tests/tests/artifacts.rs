@@ -6,7 +6,6 @@
 use gantry_shared::api::{ApiKeyCreated, Artifact};
 use gantry_shared::wire::{ArtifactChunk, Event, Origin};
 use gantry_tests::{API_KEY, AgentOpts, Stack, bin};
-use lapin::options::BasicPublishOptions;
 use reqwest::Method;
 use serde_json::json;
 use std::path::Path;
@@ -236,25 +235,19 @@ exit 1
     assert!(!stack.dir.path().join("nope").exists());
 }
 
-/// Publish an event to the stack's results queue, as an agent would.
-async fn publish_event(stack: &Stack, event: &Event) {
-    let conn = stack.amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            stack.topology().results_queue().into(),
-            BasicPublishOptions::default(),
+/// Publish an event as agent `idx` would: with its own broker user, to the results exchange.
+async fn publish_event(stack: &Stack, idx: usize, event: &Event) {
+    let creds = stack.broker_credentials(idx).unwrap();
+    stack
+        .publish_as(
+            (&creds.user, &creds.password),
+            &stack.topology().results_exchange(),
+            "",
             &event.encode(),
-            lapin::BasicProperties::default().with_delivery_mode(2),
+            Some(&creds.user),
         )
         .await
-        .unwrap()
-        .await
         .unwrap();
-    assert!(confirm.is_ack());
-    let _ = conn.close(200, "done".into()).await;
 }
 
 #[tokio::test]
@@ -291,13 +284,13 @@ script = "sleep 2; echo 'the real content' > out.txt"
     // Act
     publish_event(
         &stack,
+        0,
         &Event::ArtifactChunk(ArtifactChunk {
             origin: Origin {
                 step_run_id: step.id,
                 attempt: a.attempt,
                 job_id: a.job_id,
                 worker_id: a.worker_id.unwrap(),
-                mutex_token: None,
             },
             artifact: 0,
             name: "out.txt".into(),

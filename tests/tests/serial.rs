@@ -173,7 +173,7 @@ async fn serial_restarting_redis_mid_run_keeps_mutex_steps_apart_and_everything_
     said.unwrap();
     let logs = stack.all_logs();
     assert!(
-        logs.contains("re-claimed a mutex after Redis lost its data"),
+        logs.contains("re-claimed a mutex for its holder after Redis lost its data"),
         "the running holder took its mutex back instead of being stopped"
     );
     let m = intervals(&mutexed);

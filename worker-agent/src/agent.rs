@@ -1,8 +1,14 @@
 //! # `gantry-agent run`
 //!
 //! Wires the agent together: its identity and configuration from the dispatcher, a
-//! self-healing broker connection, the outbox, the slot manager and its consumers, the
-//! control queue and heartbeats; then runs until a signal.
+//! self-healing broker connection (as the worker's own broker user), the outbox, the slot
+//! manager and its consumers, the control queue and heartbeats; then runs until a signal.
+//!
+//! The agent declares nothing on the broker (its user may not): the dispatcher declared its
+//! queues. Everything it is told to do comes from the dispatcher's API, never from a message
+//! body: its configuration (pools, `max_concurrent_steps`, enabled, the machine policy) is
+//! read from `GET /api/agent/config` at start, on every new broker connection, when a
+//! `Reconfigure` control message says it changed, and once a minute.
 //!
 //! Shutdown: the first SIGTERM or SIGINT stops taking work and lets running steps finish
 //! (for up to `agent.shutdown_grace_secs`, then they are cancelled); a second one cancels
@@ -16,7 +22,7 @@ use crate::slots::{self, AgentContext, Slots};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use gantry_shared::amqp::{Broker, DeclareFn, Publisher, json_properties};
-use gantry_shared::api::{AgentConfig, MachinePolicy};
+use gantry_shared::api::{AgentConfig, BrokerCredentials, MachinePolicy};
 use gantry_shared::config::Settings;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::{Control, Heartbeat};
@@ -34,8 +40,14 @@ use tokio_util::sync::CancellationToken;
 /// [`BATCH_BYTES`](crate::runner::BATCH_BYTES) of text) goes out as a few dozen frames.
 pub const AMQP_FRAME_MAX: u32 = 16 * 1024;
 
+/// How often the agent reads its configuration again, whatever else happens.
+pub const CONFIG_REFRESH: Duration = Duration::from_secs(60);
+
 pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     let identity = identity::load(home)?;
+    settings
+        .check_client_production("the server in the agent's identity", &identity.server)
+        .map_err(|m| anyhow::anyhow!("{m}"))?;
     let work_root = settings
         .agent
         .work_dir
@@ -50,9 +62,20 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
             extra_queues: Vec::new(),
             run_as: None,
             stop: Stop::Signals,
+            broker: BrokerLogin::Worker(identity.broker),
         },
     )
     .await
+}
+
+/// Which broker user the agent logs in as.
+pub enum BrokerLogin {
+    /// A dispatcher node's built-in worker: `amqp.url` as it is (the node's own user), which
+    /// also declares the worker's own queues.
+    Dispatcher,
+    /// A registered worker: its own broker user from its identity, or `amqp.url`'s shared one
+    /// in development mode (none given).
+    Worker(Option<BrokerCredentials>),
 }
 
 /// How an agent is told to stop.
@@ -74,6 +97,85 @@ pub struct Setup {
     pub extra_queues: Vec<String>,
     pub run_as: Option<crate::runner::RunAs>,
     pub stop: Stop,
+    pub broker: BrokerLogin,
+}
+
+/// The queues an agent consumes, in priority order: its own, its pools', then `extra`.
+fn queues_of(topology: &Topology, config: &AgentConfig, extra: &[String]) -> Vec<String> {
+    let mut queues = vec![topology.worker_queue(config.worker_id)];
+    queues.extend(config.pools.iter().map(|p| topology.pool_queue(&p.slug)));
+    queues.extend(extra.iter().cloned());
+    queues
+}
+
+/// What applies a configuration read from the dispatcher.
+#[derive(Clone)]
+struct Reconfig {
+    api: Api,
+    topology: Topology,
+    extra: Vec<String>,
+    slots: Arc<Slots>,
+    policy: Arc<tokio::sync::watch::Sender<MachinePolicy>>,
+    queues: Arc<tokio::sync::watch::Sender<Vec<String>>>,
+    fatal: CancellationToken,
+}
+
+impl Reconfig {
+    /// Read the configuration once and apply what changed. A refused credential stops the
+    /// agent; an unreachable dispatcher keeps the configuration in force.
+    async fn refresh(&self) {
+        match tokio::time::timeout(Duration::from_secs(10), self.api.agent_config()).await {
+            Ok(Ok(c)) => self.apply(&c),
+            Ok(Err(ApiError::Unauthorized(m))) => {
+                tracing::error!(message = %m, "the dispatcher refused this agent's credential");
+                self.fatal.cancel();
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the configuration; keeping it"),
+            Err(_) => tracing::debug!("reading the configuration timed out; keeping it"),
+        }
+    }
+
+    fn apply(&self, c: &AgentConfig) {
+        if self.slots.max() != c.max_concurrent_steps {
+            self.slots.set_max(c.max_concurrent_steps);
+        }
+        if self.slots.enabled() != c.enabled {
+            self.slots.set_enabled(c.enabled);
+        }
+        self.policy.send_if_modified(|p| {
+            let changed = *p != c.policy;
+            if changed {
+                tracing::info!(policy = ?c.policy, "machine policy changed");
+                *p = c.policy.clone();
+            }
+            changed
+        });
+        let queues = queues_of(&self.topology, c, &self.extra);
+        self.queues.send_if_modified(|q| {
+            let changed = *q != queues;
+            if changed {
+                tracing::info!(pools = ?c.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "this worker's pools changed");
+                *q = queues.clone();
+            }
+            changed
+        });
+    }
+}
+
+/// Read the configuration again on `Reconfigure` and every [`CONFIG_REFRESH`].
+async fn refresh_config(
+    reconfig: Reconfig,
+    nudge: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = nudge.notified() => {}
+            _ = tokio::time::sleep(CONFIG_REFRESH) => {}
+            _ = cancel.cancelled() => return,
+        }
+        reconfig.refresh().await;
+    }
 }
 
 /// Run an agent until it is stopped (see [`Stop`]).
@@ -85,60 +187,81 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         extra_queues,
         run_as,
         stop: stop_how,
+        broker: login,
     } = setup;
-    let api = Api::new(&server, Some(token));
+    let ca = settings.ca_pem();
+    let api = Api::new(&server, Some(token), ca.as_deref())?;
     let config = fetch_config(&api, &server).await?;
     if !config.enabled {
         tracing::warn!(
             "this worker is disabled: it stays connected but the dispatcher gives it no steps"
         );
     }
+    let amqp_url = match &login {
+        BrokerLogin::Worker(Some(c)) => {
+            gantry_shared::amqp::with_credentials(&settings.amqp.url, &c.user, &c.password)
+                .map_err(|e| anyhow::anyhow!("amqp.url: {e}"))?
+        }
+        _ => settings.amqp.url.clone(),
+    };
+    let user = gantry_shared::amqp::login_user(&amqp_url);
+    if let Some(expected) = &config.broker_user
+        && *expected != user
+    {
+        bail!(
+            "this worker has a broker user of its own ({expected}), but its identity holds none (it would log in as {user}); register it again with `gantry-agent register --force`"
+        );
+    }
     let topology = Topology::new(&config.namespace);
-    let mut queues = vec![topology.worker_queue(config.worker_id)];
-    queues.extend(config.pools.iter().map(|p| topology.pool_queue(&p.slug)));
-    queues.extend(extra_queues);
-    let declare: DeclareFn = {
-        let topology = topology.clone();
-        let slugs: Vec<String> = config.pools.iter().map(|p| p.slug.clone()).collect();
-        let worker = config.worker_id;
-        Arc::new(move |ch| {
+    let (queues_tx, queues_rx) =
+        tokio::sync::watch::channel(queues_of(&topology, &config, &extra_queues));
+    let declare: DeclareFn = match login {
+        // The built-in worker logs in as its dispatcher node and declares its own queues
+        // (its record may be newer than the node's connection).
+        BrokerLogin::Dispatcher => {
             let topology = topology.clone();
-            let slugs = slugs.clone();
-            Box::pin(async move {
-                topology.declare_base(&ch).await?;
-                for s in &slugs {
-                    topology.declare_pool(&ch, s).await?;
-                }
-                topology.declare_worker(&ch, worker).await
+            let worker = config.worker_id;
+            Arc::new(move |conn| {
+                let topology = topology.clone();
+                Box::pin(async move {
+                    let ch = conn.create_channel().await?;
+                    let r = async {
+                        topology.declare_worker(&ch, worker).await?;
+                        topology.declare_control(&ch, worker).await
+                    }
+                    .await;
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "could not declare the built-in worker's queues");
+                    }
+                    let _ = ch.close(200, "declared".into()).await;
+                    Ok(())
+                })
             })
-        })
+        }
+        BrokerLogin::Worker(_) => gantry_shared::amqp::declare_nothing(),
     };
     let broker_cancel = CancellationToken::new();
-    let broker = Broker::start(
-        gantry_shared::amqp::with_frame_max(&settings.amqp.url, AMQP_FRAME_MAX),
+    let broker = Broker::start_tls(
+        gantry_shared::amqp::with_frame_max(&amqp_url, AMQP_FRAME_MAX),
         format!("gantry-agent {}", config.name),
         declare,
+        ca,
         broker_cancel.clone(),
     );
-    let (outbox, outbox_done) = Outbox::start(broker.clone(), topology.results_queue());
+    let (outbox, outbox_done) = Outbox::start(broker.clone(), topology.results_exchange());
     let slots = Slots::new(config.max_concurrent_steps);
     slots.set_enabled(config.enabled);
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("creating the work directory {}", work_root.display()))?;
     let fatal = CancellationToken::new();
-    let redis = Arc::new(
-        gantry_shared::redis_link::RedisLink::new(&settings.redis.url).context("redis.url")?,
-    );
     let agent = Arc::new(AgentContext {
-        api,
-        redis,
-        namespace: config.namespace.clone(),
+        api: api.clone(),
         outbox,
         worker_id: config.worker_id,
         worker_name: config.name.clone(),
         work_root: work_root.clone(),
         keep_work_dirs: settings.agent.keep_work_dirs,
-        run_as,
+        run_as: run_as.clone(),
         fault_drop_before_ack: std::sync::atomic::AtomicBool::new(
             std::env::var("GANTRY_AGENT_FAULT").as_deref() == Ok("drop-connection-before-ack"),
         ),
@@ -149,6 +272,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         id = %config.worker_id,
         pools = ?config.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
         max_concurrent_steps = config.max_concurrent_steps,
+        broker_user = %user,
         "agent running"
     );
     // Printed for scripts and tests that wait for the agent to be up: connected, with its
@@ -167,8 +291,19 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let bg = CancellationToken::new();
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(config.policy.clone());
+    let reconfig = Reconfig {
+        api: api.clone(),
+        topology: topology.clone(),
+        extra: extra_queues.clone(),
+        slots: slots.clone(),
+        policy: Arc::new(policy_tx),
+        queues: Arc::new(queues_tx),
+        fatal: fatal.clone(),
+    };
+    let nudge = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(refresh_config(reconfig.clone(), nudge.clone(), bg.clone()));
     // Judged once before any step is taken, so an unhealthy machine never starts one.
-    let first = health::check(&config.policy, &work_root).await;
+    let first = health::check(&config.policy, &work_root, run_as.as_ref()).await;
     slots.set_unhealthy(first.level == health::Level::Unhealthy);
     if first.level != health::Level::Healthy {
         tracing::warn!(
@@ -182,6 +317,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         policy_rx.clone(),
         settings.agent.heartbeat_secs,
         work_root.clone(),
+        run_as.clone(),
         slots.clone(),
         verdict.clone(),
         bg.clone(),
@@ -207,21 +343,29 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         topology.clone(),
         config.clone(),
         slots.clone(),
-        policy_tx,
+        nudge,
         bg.clone(),
     ));
     let manager = {
         let (broker, slots, agent, stop) =
             (broker.clone(), slots.clone(), agent.clone(), stop.clone());
+        let mut first_connection = true;
         tokio::spawn(async move {
             loop {
                 let conn = tokio::select! {
                     c = broker.connected() => c,
                     _ = stop.cancelled() => return,
                 };
+                // A new connection may follow a change of this worker's rights (its broker
+                // connections are closed when its pools change): consume what the
+                // configuration says now, not what it said before.
+                if !first_connection {
+                    reconfig.refresh().await;
+                }
+                first_connection = false;
                 slots::manage(
                     conn,
-                    queues.clone(),
+                    queues_rx.clone(),
                     slots.clone(),
                     agent.clone(),
                     stop.clone(),
@@ -374,7 +518,7 @@ async fn heartbeats(
     cancel: CancellationToken,
 ) {
     let publisher = Publisher::new(broker);
-    let queue = topology.heartbeats_queue();
+    let exchange = topology.heartbeats_exchange();
     let mut first = true;
     loop {
         let every = health::interval(&policy.borrow(), override_secs);
@@ -402,22 +546,24 @@ async fn heartbeats(
         };
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
-            publisher.publish("", &queue, &hb.encode(), json_properties()),
+            publisher.publish(&exchange, "", &hb.encode(), json_properties()),
         )
         .await;
     }
 }
 
-/// Consume the control queue on every connection: it is exclusive and dies with the
-/// connection, which is how the dispatcher can tell a dead agent from a live one.
+/// Consume the worker's control queue on every connection, with an exclusive consumer: the
+/// dispatcher tells a live agent by the queue's consumer count, which drops to zero with the
+/// connection, and nobody else can consume it meanwhile.
 async fn control(
     broker: Broker,
     topology: Topology,
     config: AgentConfig,
     slots: Arc<Slots>,
-    policy: tokio::sync::watch::Sender<MachinePolicy>,
+    reconfigure: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
+    let mut failures = 0u32;
     loop {
         let conn = tokio::select! {
             c = broker.connected() => c,
@@ -425,12 +571,12 @@ async fn control(
         };
         let consumer = async {
             let ch = conn.create_channel().await?;
-            topology.declare_control(&ch, config.worker_id).await?;
             ch.basic_consume(
                 topology.control_queue(config.worker_id).into(),
                 "control".into(),
                 BasicConsumeOptions {
                     no_ack: true,
+                    exclusive: true,
                     ..Default::default()
                 },
                 FieldTable::default(),
@@ -439,9 +585,15 @@ async fn control(
         }
         .await;
         let mut consumer = match consumer {
-            Ok(c) => c,
+            Ok(c) => {
+                failures = 0;
+                c
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "cannot consume the control queue; retrying");
+                failures += 1;
+                if failures == 5 {
+                    tracing::warn!(error = %e, "cannot consume this worker's control queue; retrying (the dispatcher declares it)");
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -453,14 +605,7 @@ async fn control(
             };
             let Some(Ok(d)) = next else { break };
             match Control::decode(&d.data) {
-                Ok(Control::SetMaxConcurrentSteps {
-                    max_concurrent_steps,
-                }) => slots.set_max(max_concurrent_steps),
-                Ok(Control::SetEnabled { enabled }) => slots.set_enabled(enabled),
-                Ok(Control::SetPolicy { policy: p }) => {
-                    tracing::info!(?p, "machine policy changed");
-                    policy.send_replace(p);
-                }
+                Ok(Control::Reconfigure) => reconfigure.notify_one(),
                 Ok(Control::CancelAttempt {
                     step_run_id,
                     attempt,

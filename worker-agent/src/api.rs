@@ -7,8 +7,8 @@
 //! claim carries its own id and the same claim is granted again.
 
 use gantry_shared::api::{
-    API_KEY_HEADER, AgentConfig, ClaimGrant, ClaimRequest, ErrorBody, SensitiveOutput,
-    WORKER_TOKEN_HEADER, WorkerRegister, WorkerRegistered,
+    API_KEY_HEADER, AgentConfig, ClaimGrant, ClaimRequest, ErrorBody, LeaseRenewed,
+    SensitiveOutput, WORKER_TOKEN_HEADER, WorkerRegister, WorkerRegistered,
 };
 use gantry_shared::ids::{ClaimId, JobId, WorkerId};
 use std::sync::Arc;
@@ -49,22 +49,28 @@ pub fn server_urls(server: &str) -> Vec<String> {
 
 impl Api {
     /// `server`: one base URL, or several separated by commas (dispatcher nodes of one
-    /// installation).
-    pub fn new(server: &str, token: Option<String>) -> Self {
+    /// installation). `ca_pem` (`tls.ca_file`) is trusted for `https://` besides the web
+    /// roots.
+    pub fn new(server: &str, token: Option<String>, ca_pem: Option<&str>) -> anyhow::Result<Self> {
         let mut bases = server_urls(server);
         if bases.is_empty() {
             bases.push(server.to_owned());
         }
-        Self {
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("HTTP client"),
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        if let Some(pem) = ca_pem {
+            http = http.add_root_certificate(
+                reqwest::Certificate::from_pem(pem.as_bytes())
+                    .map_err(|e| anyhow::anyhow!("tls.ca_file: {e}"))?,
+            );
+        }
+        Ok(Self {
+            http: http.build()?,
             bases: Arc::new(bases),
             current: Arc::new(AtomicUsize::new(0)),
             token,
-        }
+        })
     }
 
     fn req(&self, base: &str, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -199,8 +205,27 @@ impl Api {
         .map(|_| ())
     }
 
-    pub async fn claim(&self, job: JobId, claim_id: ClaimId) -> Result<ClaimGrant, ApiError> {
-        let body = ClaimRequest { claim_id };
+    /// Renew the mutex lease of a running job (the dispatcher renews it in Redis).
+    pub async fn renew_lease(&self, job: JobId) -> Result<LeaseRenewed, ApiError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/api/jobs/{job}/lease"),
+            |r| r,
+        )
+        .await
+    }
+
+    /// Claim a job; `job_sha256` is the sha256 of its body as received.
+    pub async fn claim(
+        &self,
+        job: JobId,
+        claim_id: ClaimId,
+        job_sha256: &str,
+    ) -> Result<ClaimGrant, ApiError> {
+        let body = ClaimRequest {
+            claim_id,
+            job_sha256: Some(job_sha256.to_owned()),
+        };
         self.call(
             reqwest::Method::POST,
             &format!("/api/jobs/{job}/claim"),

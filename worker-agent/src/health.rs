@@ -12,6 +12,10 @@
 //!
 //! The worst finding wins. While `Unhealthy` the agent takes no new steps (running ones go
 //! on); the dispatcher also refuses its claims.
+//!
+//! The script is user code like a step's: it runs as the user steps run as (the built-in
+//! worker's `builtin_worker.user`) with an environment built from scratch
+//! (`gantry_shared::stepenv`), never with the agent's own.
 
 use crate::slots::Slots;
 use gantry_shared::api::MachinePolicy;
@@ -82,8 +86,12 @@ pub fn disk_free_bytes(path: &Path) -> Option<u64> {
         .map(|s| s.blocks_available() * s.fragment_size())
 }
 
-/// Run every check once.
-pub async fn check(policy: &MachinePolicy, work_root: &Path) -> Verdict {
+/// Run every check once; the script as `run_as` when given.
+pub async fn check(
+    policy: &MachinePolicy,
+    work_root: &Path,
+    run_as: Option<&crate::runner::RunAs>,
+) -> Verdict {
     let mut v = Verdict::healthy();
     if policy.min_free_disk_mb > 0
         && let Some(free) = disk_free_bytes(work_root)
@@ -106,19 +114,47 @@ pub async fn check(policy: &MachinePolicy, work_root: &Path) -> Verdict {
         .as_deref()
         .filter(|s| !s.trim().is_empty())
     {
-        run_script(script, work_root, &mut v).await;
+        run_script(script, work_root, run_as, &mut v).await;
     }
     v
 }
 
-async fn run_script(script: &str, dir: &Path, v: &mut Verdict) {
+async fn run_script(
+    script: &str,
+    dir: &Path,
+    run_as: Option<&crate::runner::RunAs>,
+    v: &mut Verdict,
+) {
     let mut cmd = tokio::process::Command::new("bash");
-    cmd.arg("-c")
+    cmd.arg("--noprofile")
+        .arg("--norc")
+        .arg("-c")
         .arg(format!("{PRELUDE}{script}"))
-        .current_dir(dir)
+        .env_clear()
+        .envs(gantry_shared::stepenv::base(
+            std::env::vars_os(),
+            run_as.map(|u| gantry_shared::stepenv::User {
+                name: &u.name,
+                home: &u.home,
+            }),
+        ))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .process_group(0);
+    match run_as {
+        Some(u) => {
+            // Its own home, or `/`: the agent's work directory is not the step user's.
+            let home = if u.home.is_dir() {
+                u.home.as_path()
+            } else {
+                Path::new("/")
+            };
+            cmd.uid(u.uid).gid(u.gid).current_dir(home);
+        }
+        None => {
+            cmd.current_dir(dir);
+        }
+    }
     let out = match tokio::time::timeout(SCRIPT_TIMEOUT, cmd.output()).await {
         Err(_) => {
             v.add(
@@ -196,6 +232,7 @@ pub async fn run(
     mut policy: watch::Receiver<MachinePolicy>,
     override_secs: Option<u64>,
     work_root: PathBuf,
+    run_as: Option<crate::runner::RunAs>,
     slots: Arc<Slots>,
     shared: Shared,
     cancel: CancellationToken,
@@ -210,7 +247,7 @@ pub async fn run(
     loop {
         current = policy.borrow_and_update().clone();
         let verdict = tokio::select! {
-            v = check(&current, &work_root) => v,
+            v = check(&current, &work_root, run_as.as_ref()) => v,
             _ = cancel.cancelled() => return,
         };
         let changed = {
@@ -252,7 +289,7 @@ mod tests {
     }
 
     async fn judge(script: &str) -> Verdict {
-        check(&policy(script), &std::env::temp_dir()).await
+        check(&policy(script), &std::env::temp_dir(), None).await
     }
 
     #[tokio::test]
@@ -281,7 +318,7 @@ mod tests {
             min_free_disk_mb: u64::MAX / (2 * 1024 * 1024),
             ..MachinePolicy::default()
         };
-        let v = check(&p, &std::env::temp_dir()).await;
+        let v = check(&p, &std::env::temp_dir(), None).await;
         assert_eq!(v.level, Level::HasWarnings);
         assert!(v.reason().unwrap().contains("free in"), "{v:?}");
         assert_eq!(

@@ -1,7 +1,8 @@
 //! The agent's identity, written by `register` and read by `run` and `deregister`: which
-//! dispatcher it belongs to, its worker id and its credential. Stored as JSON, readable by
-//! the agent's user only.
+//! dispatcher it belongs to, its worker id, its credential and its own broker user. Stored as
+//! JSON, created readable by the agent's user only (mode 0600 from the first byte).
 
+use gantry_shared::api::BrokerCredentials;
 use gantry_shared::ids::WorkerId;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,9 @@ pub struct Identity {
     pub name: String,
     pub token: String,
     pub namespace: String,
+    /// The worker's own RabbitMQ user (absent in development mode).
+    #[serde(default)]
+    pub broker: Option<BrokerCredentials>,
 }
 
 pub fn path(home: &Path) -> PathBuf {
@@ -34,7 +38,19 @@ pub fn save(home: &Path, identity: &Identity) -> anyhow::Result<()> {
     std::fs::create_dir_all(home)?;
     let p = path(home);
     let tmp = p.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(identity)?)?;
+    let _ = std::fs::remove_file(&tmp);
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(identity)?)?;
+        f.sync_all()?;
+    }
+    // A umask can only narrow the mode; make sure of it anyway.
     set_private(&tmp)?;
     std::fs::rename(&tmp, &p)?;
     Ok(())

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
         // No configuration, no logging: the guard must start fast and print nothing.
         return gantry_agent::guard::run(command, uid.zip(gid));
     }
+    gantry_shared::tls::install_provider();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -85,6 +86,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    // With production = true no credential goes to another machine in plain text: not the
+    // API key (register, deregister), not the worker's credential, not its broker password.
+    let server_flag = match &cli.command {
+        Command::Register { server, .. } => Some(server.clone()),
+        Command::Deregister { server, .. } => server.clone(),
+        _ => None,
+    };
+    if let Some(server) = server_flag
+        && let Err(e) = settings.check_client_production("--server", &server)
+    {
+        eprintln!("gantry-agent: {e}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    let ca = settings.ca_pem();
     gantry_shared::telemetry::init(&settings.log.format, &settings.log.level);
     let home = cli.home.clone().unwrap_or_else(|| settings.agent_home());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -101,7 +116,7 @@ fn main() -> ExitCode {
                 max_concurrent_steps,
                 force,
             } => {
-                let api = Api::new(&server, None);
+                let api = Api::new(&server, None, ca.as_deref())?;
                 let reg = api
                     .register(
                         &api_key,
@@ -121,6 +136,7 @@ fn main() -> ExitCode {
                         name: reg.worker.name.clone(),
                         token: reg.token,
                         namespace: reg.namespace,
+                        broker: reg.broker.clone(),
                     },
                 )?;
                 println!(
@@ -140,14 +156,20 @@ fn main() -> ExitCode {
             Command::Deregister { server, api_key } => {
                 let id = identity::load(&home)?;
                 let server = server.unwrap_or_else(|| id.server.clone());
-                Api::new(&server, None)
+                Api::new(&server, None, ca.as_deref())?
                     .deregister(&api_key, id.worker_id)
                     .await?;
                 identity::remove(&home)?;
                 println!("deregistered worker {} ({})", id.name, id.worker_id);
                 Ok(())
             }
-            Command::Run => gantry_agent::agent::run(settings, &home).await,
+            Command::Run => match gantry_agent::agent::run(settings, &home).await {
+                Err(e) if e.to_string().contains("production = true") => {
+                    eprintln!("gantry-agent: {e}");
+                    std::process::exit(EXIT_CONFIG);
+                }
+                r => r,
+            },
             Command::Guard { .. } => unreachable!("handled before the runtime starts"),
         }
     });

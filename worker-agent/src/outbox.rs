@@ -1,7 +1,7 @@
 //! # The outbox: every event the agent reports, delivered at least once, in order
 //!
 //! Steps hand encoded events to a bounded channel; one task publishes them to
-//! `<ns>.results` with publisher confirms, a batch at a time (all sent, then all confirmed,
+//! `<ns>.x.results` (which feeds `<ns>.results`) with publisher confirms, a batch at a time (all sent, then all confirmed,
 //! so batches pipeline). If anything in a batch is not confirmed (the broker went away, a
 //! nack), the whole batch is sent again, in order, once the connection is back. The
 //! dispatcher ignores what it already stored, so repeats are harmless, and nothing is
@@ -25,9 +25,9 @@ pub struct Outbox {
 impl Outbox {
     /// Start the publishing task; it ends once every `Outbox` clone is dropped and all
     /// queued events are confirmed.
-    pub fn start(broker: Broker, results_queue: String) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn start(broker: Broker, results_exchange: String) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CAPACITY);
-        let handle = tokio::spawn(run(Publisher::new(broker), results_queue, rx));
+        let handle = tokio::spawn(run(Publisher::new(broker), results_exchange, rx));
         (Self { tx }, handle)
     }
 
@@ -38,7 +38,7 @@ impl Outbox {
     }
 }
 
-async fn run(publisher: Publisher, queue: String, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn run(publisher: Publisher, exchange: String, mut rx: mpsc::Receiver<Vec<u8>>) {
     let props = json_properties();
     let mut failures = 0u32;
     while let Some(first) = rx.recv().await {
@@ -53,7 +53,7 @@ async fn run(publisher: Publisher, queue: String, mut rx: mpsc::Receiver<Vec<u8>
             let mut ok = true;
             let mut pending = Vec::with_capacity(batch.len());
             for ev in &batch {
-                match publisher.send("", &queue, ev, props.clone()).await {
+                match publisher.send(&exchange, "", ev, props.clone()).await {
                     Ok(p) => pending.push(p),
                     Err(e) => {
                         ok = false;

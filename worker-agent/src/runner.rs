@@ -21,7 +21,6 @@ use crate::outbox::Outbox;
 use chrono::Utc;
 use gantry_shared::api::{ClaimGrant, MutexGrant};
 use gantry_shared::ids::WorkerId;
-use gantry_shared::locks::{self, MutexKeys};
 use gantry_shared::mask::Masker;
 use gantry_shared::service_messages::{self, SHELL_HELPERS, ServiceMessage};
 use gantry_shared::template;
@@ -35,7 +34,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -56,10 +54,10 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Everything a step needs from its agent.
 pub struct StepContext {
+    /// Run nothing and fail the attempt with this reason (the job is not the one published).
+    pub refuse: Option<String>,
     pub api: crate::api::Api,
     pub slots: std::sync::Arc<crate::slots::Slots>,
-    pub redis: std::sync::Arc<gantry_shared::redis_link::RedisLink>,
-    pub namespace: String,
     pub job: Job,
     pub grant: ClaimGrant,
     pub worker_id: WorkerId,
@@ -82,6 +80,11 @@ pub struct RunAs {
     pub home: PathBuf,
 }
 
+/// This process's effective user id.
+pub fn effective_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
 impl RunAs {
     /// Look a user up by name.
     pub fn lookup(name: &str) -> Result<Self, String> {
@@ -101,8 +104,6 @@ impl RunAs {
 /// Numbers, masks and batches lines; sends events.
 struct Emitter {
     origin: Origin,
-    /// The current fencing token of the step's mutex (it grows if re-claimed).
-    token: Option<Arc<AtomicU64>>,
     outbox: Outbox,
     masker: Masker,
     next_seq: u64,
@@ -114,24 +115,10 @@ struct Emitter {
 
 impl Emitter {
     fn origin(&self) -> Origin {
-        let mut o = self.origin.clone();
-        o.mutex_token = self.token.as_ref().map(|t| t.load(Ordering::SeqCst));
-        o
+        self.origin.clone()
     }
 
-    async fn event(&self, mut ev: Event) {
-        if let Some(t) = &self.token {
-            let token = Some(t.load(Ordering::SeqCst));
-            match &mut ev {
-                Event::StepWaiting(e) => e.origin.mutex_token = token,
-                Event::StepStarted(e) => e.origin.mutex_token = token,
-                Event::LogBatch(e) => e.origin.mutex_token = token,
-                Event::OutputVariable(e) => e.origin.mutex_token = token,
-                Event::Progress(e) => e.origin.mutex_token = token,
-                Event::ArtifactChunk(e) => e.origin.mutex_token = token,
-                Event::StepFinished(e) => e.origin.mutex_token = token,
-            }
-        }
+    async fn event(&self, ev: Event) {
         self.outbox.send(ev.encode()).await;
     }
 
@@ -178,11 +165,8 @@ enum End {
     LockLost(String),
 }
 
-/// The step's hold on its mutex, renewed in the background while it runs.
+/// The step's hold on its mutex, renewed through the dispatcher while it runs.
 struct MutexHold {
-    keys: MutexKeys,
-    waiter: String,
-    token: Arc<AtomicU64>,
     /// Fires when the lease is lost; the reason is in `why`.
     lost: CancellationToken,
     why: Arc<std::sync::Mutex<Option<String>>>,
@@ -199,16 +183,37 @@ pub async fn run(ctx: StepContext) {
         attempt: job.attempt,
         job_id: job.job_id,
         worker_id: ctx.worker_id,
-        mutex_token: ctx.grant.mutex.as_ref().map(|m| m.token),
     };
     let mut masker = Masker::new();
     for v in ctx.grant.sensitive_variables.values() {
         masker.add(v);
     }
+    if let Some(why) = &ctx.refuse {
+        // Ours to end, not to run.
+        let em = Emitter {
+            origin: origin.clone(),
+            outbox: ctx.outbox.clone(),
+            masker,
+            next_seq: 0,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            requested_artifacts: Vec::new(),
+        };
+        em.event(Event::StepFinished(StepFinished {
+            origin,
+            outcome: Outcome::Failed,
+            exit_code: None,
+            line_count: 0,
+            error: Some(why.clone()),
+            finished_at: Utc::now(),
+            artifacts: Vec::new(),
+        }))
+        .await;
+        return;
+    }
     let hold = ctx.grant.mutex.as_ref().map(|m| hold_mutex(&ctx, m));
     let mut em = Emitter {
         origin: origin.clone(),
-        token: hold.as_ref().map(|h| h.token.clone()),
         outbox: ctx.outbox.clone(),
         masker,
         next_seq: 0,
@@ -528,14 +533,16 @@ async fn execute(
             c
         }
     };
-    // The agent's own configuration (which may include credentials) stays with the agent.
-    for (k, _) in std::env::vars_os() {
-        if let Some(k) = k.to_str()
-            && (k.starts_with("GANTRY_") || k == "BASH_ENV")
-        {
-            cmd.env_remove(k);
-        }
-    }
+    // Built from scratch: the agent's own environment (its configuration, which may hold
+    // credentials, and whatever else its operator exported) stays with the agent.
+    cmd.env_clear();
+    cmd.envs(gantry_shared::stepenv::base(
+        std::env::vars_os(),
+        ctx.run_as.as_ref().map(|u| gantry_shared::stepenv::User {
+            name: &u.name,
+            home: &u.home,
+        }),
+    ));
     let mut not_exported = Vec::new();
     for (name, value) in &vars {
         match template::env_name(name) {
@@ -562,19 +569,9 @@ async fn execute(
         cmd.env("GANTRY_MUTEX", &m.name)
             .env("GANTRY_MUTEX_TOKEN", m.token.to_string());
     }
-    if let Some(user) = &ctx.run_as {
-        cmd.env("HOME", &user.home)
-            .env("USER", &user.name)
-            .env("LOGNAME", &user.name);
-    }
     if job.syntax == Syntax::Python3 {
         // The helpers arrive as builtins through `sitecustomize`.
-        let mut path = std::ffi::OsString::from(python_helpers.as_os_str());
-        if let Some(existing) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
-            path.push(":");
-            path.push(existing);
-        }
-        cmd.env("PYTHONPATH", path);
+        cmd.env("PYTHONPATH", python_helpers.as_os_str());
     }
     cmd.env("GANTRY_HELPERS", &helpers)
         .env("GANTRY_TASK_ID", job.task_id.to_string())
@@ -716,27 +713,18 @@ async fn execute(
     })
 }
 
-/// Renew the step's mutex lease every third of the lease; on losing it, say why and fire
-/// `lost`. Unreachable Redis counts as lost once half the lease has passed since the last
+/// Renew the step's mutex lease through the dispatcher (`POST /api/jobs/{id}/lease`) every
+/// third of the lease; on losing it, say why and fire `lost`. A dispatcher (or Redis behind
+/// it) that cannot renew it counts as lost once half the lease has passed since the last
 /// renewal, so the step is dead well before anyone else can be granted the mutex.
 fn hold_mutex(ctx: &StepContext, grant: &MutexGrant) -> MutexHold {
-    let keys = MutexKeys::new(&ctx.namespace, &grant.name);
-    let waiter = locks::waiter(ctx.job.step_run_id, ctx.job.attempt);
-    let token = Arc::new(AtomicU64::new(grant.token));
     let lost = CancellationToken::new();
     let stop = CancellationToken::new();
     let why = Arc::new(std::sync::Mutex::new(None));
-    let lease = Duration::from_millis(grant.lease_ms);
+    let lease = Duration::from_millis(grant.lease_ms.max(1));
     let task = tokio::spawn({
-        let (redis, keys, waiter, token, lost, stop, why) = (
-            ctx.redis.clone(),
-            keys.clone(),
-            waiter.clone(),
-            token.clone(),
-            lost.clone(),
-            stop.clone(),
-            why.clone(),
-        );
+        let (api, lost, stop, why) = (ctx.api.clone(), lost.clone(), stop.clone(), why.clone());
+        let job = ctx.job.job_id;
         let name = grant.name.clone();
         async move {
             let mut last_ok = tokio::time::Instant::now();
@@ -750,45 +738,26 @@ fn hold_mutex(ctx: &StepContext, grant: &MutexGrant) -> MutexHold {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => return,
                 }
-                let current = token.load(Ordering::SeqCst);
-                match locks::renew(&redis, &keys, &waiter, current, lease).await {
-                    Ok(locks::Renew::Held) => {
+                // Never wait for an answer past the moment the step must die.
+                let left = (lease / 2).saturating_sub(last_ok.elapsed());
+                match tokio::time::timeout(left, api.renew_lease(job)).await {
+                    Ok(Ok(renewed)) => {
                         last_ok = tokio::time::Instant::now();
                         wait = lease / 3;
+                        tracing::debug!(mutex = name, token = renewed.token, "mutex lease renewed");
                     }
-                    // Gone: after Redis restarted empty a holder may take it back during the
-                    // quiet period (the script asks; it succeeds only then).
-                    Ok(locks::Renew::Lost) | Ok(locks::Renew::NoEpoch) => {
-                        match locks::reclaim(&redis, &keys, &waiter, lease).await {
-                            Ok(locks::Reclaim::Held(new)) => {
-                                token.store(new, Ordering::SeqCst);
-                                last_ok = tokio::time::Instant::now();
-                                wait = lease / 3;
-                                tracing::info!(
-                                    mutex = name,
-                                    token = new,
-                                    "re-claimed a mutex after Redis lost its data"
-                                );
-                            }
-                            Ok(locks::Reclaim::Lost) => {
-                                return fail(format!(
-                                    "its lease on mutex {name} is gone (expired, taken over, or not re-claimable after Redis lost its data)"
-                                ));
-                            }
-                            // Waiting for the dispatcher to set the new epoch.
-                            Ok(locks::Reclaim::NoEpoch) | Err(_) => {
-                                wait = Duration::from_millis(250)
-                            }
-                        }
+                    Ok(Err(crate::api::ApiError::Refused { message, .. })) => {
+                        return fail(format!("its lease on mutex {name} is gone: {message}"));
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %e, mutex = name, "cannot renew the mutex lease");
                         wait = Duration::from_millis(250);
                     }
+                    Err(_) => {}
                 }
                 if last_ok.elapsed() >= lease / 2 {
                     return fail(format!(
-                        "could not renew its lease on mutex {name} within half the lease ({} ms): Redis unreachable",
+                        "could not renew its lease on mutex {name} within half the lease ({} ms): the dispatcher or Redis is unreachable",
                         lease.as_millis()
                     ));
                 }
@@ -796,9 +765,6 @@ fn hold_mutex(ctx: &StepContext, grant: &MutexGrant) -> MutexHold {
         }
     });
     MutexHold {
-        keys,
-        waiter,
-        token,
         lost,
         why,
         stop,
@@ -806,17 +772,12 @@ fn hold_mutex(ctx: &StepContext, grant: &MutexGrant) -> MutexHold {
     }
 }
 
-/// Stop renewing and release the mutex (unless it was lost).
-async fn end_hold(ctx: &StepContext, hold: Option<MutexHold>) {
+/// Stop renewing. The dispatcher releases the mutex once the attempt's end is stored (or its
+/// lease expires), so the next holder never starts before this attempt is over on record.
+async fn end_hold(_ctx: &StepContext, hold: Option<MutexHold>) {
     let Some(h) = hold else { return };
     h.stop.cancel();
     let _ = h.task.await;
-    if !h.lost.is_cancelled() {
-        let token = h.token.load(Ordering::SeqCst);
-        if let Err(e) = locks::release(&ctx.redis, &h.keys, &h.waiter, Some(token)).await {
-            tracing::warn!(error = %e, mutex = h.keys.name, "could not release the mutex; its lease will expire");
-        }
-    }
 }
 
 async fn lost(hold: &Option<MutexHold>) {

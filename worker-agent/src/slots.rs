@@ -43,9 +43,6 @@ use tokio_util::sync::CancellationToken;
 /// What every step needs from the agent, fixed for its lifetime.
 pub struct AgentContext {
     pub api: Api,
-    /// For the leases of steps with a named mutex.
-    pub redis: Arc<gantry_shared::redis_link::RedisLink>,
-    pub namespace: String,
     pub outbox: Outbox,
     pub worker_id: WorkerId,
     pub worker_name: String,
@@ -163,6 +160,11 @@ impl Slots {
 
     pub fn max(&self) -> u32 {
         self.lock().max
+    }
+
+    /// Whether the dispatcher has this worker enabled (as last told).
+    pub fn enabled(&self) -> bool {
+        !self.lock().disabled
     }
 
     /// Take no new work while disabled (running steps go on); resume when enabled.
@@ -336,14 +338,16 @@ impl Slots {
 }
 
 /// Keep the right consumers alive on one connection until it dies or `stop` fires.
-/// `queues` is in priority order: the worker's own queue first, then its pools.
+/// `queues` is in priority order: the worker's own queue first, then its pools; when it
+/// changes (the worker's pools changed), consumers of queues no longer in it stop.
 pub async fn manage(
     conn: Arc<Connection>,
-    queues: Vec<String>,
+    mut queue_list: tokio::sync::watch::Receiver<Vec<String>>,
     slots: Arc<Slots>,
     agent: Arc<AgentContext>,
     stop: CancellationToken,
 ) {
+    let mut queues = queue_list.borrow_and_update().clone();
     let ch = match open_channel(&conn).await {
         Ok(ch) => ch,
         Err(e) => {
@@ -367,6 +371,19 @@ pub async fn manage(
                     probe_depths(&conn, &queues, &slots).await;
                     move_idle_consumers(&slots, &queues);
                 }
+            }
+            changed = queue_list.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                queues = queue_list.borrow_and_update().clone();
+                let mut s = slots.lock();
+                for c in s.consumers.values_mut() {
+                    if !queues.contains(&c.queue) {
+                        c.stop.cancel();
+                    }
+                }
+                s.depths.retain(|q, _| queues.contains(q));
             }
             _ = stop.cancelled() => break,
         }
@@ -610,10 +627,12 @@ async fn handle_delivery(
             .await;
         return false;
     }
+    // What the claim checks: the body exactly as it arrived.
+    let sha = gantry_shared::wire::body_sha256(&delivery.data);
     let claim_id = ClaimId::new();
     let mut delay = Duration::from_millis(100);
     let grant = loop {
-        match agent.api.claim(job.job_id, claim_id).await {
+        match agent.api.claim(job.job_id, claim_id, &sha).await {
             Ok(g) => break Some(g),
             Err(ApiError::Refused { message, .. }) => {
                 tracing::info!(job_id = %job.job_id, step = job.step_name, %message, "claim refused; dropping the job");
@@ -679,11 +698,21 @@ async fn handle_delivery(
         // Redelivered elsewhere; that claim will be refused.
         tracing::debug!(error = %e, "ack failed after a granted claim");
     }
+    // The dispatcher refuses a claim for another body; check anyway, and if it still differs
+    // run nothing and report the attempt failed (it is ours now, so it must end).
+    let refuse = grant
+        .job_sha256
+        .as_ref()
+        .filter(|published| **published != sha)
+        .map(|published| {
+            format!(
+                "the job this agent received (sha256 {sha}) is not the one the dispatcher published ({published}); nothing ran"
+            )
+        });
     let ctx = StepContext {
+        refuse,
         api: agent.api.clone(),
         slots: slots.clone(),
-        redis: agent.redis.clone(),
-        namespace: agent.namespace.clone(),
         job,
         grant,
         worker_id: agent.worker_id,

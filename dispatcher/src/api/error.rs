@@ -67,6 +67,15 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::broker_users::Error> for ApiError {
+    fn from(e: crate::broker_users::Error) -> Self {
+        // Either way the broker did not take the change, and nothing was committed: the
+        // caller may try again once RabbitMQ's management API answers as it should.
+        tracing::warn!(error = %e, "a change of broker users failed");
+        Self::Unavailable(e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, field) = match &self {

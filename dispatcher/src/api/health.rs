@@ -25,12 +25,27 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let (postgres, redis) = tokio::join!(postgres_ok(&state), state.redis.ping());
     let rabbitmq = state.broker.is_connected();
     let ok = postgres && rabbitmq && redis;
+    let mut warnings = Vec::new();
+    if state.broker_users.is_none() {
+        warnings.push(format!(
+            "development mode: amqp.management_url is not set, so every agent shares the broker user {:?} and can forge any worker's results, read every pool's jobs and run code on other workers; see docs/security.md",
+            state.broker.user()
+        ));
+    }
+    if !state.builtin_runs_code {
+        warnings.push(
+            "the built-in worker runs no user code: production = true needs builtin_worker.user set to an unprivileged user for location = \"server\" steps"
+                .into(),
+        );
+    }
     let body = Health {
         status: if ok { "ok" } else { "degraded" }.into(),
         postgres,
         rabbitmq,
         redis,
         version: gantry_shared::VERSION.into(),
+        broker_users: state.broker_users.is_some(),
+        warnings,
     };
     let code = if ok {
         StatusCode::OK

@@ -1,4 +1,4 @@
-//! The agent's side of the API: its configuration, and claims.
+//! The agent's side of the API: its configuration, claims, sensitive outputs and mutex leases.
 //!
 //! A job is a ticket, not a lease. An agent that receives a job claims it here before
 //! running anything; the claim is granted only if the job id is the attempt's current one and
@@ -6,6 +6,15 @@
 //! same `claim_id` (a retry after a lost response) is granted again; any other claim is
 //! refused with 409, and the agent then acks the job and runs nothing. So neither a
 //! redelivery nor a re-publication can run one attempt twice.
+//!
+//! The claim also decides *what* runs: the agent sends the sha256 of the job body it
+//! received, and a body that is not the one the dispatcher published for the attempt (changed
+//! on its way, by whoever could publish into a job queue) runs nothing: the attempt fails with
+//! the reason, so it is on record and retried if the step allows.
+//!
+//! A mutex step's lease is renewed here (`POST /api/jobs/{job_id}/lease`) by the dispatcher on
+//! the claimant's behalf: agents hold no Redis credentials, and the fencing token is the
+//! attempt's row.
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
@@ -14,7 +23,9 @@ use crate::attempts;
 use crate::store::workers;
 use axum::Json;
 use axum::extract::{Path, State};
-use gantry_shared::api::{AgentConfig, ClaimGrant, ClaimRequest, MutexGrant, SensitiveOutput};
+use gantry_shared::api::{
+    AgentConfig, ClaimGrant, ClaimRequest, LeaseRenewed, MutexGrant, SensitiveOutput,
+};
 use gantry_shared::ids::{JobId, StepRunId};
 use std::collections::BTreeMap;
 
@@ -31,6 +42,7 @@ pub async fn agent_config(
         max_concurrent_steps: w.max_concurrent_steps,
         enabled: w.enabled,
         policy: crate::store::settings::get(&s.db).await?.machine_policy,
+        broker_user: w.broker_user,
     }))
 }
 
@@ -49,6 +61,37 @@ pub async fn claim(
     };
     let task = locked.task_id;
     let attempt = attempt as i32;
+    if matches!(locked.state.as_str(), "Pending" | "Queued")
+        && let Some(published) = &locked.job_sha256
+        && req.job_sha256.as_ref() != Some(published)
+    {
+        // The body the agent holds is not the one published for this job id: run nothing,
+        // and say so on the attempt (its retries, if any, get a fresh job).
+        let why = match &req.job_sha256 {
+            Some(got) => format!(
+                "its job was altered on its way to worker {}: the body it received has sha256 {got}, not the published {published}; nothing ran",
+                worker.name
+            ),
+            None => format!(
+                "worker {} claimed it without the job body's sha256, so what it would run is unknown; nothing ran",
+                worker.name
+            ),
+        };
+        tracing::warn!(%job_id, worker = %worker.name, "{why}");
+        attempts::conclude(
+            &mut tx,
+            &locked,
+            step_run,
+            attempt as u32,
+            "Failed",
+            Some(&why),
+            s.retry_base,
+        )
+        .await?;
+        tx.commit().await?;
+        s.orchestrator.kick(locked.task());
+        return Err(ApiError::Conflict(why));
+    }
     match locked.state.as_str() {
         "Pending" | "Queued" => {
             let refusal = if !worker.enabled {
@@ -252,7 +295,61 @@ pub async fn claim(
         worker_name: worker.name,
         sensitive_variables,
         mutex,
+        job_sha256: locked.job_sha256.clone(),
     }))
+}
+
+/// `POST /api/jobs/{job_id}/lease`: renew the mutex lease of the running attempt whose job
+/// this is, for its claimant only. 200 with the token in force; 409 once the lease is gone
+/// (the agent then kills its step at once); 503 while Redis cannot answer (the agent kills its
+/// step once half a lease has passed without a renewal).
+pub async fn renew_lease(
+    State(s): State<AppState>,
+    worker: WorkerCaller,
+    Path(job_id): Path<String>,
+) -> ApiResult<Json<LeaseRenewed>> {
+    let job_id: JobId = parse_id(&job_id, "job")?;
+    let Some(h) = attempts::lease_holder(&s.db, job_id).await? else {
+        return Err(ApiError::not_found(format!("no job {job_id}")));
+    };
+    if h.worker_id != Some(worker.worker_id.0) || h.state != "Running" {
+        return Err(ApiError::Conflict(format!(
+            "job {job_id} is not running on worker {}",
+            worker.name
+        )));
+    }
+    let (Some(name), Some(token)) = (h.mutex, h.mutex_token) else {
+        return Err(ApiError::Conflict(format!(
+            "job {job_id} holds no mutex lease"
+        )));
+    };
+    let (step_run, attempt) = (StepRunId(h.step_run_id), h.attempt);
+    match s
+        .locks
+        .renew_for(&name, step_run, attempt as u32, token as u64)
+        .await
+    {
+        Ok(crate::locks::Renewed::Held(current)) => {
+            if current != token as u64 {
+                // Re-claimed under a new epoch after Redis lost its data: the new token is
+                // the attempt's from now on.
+                attempts::raise_token(&s.db, job_id, current as i64).await?;
+            }
+            Ok(Json(LeaseRenewed {
+                token: current,
+                lease_ms: s.locks.lease().as_millis() as u64,
+            }))
+        }
+        Ok(crate::locks::Renewed::Lost) => Err(ApiError::Conflict(format!(
+            "the lease on mutex {name} is gone (expired, taken over, or not re-claimable after Redis lost its data)"
+        ))),
+        Ok(crate::locks::Renewed::NotYet) => Err(ApiError::Unavailable(format!(
+            "mutex {name} cannot be renewed until the dispatcher has a new epoch from PostgreSQL; try again"
+        ))),
+        Err(e) => Err(ApiError::Unavailable(format!(
+            "Redis is unavailable, so mutex {name} cannot be renewed; try again ({e})"
+        ))),
+    }
 }
 
 /// Whether the worker may run the step: a registered worker serves its pools' steps; a

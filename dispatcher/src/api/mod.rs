@@ -2,8 +2,8 @@
 //!
 //! JSON under `/api`, authenticated by `X-Gantry-ApiKey` (permissions `ConfigureServer`,
 //! `TaskCreate`, `TaskView`), except `GET /api/health`, and the agent-only routes
-//! (`/api/agent/config`, `/api/jobs/{id}/claim`), which take a worker credential
-//! (`X-Gantry-Worker-Token`). Every error is `{"error", "field"}` with a 4xx for bad input.
+//! (`/api/agent/config`, `/api/jobs/{id}/claim`, `.../outputs`, `.../lease`), which take a
+//! worker credential (`X-Gantry-Worker-Token`). Every error is `{"error", "field"}` with a 4xx for bad input.
 
 mod artifacts;
 pub mod error;
@@ -48,6 +48,13 @@ pub struct AppState {
     pub retry_base: std::time::Duration,
     /// Publishes control messages to agents.
     pub control: Arc<gantry_shared::amqp::Publisher>,
+    /// Per-worker broker users (none in development mode).
+    pub broker_users: Option<crate::broker_users::BrokerUsers>,
+    /// `production = true`.
+    pub production: bool,
+    /// Whether the built-in worker may run user code (not in production without an
+    /// unprivileged `builtin_worker.user`).
+    pub builtin_runs_code: bool,
     pub cancel: CancellationToken,
 }
 
@@ -71,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/agent/config", get(jobs::agent_config))
         .route("/api/jobs/{job_id}/claim", post(jobs::claim))
         .route("/api/jobs/{job_id}/outputs", post(jobs::sensitive_output))
+        .route("/api/jobs/{job_id}/lease", post(jobs::renew_lease))
         .route(
             "/api/keys",
             get(keys::list)

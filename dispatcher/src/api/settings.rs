@@ -24,14 +24,13 @@ pub async fn put(
     caller.require(Permission::ConfigureServer)?;
     let (before, after) = settings::update(&s.db, &req).await?;
     if before.machine_policy != after.machine_policy {
-        // Connected agents switch at once; others read it when they (re)start.
+        // Connected agents read it again at once; others when they (re)connect. The message
+        // only says "read your configuration": the policy (a script!) never travels through
+        // the broker, where it could be forged.
         let workers: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM workers")
             .fetch_all(&s.db)
             .await?;
-        let msg = Control::SetPolicy {
-            policy: after.machine_policy.clone(),
-        }
-        .encode();
+        let msg = Control::Reconfigure.encode();
         for w in workers {
             if let Err(e) = s
                 .control

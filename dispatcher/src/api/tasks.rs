@@ -57,6 +57,15 @@ pub async fn create(
                 ));
             }
             (None, Location::Server) => {
+                if !s.builtin_runs_code {
+                    return Err(ApiError::bad(
+                        format!("steps[{i}].location"),
+                        format!(
+                            "step {} runs on the server, but with production = true the built-in worker runs user code only as an unprivileged builtin_worker.user, which is not set",
+                            step.name
+                        ),
+                    ));
+                }
                 if !builtin(&s.db).await? {
                     return Err(ApiError::bad(
                         format!("steps[{i}].location"),
@@ -82,7 +91,7 @@ pub async fn create(
             (None, Location::Pool) => Some(default_pool.id),
         };
         if pool == Some(default_pool.id)
-            && !builtin(&s.db).await?
+            && !(s.builtin_runs_code && builtin(&s.db).await?)
             && !pools::has_registered_workers(&s.db, default_pool.id).await?
         {
             return Err(ApiError::bad(

@@ -11,7 +11,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use gantry_shared::amqp::json_properties;
 use gantry_shared::api::{
-    HealthEvent, Permission, Worker, WorkerPatch, WorkerRegister, WorkerRegistered,
+    BrokerCredentials, HealthEvent, Permission, Worker, WorkerPatch, WorkerRegister,
+    WorkerRegistered,
 };
 use gantry_shared::ids::WorkerId;
 use gantry_shared::wire::Control;
@@ -63,6 +64,26 @@ where
     }
 }
 
+/// Tell a worker's agent to read its configuration again (best effort: an agent that is not
+/// connected reads it when it connects).
+async fn reconfigure(s: &AppState, id: WorkerId) {
+    if let Err(e) = s
+        .control
+        .publish(
+            &s.topology.control_exchange(),
+            &id.to_string(),
+            &Control::Reconfigure.encode(),
+            json_properties(),
+        )
+        .await
+    {
+        tracing::debug!(error = %e, worker = %id, "reconfiguration not delivered (agent not connected?)");
+    }
+}
+
+/// `POST /api/workers`: register a worker. With broker users in force its RabbitMQ user is
+/// created in the same transaction (the registration fails with 503, and nothing is kept, if
+/// the management API cannot take it).
 pub async fn register(
     State(s): State<AppState>,
     caller: Caller,
@@ -70,8 +91,38 @@ pub async fn register(
 ) -> ApiResult<(StatusCode, Json<WorkerRegistered>)> {
     caller.require(Permission::ConfigureServer)?;
     let token = auth::new_worker_token();
-    let reg = workers::register(&s.db, &req, &auth::hash_secret(&token)).await?;
-    let id = reg.worker.id;
+    let id = WorkerId(uuid::Uuid::now_v7());
+    let ns = s.topology.namespace().to_owned();
+    let (password, hash) = crate::broker_users::new_password();
+    let broker_user = crate::broker_users::user_name(&ns, id);
+    let mut tx = s.db.begin().await?;
+    if s.broker_users.is_some() {
+        crate::broker_users::lock(&mut tx).await?;
+    }
+    let reg = workers::register(
+        &mut tx,
+        id,
+        &req,
+        &auth::hash_secret(&token),
+        s.broker_users
+            .as_ref()
+            .map(|_| (broker_user.as_str(), hash.as_str())),
+    )
+    .await?;
+    let broker = match &s.broker_users {
+        Some(users) => {
+            users.create(id, &hash, &reg.slugs).await?;
+            if let Some(old) = reg.replaced {
+                users.remove(old).await?;
+            }
+            Some(BrokerCredentials {
+                user: broker_user,
+                password,
+            })
+        }
+        None => None,
+    };
+    tx.commit().await?;
     let topology = s.topology.clone();
     with_channel(&s, |ch| async move {
         if let Some(old) = reg.replaced {
@@ -81,25 +132,41 @@ pub async fn register(
                     lapin::options::QueueDeleteOptions::default(),
                 )
                 .await;
+            let _ = ch
+                .queue_delete(
+                    topology.control_queue(old).into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
         }
-        // The agent declares it too when it starts; declaring here means jobs routed to the
-        // worker before then are kept.
-        if let Err(e) = topology.declare_worker(&ch, id).await {
-            tracing::warn!(error = %e, "could not declare the worker's queue yet");
+        // Agents declare nothing: the worker's own queue and control queue exist from now on,
+        // so jobs routed to the worker before its agent starts are kept. (Every dispatcher
+        // node declares them again on each new broker connection.)
+        if let Err(e) = async {
+            topology.declare_worker(&ch, id).await?;
+            topology.declare_control(&ch, id).await
+        }
+        .await
+        {
+            tracing::warn!(error = %e, "could not declare the worker's queues yet");
         }
     })
     .await;
-    tracing::info!(worker = %reg.worker.name, id = %id, "registered a worker");
+    tracing::info!(worker = %reg.worker.name, id = %id, broker_user = reg.worker.broker_user.as_deref().unwrap_or("shared"), "registered a worker");
     Ok((
         StatusCode::CREATED,
         Json(WorkerRegistered {
             worker: reg.worker,
             token,
-            namespace: s.topology.namespace().to_owned(),
+            namespace: ns,
+            broker,
         }),
     ))
 }
 
+/// `PATCH /api/workers/{id}`: enable, disable, change `max_concurrent_steps` or the pools.
+/// A change of pools changes the worker's broker permissions before it is committed and
+/// closes its broker connections, so it cannot consume a pool it left a moment longer.
 pub async fn patch(
     State(s): State<AppState>,
     caller: Caller,
@@ -108,34 +175,30 @@ pub async fn patch(
 ) -> ApiResult<Json<Worker>> {
     caller.require(Permission::ConfigureServer)?;
     let id: WorkerId = parse_id(&id, "worker")?;
-    let worker = workers::patch(&s.db, id, &req).await?;
-    // Best effort: an agent that is not connected reads both when it starts.
-    let mut messages = Vec::new();
-    if let Some(n) = req.max_concurrent_steps {
-        messages.push(Control::SetMaxConcurrentSteps {
-            max_concurrent_steps: n,
-        });
+    let mut tx = s.db.begin().await?;
+    if req.pools.is_some() && s.broker_users.is_some() {
+        crate::broker_users::lock(&mut tx).await?;
     }
-    if let Some(enabled) = req.enabled {
-        messages.push(Control::SetEnabled { enabled });
+    let patched = workers::patch(&mut tx, id, &req).await?;
+    if let (Some(users), Some(slugs), Some(_)) = (
+        &s.broker_users,
+        &patched.new_slugs,
+        &patched.worker.broker_user,
+    ) {
+        users.repermission(id, slugs).await?;
     }
-    for msg in messages {
-        if let Err(e) = s
-            .control
-            .publish(
-                &s.topology.control_exchange(),
-                &id.to_string(),
-                &msg.encode(),
-                json_properties(),
-            )
-            .await
-        {
-            tracing::debug!(error = %e, worker = %id, "control message not delivered (agent not connected?)");
-        }
+    tx.commit().await?;
+    if let Some(slugs) = &patched.new_slugs {
+        // Jobs of a pool the worker left, parked in its own queue, go back to that pool's
+        // queue with the sweep's "stranded" check; new ones go elsewhere.
+        tracing::info!(worker = %id, pools = ?slugs, "worker pools changed");
     }
-    Ok(Json(worker))
+    reconfigure(&s, id).await;
+    Ok(Json(patched.worker))
 }
 
+/// `DELETE /api/workers/{id}`: deregister. Its broker user is deleted in the same transaction
+/// (which closes the agent's connections at once).
 pub async fn delete(
     State(s): State<AppState>,
     caller: Caller,
@@ -143,15 +206,22 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     caller.require(Permission::ConfigureServer)?;
     let id: WorkerId = parse_id(&id, "worker")?;
-    workers::delete(&s.db, id).await?;
+    let mut tx = s.db.begin().await?;
+    if s.broker_users.is_some() {
+        crate::broker_users::lock(&mut tx).await?;
+    }
+    workers::delete(&mut tx, id).await?;
+    if let Some(users) = &s.broker_users {
+        users.remove(id).await?;
+    }
+    tx.commit().await?;
     let topology = s.topology.clone();
     with_channel(&s, |ch| async move {
-        let _ = ch
-            .queue_delete(
-                topology.worker_queue(id).into(),
-                lapin::options::QueueDeleteOptions::default(),
-            )
-            .await;
+        for q in [topology.worker_queue(id), topology.control_queue(id)] {
+            let _ = ch
+                .queue_delete(q.into(), lapin::options::QueueDeleteOptions::default())
+                .await;
+        }
     })
     .await;
     Ok(StatusCode::NO_CONTENT)

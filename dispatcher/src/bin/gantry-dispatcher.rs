@@ -45,6 +45,7 @@ fn main() -> ExitCode {
     if let Command::Guard { uid, gid, command } = cli.command {
         return gantry_agent::guard::run(command, uid.zip(gid));
     }
+    gantry_shared::tls::install_provider();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -56,6 +57,13 @@ fn main() -> ExitCode {
         eprintln!(
             "gantry-dispatcher: secrets.key: must be set when production = true (base64 of 32 random bytes: openssl rand -base64 32)"
         );
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    if let Err(e) = settings
+        .check_dispatcher_production()
+        .and_then(|()| gantry_dispatcher::builtin::check_production(&settings))
+    {
+        eprintln!("gantry-dispatcher: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);
     }
     gantry_shared::telemetry::init(&settings.log.format, &settings.log.level);

@@ -24,15 +24,26 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(server: &str, key: Option<String>) -> Self {
-        Self {
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
+    /// `ca_pem` (`tls.ca_file`) is trusted for `https://` besides the web roots.
+    pub fn new(
+        server: &str,
+        key: Option<String>,
+        ca_pem: Option<String>,
+    ) -> Result<Self, CliError> {
+        let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(pem) = ca_pem {
+            http = http.add_root_certificate(
+                reqwest::Certificate::from_pem(pem.as_bytes())
+                    .map_err(|e| CliError::Local(format!("tls.ca_file: {e}")))?,
+            );
+        }
+        Ok(Self {
+            http: http
                 .build()
-                .expect("HTTP client"),
+                .map_err(|e| CliError::Local(format!("HTTP client: {e}")))?,
             base: server.trim_end_matches('/').to_owned(),
             key,
-        }
+        })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

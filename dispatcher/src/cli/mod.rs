@@ -39,6 +39,10 @@ pub struct Cli {
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Configuration file, for `tls.ca_file` and `production` (default: ./gantry.toml if it
+    /// exists; `GANTRY__TLS__CA_FILE` and `GANTRY__PRODUCTION` work too).
+    #[arg(long, global = true, env = "GANTRY_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -156,7 +160,26 @@ enum KeyAction {
 
 /// Run the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
-    let client = Client::new(&cli.server, cli.api_key.clone());
+    gantry_shared::tls::install_provider();
+    let settings = match gantry_shared::config::Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gantry: {e}");
+            return ExitCode::from(gantry_shared::config::EXIT_CONFIG as u8);
+        }
+    };
+    // With production = true the API key never crosses the network in plain text.
+    if let Err(e) = settings.check_client_production("--server", &cli.server) {
+        eprintln!("gantry: {e}");
+        return ExitCode::from(gantry_shared::config::EXIT_CONFIG as u8);
+    }
+    let client = match Client::new(&cli.server, cli.api_key.clone(), settings.ca_pem()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gantry: {e}");
+            return ExitCode::from(gantry_shared::config::EXIT_CONFIG as u8);
+        }
+    };
     match dispatch(&client, &cli).await {
         Ok(code) => code,
         Err(e) => {

@@ -2,9 +2,10 @@
 
 use super::pools;
 use crate::api::error::{ApiError, ApiResult};
+use crate::broker_users::{self, BrokerUsers};
 use gantry_shared::api::{PoolRef, Worker, WorkerPatch, WorkerRegister};
 use gantry_shared::ids::{PoolId, WorkerId};
-use sqlx::{FromRow, PgPool};
+use sqlx::{FromRow, PgConnection, PgPool};
 use std::collections::HashMap;
 use uuid::Uuid;
 
@@ -26,10 +27,12 @@ struct WorkerRow {
     created_at: chrono::DateTime<chrono::Utc>,
     running_steps: i64,
     builtin: bool,
+    broker_user: Option<String>,
 }
 
 const SELECT: &str = "SELECT w.id, w.name, w.max_concurrent_steps, w.enabled, w.health,
     w.health_reason, w.last_heartbeat_at, w.agent_version, w.created_at, w.builtin,
+    w.broker_user,
     (SELECT count(*) FROM attempts a WHERE a.worker_id = w.id AND a.state = 'Running') AS running_steps
     FROM workers w";
 
@@ -70,6 +73,7 @@ async fn assemble(db: &PgPool, rows: Vec<WorkerRow>) -> sqlx::Result<Vec<Worker>
             running_steps: r.running_steps,
             created_at: r.created_at,
             builtin: r.builtin,
+            broker_user: r.broker_user,
         })
         .collect())
 }
@@ -106,16 +110,55 @@ fn check_max(n: u32, field: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// What registration did: the new worker, and the worker it replaced (with `force`).
+/// What registration did: the new worker, the worker it replaced (with `force`), and the
+/// slugs of its pools (its broker user's rights).
 pub struct Registered {
     pub worker: Worker,
     pub replaced: Option<WorkerId>,
+    pub slugs: Vec<String>,
 }
 
+/// Resolve pool references (names, slugs or ids; none means the default pool) to ids and
+/// slugs, naming the bad one.
+async fn resolve_pools(
+    conn: &mut PgConnection,
+    refs: &[String],
+    field: &str,
+) -> ApiResult<(Vec<Uuid>, Vec<String>)> {
+    let mut ids: Vec<Uuid> = Vec::new();
+    let mut slugs: Vec<String> = Vec::new();
+    if refs.is_empty() {
+        let p = pools::default_pool(&mut *conn).await?;
+        ids.push(p.id.0);
+        slugs.push(p.slug);
+    }
+    for (i, reference) in refs.iter().enumerate() {
+        match pools::find(&mut *conn, reference).await? {
+            Some(p) if !ids.contains(&p.id.0) => {
+                ids.push(p.id.0);
+                slugs.push(p.slug);
+            }
+            Some(_) => {}
+            None => {
+                return Err(ApiError::bad(
+                    format!("{field}[{i}]"),
+                    format!("no pool named {reference:?}; create it first (POST /api/pools)"),
+                ));
+            }
+        }
+    }
+    Ok((ids, slugs))
+}
+
+/// Register a worker with id `id` in the caller's transaction (which holds
+/// [`broker_users::lock`] when broker users are in force). `broker` is its broker user's name
+/// and password hash, when it has one.
 pub async fn register(
-    db: &PgPool,
+    tx: &mut PgConnection,
+    id: WorkerId,
     req: &WorkerRegister,
     token_hash: &str,
+    broker: Option<(&str, &str)>,
 ) -> ApiResult<Registered> {
     let name = req.name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
@@ -128,31 +171,15 @@ pub async fn register(
         .max_concurrent_steps
         .unwrap_or(DEFAULT_MAX_CONCURRENT_STEPS);
     check_max(max, "max_concurrent_steps")?;
-    let mut tx = db.begin().await?;
-    let mut pool_ids: Vec<Uuid> = Vec::new();
-    if req.pools.is_empty() {
-        pool_ids.push(pools::default_pool(&mut *tx).await?.id.0);
-    }
-    for (i, reference) in req.pools.iter().enumerate() {
-        match pools::find(&mut *tx, reference).await? {
-            Some(p) if !pool_ids.contains(&p.id.0) => pool_ids.push(p.id.0),
-            Some(_) => {}
-            None => {
-                return Err(ApiError::bad(
-                    format!("pools[{i}]"),
-                    format!("no pool named {reference:?}; create it first (POST /api/pools)"),
-                ));
-            }
-        }
-    }
-    let existing: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM workers WHERE name = $1 FOR UPDATE")
+    let (pool_ids, slugs) = resolve_pools(&mut *tx, &req.pools, "pools").await?;
+    let existing: Option<(Uuid, bool)> =
+        sqlx::query_as("SELECT id, builtin FROM workers WHERE name = $1 FOR UPDATE")
             .bind(name)
             .fetch_optional(&mut *tx)
             .await?;
     let mut replaced = None;
-    if let Some(old) = existing {
-        if !req.force {
+    if let Some((old, builtin)) = existing {
+        if !req.force || builtin {
             return Err(ApiError::Conflict(format!(
                 "a worker named {name:?} is registered already; use --force (\"force\": true) to replace it"
             )));
@@ -163,33 +190,94 @@ pub async fn register(
             .await?;
         replaced = Some(WorkerId(old));
     }
-    let id = Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO workers (id, name, token_hash, max_concurrent_steps) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO workers (id, name, token_hash, max_concurrent_steps, broker_user,
+                              broker_password_hash)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
-    .bind(id)
+    .bind(id.0)
     .bind(name)
     .bind(token_hash)
     .bind(max as i32)
+    .bind(broker.map(|b| b.0))
+    .bind(broker.map(|b| b.1))
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO worker_pools (worker_id, pool_id) SELECT $1, unnest($2::uuid[])")
-        .bind(id)
+        .bind(id.0)
         .bind(&pool_ids)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
     Ok(Registered {
-        worker: get(db, WorkerId(id)).await?,
+        worker: get_in(&mut *tx, id).await?,
         replaced,
+        slugs,
     })
 }
 
-pub async fn patch(db: &PgPool, id: WorkerId, req: &WorkerPatch) -> ApiResult<Worker> {
+/// One worker, read in the caller's transaction.
+async fn get_in(conn: &mut PgConnection, id: WorkerId) -> ApiResult<Worker> {
+    let rows: Vec<WorkerRow> = sqlx::query_as(&format!("{SELECT} WHERE w.id = $1"))
+        .bind(id.0)
+        .fetch_all(&mut *conn)
+        .await?;
+    let pool_rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT p.id, p.name, p.slug FROM worker_pools wp
+         JOIN pools p ON p.id = wp.pool_id WHERE wp.worker_id = $1 ORDER BY p.name",
+    )
+    .bind(id.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    let r = rows
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::not_found(format!("no worker with id {id}")))?;
+    Ok(Worker {
+        id: WorkerId(r.id),
+        pools: pool_rows
+            .into_iter()
+            .map(|(id, name, slug)| PoolRef {
+                id: PoolId(id),
+                name,
+                slug,
+            })
+            .collect(),
+        name: r.name,
+        max_concurrent_steps: r.max_concurrent_steps as u32,
+        enabled: r.enabled,
+        health: r.health,
+        health_reason: r.health_reason,
+        last_heartbeat_at: r.last_heartbeat_at,
+        version: r.agent_version,
+        running_steps: r.running_steps,
+        created_at: r.created_at,
+        builtin: r.builtin,
+        broker_user: r.broker_user,
+    })
+}
+
+/// What a change of a worker did: the worker as it is now, and its pools' slugs when they
+/// changed (its broker user's rights must follow).
+pub struct Patched {
+    pub worker: Worker,
+    pub new_slugs: Option<Vec<String>>,
+}
+
+/// Change a worker in the caller's transaction (which holds [`broker_users::lock`] when the
+/// pools change and broker users are in force).
+pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> ApiResult<Patched> {
     if let Some(n) = req.max_concurrent_steps {
         check_max(n, "max_concurrent_steps")?;
     }
-    let r = sqlx::query(
+    let builtin: Option<bool> =
+        sqlx::query_scalar("SELECT builtin FROM workers WHERE id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(builtin) = builtin else {
+        return Err(ApiError::not_found(format!("no worker with id {id}")));
+    };
+    sqlx::query(
         "UPDATE workers SET enabled = COALESCE($2, enabled),
              max_concurrent_steps = COALESCE($3, max_concurrent_steps)
          WHERE id = $1",
@@ -197,21 +285,85 @@ pub async fn patch(db: &PgPool, id: WorkerId, req: &WorkerPatch) -> ApiResult<Wo
     .bind(id.0)
     .bind(req.enabled)
     .bind(req.max_concurrent_steps.map(|n| n as i32))
-    .execute(db)
+    .execute(&mut *tx)
     .await?;
-    if r.rows_affected() == 0 {
-        return Err(ApiError::not_found(format!("no worker with id {id}")));
+    let mut new_slugs = None;
+    if let Some(refs) = &req.pools {
+        if builtin {
+            return Err(ApiError::bad(
+                "pools",
+                "a built-in worker serves no pool; it runs server steps",
+            ));
+        }
+        if refs.is_empty() {
+            return Err(ApiError::bad(
+                "pools",
+                "a worker serves one pool at least; deregister it to take it out of every pool",
+            ));
+        }
+        let (ids, slugs) = resolve_pools(&mut *tx, refs, "pools").await?;
+        sqlx::query("DELETE FROM worker_pools WHERE worker_id = $1 AND pool_id <> ALL($2)")
+            .bind(id.0)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO worker_pools (worker_id, pool_id) SELECT $1, unnest($2::uuid[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id.0)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        new_slugs = Some(slugs);
     }
-    get(db, id).await
+    Ok(Patched {
+        worker: get_in(&mut *tx, id).await?,
+        new_slugs,
+    })
 }
 
-pub async fn delete(db: &PgPool, id: WorkerId) -> ApiResult<()> {
-    let r = sqlx::query("DELETE FROM workers WHERE id = $1")
+/// Delete a registered worker in the caller's transaction.
+pub async fn delete(tx: &mut PgConnection, id: WorkerId) -> ApiResult<()> {
+    let r = sqlx::query("DELETE FROM workers WHERE id = $1 AND NOT builtin")
         .bind(id.0)
-        .execute(db)
+        .execute(&mut *tx)
         .await?;
     if r.rows_affected() == 0 {
         return Err(ApiError::not_found(format!("no worker with id {id}")));
     }
     Ok(())
+}
+
+/// Bring the broker's worker users in line with the workers in PostgreSQL, under the broker
+/// users' lock (see [`BrokerUsers::reconcile`]).
+pub async fn reconcile_broker_users(
+    db: &PgPool,
+    users: &BrokerUsers,
+) -> anyhow::Result<broker_users::Reconciled> {
+    let mut tx = db.begin().await?;
+    broker_users::lock(&mut tx).await?;
+    let rows: Vec<(Uuid, String, String, Vec<String>)> = sqlx::query_as(
+        "SELECT w.id, w.broker_user, w.broker_password_hash,
+                COALESCE(array_agg(p.slug) FILTER (WHERE p.slug IS NOT NULL), '{}')
+         FROM workers w
+         LEFT JOIN worker_pools wp ON wp.worker_id = w.id
+         LEFT JOIN pools p ON p.id = wp.pool_id
+         WHERE w.broker_user IS NOT NULL AND w.broker_password_hash IS NOT NULL
+         GROUP BY w.id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let wanted: Vec<broker_users::Wanted> = rows
+        .into_iter()
+        .map(|(id, user, hash, slugs)| broker_users::Wanted {
+            worker: WorkerId(id),
+            user,
+            password_hash: hash,
+            slugs,
+        })
+        .collect();
+    let done = users.reconcile(&wanted).await?;
+    tx.commit().await?;
+    Ok(done)
 }
