@@ -73,11 +73,14 @@ async fn mutex_steps_never_overlap_anywhere_while_the_rest_runs_in_parallel() {
     }
     let mutexed = stack.dir.path().join("mutexed");
     let free = stack.dir.path().join("free");
+    // Free steps last long enough to overlap whatever the submission rate (the tasks are
+    // submitted one after the other, a few dozen a second on a busy machine).
     let process = |file: &Path, mutex: bool| {
         format!(
-            "name = \"load\"\n[[steps]]\nname = \"work\"\n{}script = '''\n{}\nsleep 0.05\n{}\n'''\n",
+            "name = \"load\"\n[[steps]]\nname = \"work\"\n{}script = '''\n{}\nsleep {}\n{}\n'''\n",
             if mutex { "mutex = \"shared-db\"\n" } else { "" },
             mark(file, "start"),
+            if mutex { "0.05" } else { "0.3" },
             mark(file, "end"),
         )
     };
