@@ -236,11 +236,10 @@ impl BrokerUsers {
             .connect_timeout(CALL_TIMEOUT)
             .timeout(CALL_TIMEOUT);
         if let Some(ca) = settings.ca_pem() {
-            let cert = reqwest::Certificate::from_pem(ca.as_bytes()).map_err(|e| ConfigError {
+            http = gantry_agent::api::trust_ca(http, &ca).map_err(|m| ConfigError {
                 key: Some("tls.ca_file".into()),
-                message: e.to_string(),
+                message: m,
             })?;
-            http = http.add_root_certificate(cert);
         }
         Ok(Some(Self {
             http: http.build().map_err(|e| bad(e.to_string()))?,

@@ -27,6 +27,8 @@ use tokio::process::{Child, Command};
 pub use gantry_dispatcher;
 pub use gantry_shared;
 
+pub mod tls;
+
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// RabbitMQ's management API, as `.ci/run` enables it: every stack gives its workers broker
 /// users of their own unless a test asks for development mode ([`DEV_MODE`]).
@@ -776,6 +778,8 @@ impl Stack {
             .current_dir(self.dir.path())
             .env_remove("GANTRY_SERVER")
             .env_remove("GANTRY_API_KEY")
+            // What the agent is configured with (its CA, say) applies to its registration too.
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .kill_on_drop(true)
             .output()
             .await?;

@@ -226,6 +226,8 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
                 Box::pin(async move {
                     let ch = conn.create_channel().await?;
                     let r = async {
+                        // The node may be connecting at the same moment: do not wait for it.
+                        topology.declare_base(&ch).await?;
                         topology.declare_worker(&ch, worker).await?;
                         topology.declare_control(&ch, worker).await
                     }

@@ -38,6 +38,39 @@ pub struct Api {
     token: Option<String>,
 }
 
+/// Trust every certificate in `pem` (`tls.ca_file`, which may hold several) besides the web
+/// roots. The CLI and the dispatcher's management API client use it too.
+pub fn trust_ca(
+    mut builder: reqwest::ClientBuilder,
+    pem: &str,
+) -> Result<reqwest::ClientBuilder, String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| format!("tls.ca_file: {e}"))?;
+    if certs.is_empty() {
+        return Err("tls.ca_file holds no certificate".into());
+    }
+    for c in certs {
+        builder = builder.add_root_certificate(c);
+    }
+    Ok(builder)
+}
+
+/// An error with every cause below it (`error sending request: ... invalid peer certificate:
+/// UnknownIssuer`): reqwest's own message alone never says why.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        next = cause.source();
+    }
+    text
+}
+
 /// The base URLs in a server setting: comma-separated, blanks and trailing slashes dropped.
 pub fn server_urls(server: &str) -> Vec<String> {
     server
@@ -60,10 +93,7 @@ impl Api {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
         if let Some(pem) = ca_pem {
-            http = http.add_root_certificate(
-                reqwest::Certificate::from_pem(pem.as_bytes())
-                    .map_err(|e| anyhow::anyhow!("tls.ca_file: {e}"))?,
-            );
+            http = trust_ca(http, pem).map_err(anyhow::Error::msg)?;
         }
         Ok(Self {
             http: http.build()?,
@@ -109,7 +139,7 @@ impl Api {
                     return r;
                 }
                 Err(e) => {
-                    last_error = format!("{base}: {e}");
+                    last_error = format!("{base}: {}", with_causes(&e));
                     if n > 1 {
                         tracing::warn!(server = %base, error = %e, "cannot reach this dispatcher node; trying the next one");
                         let _ = self.current.compare_exchange(

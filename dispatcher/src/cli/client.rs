@@ -32,10 +32,7 @@ impl Client {
     ) -> Result<Self, CliError> {
         let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
         if let Some(pem) = ca_pem {
-            http = http.add_root_certificate(
-                reqwest::Certificate::from_pem(pem.as_bytes())
-                    .map_err(|e| CliError::Local(format!("tls.ca_file: {e}")))?,
-            );
+            http = gantry_agent::api::trust_ca(http, &pem).map_err(CliError::Local)?;
         }
         Ok(Self {
             http: http
@@ -59,7 +56,13 @@ impl Client {
             .timeout(Duration::from_secs(60))
             .send()
             .await
-            .map_err(|e| CliError::Unreachable(format!("{} ({e})", self.base)))?;
+            .map_err(|e| {
+                CliError::Unreachable(format!(
+                    "{} ({})",
+                    self.base,
+                    gantry_agent::api::with_causes(&e)
+                ))
+            })?;
         check(resp).await
     }
 
@@ -86,7 +89,13 @@ impl Client {
             .request(reqwest::Method::GET, path)
             .send()
             .await
-            .map_err(|e| CliError::Unreachable(format!("{} ({e})", self.base)))?;
+            .map_err(|e| {
+                CliError::Unreachable(format!(
+                    "{} ({})",
+                    self.base,
+                    gantry_agent::api::with_causes(&e)
+                ))
+            })?;
         check(resp).await
     }
 
@@ -113,7 +122,13 @@ impl Client {
             .header("Accept", "text/event-stream")
             .send()
             .await
-            .map_err(|e| CliError::Unreachable(format!("{} ({e})", self.base)))?;
+            .map_err(|e| {
+                CliError::Unreachable(format!(
+                    "{} ({})",
+                    self.base,
+                    gantry_agent::api::with_causes(&e)
+                ))
+            })?;
         let resp = check(resp).await?;
         let mut body = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
