@@ -134,6 +134,13 @@ impl Dispatcher {
             retry_base,
             cancel.clone(),
         );
+        crate::strays::spawn(
+            db.clone(),
+            broker.clone(),
+            settings.namespace.clone(),
+            orchestrator.clone(),
+            cancel.clone(),
+        );
         monitors::spawn_dead_letters(
             db.clone(),
             broker.clone(),

@@ -150,7 +150,14 @@ pub struct LeaseHolder {
     pub worker_id: Option<Uuid>,
     pub mutex: Option<String>,
     pub mutex_token: Option<i64>,
+    /// It has run longer than its `timeout_secs` and [`TIMEOUT_SLACK_SECS`]: its agent should
+    /// have stopped it, so its lease is not renewed any more.
+    pub overdue: bool,
 }
+
+/// How long past its `timeout_secs` a running attempt may still renew its mutex lease (its
+/// agent's SIGTERM grace and the time its end takes to arrive).
+pub const TIMEOUT_SLACK_SECS: i64 = 30;
 
 /// The attempt whose current job is `job`, for a lease renewal (no lock: the renewal is a
 /// compare-and-set in Redis, and [`raise_token`] one in PostgreSQL).
@@ -160,10 +167,13 @@ pub async fn lease_holder(
 ) -> sqlx::Result<Option<LeaseHolder>> {
     sqlx::query_as(
         "SELECT a.step_run_id, a.attempt, a.state, a.worker_id, s.spec->>'mutex' AS mutex,
-                a.mutex_token
+                a.mutex_token,
+                COALESCE(EXTRACT(EPOCH FROM now() - a.started_at)
+                         > (s.spec->>'timeout_secs')::numeric + $2, false) AS overdue
          FROM attempts a JOIN step_runs s ON s.id = a.step_run_id WHERE a.job_id = $1",
     )
     .bind(job.0)
+    .bind(TIMEOUT_SLACK_SECS)
     .fetch_optional(db)
     .await
 }

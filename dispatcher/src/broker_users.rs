@@ -12,7 +12,9 @@
 //! | read | `^<ns>\.(pool\.(<slug>\|...)\|worker\.<id>\|control\.<id>)$` | consume its pools' queues, its own queue and its own control queue |
 //!
 //! Read also allows purging those queues and a worker may take jobs without running them:
-//! PostgreSQL and the claim stay the authority (an unclaimed job is re-published).
+//! PostgreSQL and the claim stay the authority (a job gone without a claim is published
+//! again, see `strays`). Each user may hold [`MAX_CONNECTIONS`] connections and
+//! [`MAX_CHANNELS`] channels, so one worker cannot exhaust the broker's.
 //!
 //! The password is generated here, returned once with the registration and never stored:
 //! PostgreSQL keeps RabbitMQ's own salted hash of it (`password_hash`), which is also what
@@ -42,6 +44,13 @@ use uuid::Uuid;
 /// The advisory lock key that serialises every change of broker users (any fixed number;
 /// this one spells "gantry broker users" to whoever reads `pg_locks`).
 const LOCK_KEY: i64 = 0x6761_6e74_7279_6275;
+
+/// Connections one worker's user may hold at once: its agent's, and a reconnection while
+/// the broker has not yet noticed the old one is gone. More would only serve a flood.
+pub const MAX_CONNECTIONS: u32 = 4;
+/// Channels one worker's user may hold at once, over all its connections (an agent uses a
+/// handful: jobs, control, results, heartbeats, a queue probe).
+pub const MAX_CHANNELS: u32 = 64;
 
 /// How long one management API call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -195,6 +204,16 @@ struct UserRow {
     name: String,
     #[serde(default)]
     password_hash: String,
+    /// `{"max-connections": 4, "max-channels": 64}`; RabbitMQ sends `[]` when there are none.
+    #[serde(default)]
+    limits: serde_json::Value,
+}
+
+impl UserRow {
+    fn has_limits(&self) -> bool {
+        self.limits["max-connections"] == MAX_CONNECTIONS
+            && self.limits["max-channels"] == MAX_CHANNELS
+    }
 }
 
 #[derive(Deserialize)]
@@ -316,6 +335,23 @@ impl BrokerUsers {
         .map(drop)
     }
 
+    async fn put_limits(&self, user: &str) -> Result<(), Error> {
+        for (limit, value) in [
+            ("max-connections", MAX_CONNECTIONS),
+            ("max-channels", MAX_CHANNELS),
+        ] {
+            self.call(
+                &format!("limiting {user}'s {limit}"),
+                reqwest::Method::PUT,
+                self.path(&["user-limits", user, limit]),
+                Some(serde_json::json!({ "value": value })),
+                false,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn put_permissions(&self, user: &str, p: &Permissions) -> Result<(), Error> {
         self.call(
             &format!("setting the permissions of {user}"),
@@ -371,6 +407,7 @@ impl BrokerUsers {
     ) -> Result<(), Error> {
         let user = user_name(&self.ns, worker);
         self.put_user(&user, hash).await?;
+        self.put_limits(&user).await?;
         self.put_permissions(&user, &permissions(&self.ns, worker, slugs))
             .await
     }
@@ -435,10 +472,10 @@ impl BrokerUsers {
             .json()
             .await
             .map_err(|e| Error::Unreachable(e.to_string()))?;
-        let existing: HashMap<String, String> = users
+        let existing: HashMap<String, UserRow> = users
             .into_iter()
             .filter(|u| worker_of(&self.ns, &u.name).is_some())
-            .map(|u| (u.name, u.password_hash))
+            .map(|u| (u.name.clone(), u))
             .collect();
         let granted: HashMap<String, Permissions> = perms
             .into_iter()
@@ -460,9 +497,14 @@ impl BrokerUsers {
         for (user, w) in &wanted_users {
             let want = permissions(&self.ns, w.worker, &w.slugs);
             match existing.get(*user) {
-                Some(hash) if *hash == w.password_hash => {}
+                Some(u) if u.password_hash == w.password_hash => {
+                    if !u.has_limits() {
+                        self.put_limits(user).await?;
+                    }
+                }
                 _ => {
                     self.put_user(user, &w.password_hash).await?;
+                    self.put_limits(user).await?;
                     done.created += 1;
                 }
             }

@@ -24,6 +24,7 @@
 //! - [`auth`]: API keys and worker credentials.
 //! - [`broker_users`]: one RabbitMQ user per worker, through the management API.
 //! - [`senders`]: attributing events and heartbeats to workers by their broker user.
+//! - [`strays`]: jobs that left their queue without a claim, published again.
 //! - [`cli`]: the `gantry` client.
 
 #![forbid(unsafe_code)]
@@ -49,3 +50,4 @@ pub mod results;
 pub mod secrets;
 pub mod senders;
 pub mod store;
+pub mod strays;

@@ -318,6 +318,13 @@ pub async fn renew_lease(
             worker.name
         )));
     }
+    if h.overdue {
+        // A holder that ran past its own timeout (an agent that did not stop its step) keeps
+        // the mutex no longer: its lease expires, and the next waiter goes.
+        return Err(ApiError::Conflict(format!(
+            "job {job_id} has run past its timeout_secs; its mutex lease is not renewed"
+        )));
+    }
     let (Some(name), Some(token)) = (h.mutex, h.mutex_token) else {
         return Err(ApiError::Conflict(format!(
             "job {job_id} holds no mutex lease"

@@ -7,6 +7,7 @@
 
 mod altered_job;
 mod common;
+mod connection_flood;
 mod control;
 mod deregistered;
 mod development_mode;
@@ -17,4 +18,5 @@ mod leases;
 mod pool_change;
 mod production;
 mod queues;
+mod swallowed_jobs;
 mod user_code_env;

@@ -1,0 +1,103 @@
+//! A worker may consume its own pools' queues, and so take a job and ack it without claiming
+//! it, or purge the queue. Nothing runs then; the dispatcher notices the jobs are gone and
+//! publishes them again.
+
+use gantry_tests::{AgentOpts, Stack, eventually};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use std::time::Duration;
+
+#[tokio::test]
+async fn jobs_swallowed_or_purged_by_a_pool_member_are_published_again_and_run_once() {
+    // Arrange: the honest agent has one slot, busy with a blocker, so the next jobs wait in
+    // the pool's queue; mallory is a member of the same pool.
+    let mut stack = Stack::start().await.unwrap();
+    stack.add_pool("prod").await.unwrap();
+    stack
+        .add_agent(
+            "honest",
+            AgentOpts {
+                pools: vec!["prod".into()],
+                max_concurrent_steps: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mallory = stack.register_worker("mallory", &["prod"]).await.unwrap();
+    let creds = mallory.broker.clone().unwrap();
+    let release = stack.dir.path().join("release");
+    let runs = stack.dir.path().join("runs");
+    let blocker = stack
+        .submit(&format!(
+            "name = \"blocker\"\n[[steps]]\nname = \"b\"\npool = \"prod\"\nscript = \"while [ ! -e '{}' ]; do sleep 0.05; done\"\n",
+            release.display()
+        ))
+        .await
+        .unwrap();
+    stack
+        .wait_task_until(blocker, Duration::from_secs(30), |t| {
+            t.steps[0].state == "Running"
+        })
+        .await
+        .unwrap();
+    let process = |name: &str| {
+        format!(
+            "name = \"{name}\"\n[[steps]]\nname = \"s\"\npool = \"prod\"\nscript = \"echo {name} >> '{}'\"\n",
+            runs.display()
+        )
+    };
+    let queue = stack.topology().pool_queue("prod");
+    let conn = stack.amqp_as(&creds.user, &creds.password).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+
+    // Act: one job taken and acked, the next one purged.
+    let swallowed = stack.submit(&process("swallowed")).await.unwrap();
+    let d = eventually(Duration::from_secs(20), "a job to swallow", || async {
+        ch.basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .ok()
+            .flatten()
+    })
+    .await
+    .unwrap();
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    let purged = stack.submit(&process("purged")).await.unwrap();
+    let emptied = eventually(Duration::from_secs(20), "a job to purge", || async {
+        let n = ch
+            .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .ok()?;
+        (n > 0).then_some(n)
+    })
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    std::fs::write(&release, b"").unwrap();
+    let a = stack
+        .wait_task(swallowed, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let b = stack
+        .wait_task(purged, Duration::from_secs(90))
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(emptied, 1);
+    assert_eq!(a.summary.state, "Success", "{a:#?}");
+    assert_eq!(b.summary.state, "Success", "{b:#?}");
+    let ran = std::fs::read_to_string(&runs).unwrap();
+    let mut lines: Vec<&str> = ran.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["purged", "swallowed"], "each ran once");
+    assert_eq!(
+        a.steps[0].attempts.len(),
+        1,
+        "the same attempt, under a new job id"
+    );
+    assert!(
+        stack
+            .all_logs()
+            .contains("jobs left their queue without a claim")
+    );
+}
