@@ -482,3 +482,68 @@ async fn a_failed_mutex_step_hands_the_mutex_on_at_once() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_holder_that_cannot_reach_the_dispatcher_to_renew_stops_its_step_within_half_a_lease() {
+    // Arrange: the agent reaches the dispatcher's API only through a proxy the test can cut
+    // (its broker connection stays up); a 4 s lease, renewed every 1.3 s, given up after 2 s.
+    let mut stack = Stack::start_with(vec![("GANTRY__LOCKS__LEASE_MS".into(), "4000".into())])
+        .await
+        .unwrap();
+    let proxy = gantry_tests::CutProxy::start(&stack.http_bind)
+        .await
+        .unwrap();
+    stack
+        .add_agent(
+            "far",
+            AgentOpts {
+                server: Some(format!("http://127.0.0.1:{}", proxy.port)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let ticks = stack.dir.path().join("ticks");
+    let task = stack
+        .submit(&format!(
+            "name = \"far\"\n[[steps]]\nname = \"s\"\nmutex = \"m\"\nscript = '''\nwhile true; do date +%s%N >> '{}'; sleep 0.1; done\n'''\n",
+            ticks.display()
+        ))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the script ticks", || async {
+        std::fs::metadata(&ticks).ok().filter(|m| m.len() > 0)
+    })
+    .await
+    .unwrap();
+
+    // Act
+    let cut_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128;
+    proxy.cut();
+    let done = stack
+        .wait_task(task, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Assert
+    let last: i128 = std::fs::read_to_string(&ticks)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .unwrap();
+    let ran_on_ms = (last - cut_at) / 1_000_000;
+    assert!(
+        ran_on_ms < 3_500,
+        "stopped within half a lease (2 s) of the last renewal, plus a renewal period: ran {ran_on_ms} ms after the cut"
+    );
+    assert_eq!(done.summary.state, "Failed", "{done:#?}");
+    let error = done.steps[0].attempts[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("could not renew its lease on mutex m"),
+        "{error}"
+    );
+}
