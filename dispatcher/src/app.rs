@@ -134,13 +134,14 @@ impl Dispatcher {
             retry_base,
             cancel.clone(),
         );
-        crate::strays::spawn(
-            db.clone(),
-            broker.clone(),
-            settings.namespace.clone(),
-            orchestrator.clone(),
-            cancel.clone(),
-        );
+        crate::strays::Strays {
+            db: db.clone(),
+            broker: broker.clone(),
+            topology: topology.clone(),
+            users: broker_users.clone(),
+            orchestrator: orchestrator.clone(),
+        }
+        .spawn(cancel.clone());
         monitors::spawn_dead_letters(
             db.clone(),
             broker.clone(),

@@ -108,18 +108,22 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The permissions of worker `worker`'s user in namespace `ns`, serving pools `slugs`.
-pub fn permissions(ns: &str, worker: WorkerId, slugs: &[String]) -> Permissions {
+/// The permissions of worker `worker`'s user in namespace `ns`, serving pools `slugs`. A
+/// disabled worker reads its control queue only (it takes no new steps; the ones it runs
+/// still report, and it still shows it is alive).
+pub fn permissions(ns: &str, worker: WorkerId, slugs: &[String], enabled: bool) -> Permissions {
     let ns_re = escape(ns);
     let id = escape(&worker.to_string());
     let mut reads = Vec::new();
     let mut slugs: Vec<String> = slugs.iter().map(|s| escape(s)).collect();
     slugs.sort();
     slugs.dedup();
-    if !slugs.is_empty() {
-        reads.push(format!("pool\\.({})", slugs.join("|")));
+    if enabled {
+        if !slugs.is_empty() {
+            reads.push(format!("pool\\.({})", slugs.join("|")));
+        }
+        reads.push(format!("worker\\.{id}"));
     }
-    reads.push(format!("worker\\.{id}"));
     reads.push(format!("control\\.{id}"));
     Permissions {
         configure: "^$".into(),
@@ -133,13 +137,12 @@ pub fn user_name(ns: &str, worker: WorkerId) -> String {
     format!("{ns}.worker.{worker}")
 }
 
-/// The worker a broker user belongs to, if it is one of this namespace's worker users.
+/// The worker a broker user belongs to, if it is one of this namespace's worker users (spelt
+/// exactly as [`user_name`] spells it).
 pub fn worker_of(ns: &str, user: &str) -> Option<WorkerId> {
-    user.strip_prefix(ns)?
-        .strip_prefix(".worker.")?
-        .parse::<Uuid>()
-        .ok()
-        .map(WorkerId)
+    let rest = user.strip_prefix(ns)?.strip_prefix(".worker.")?;
+    let id = rest.parse::<Uuid>().ok()?;
+    (id.hyphenated().to_string() == rest).then_some(WorkerId(id))
 }
 
 /// RabbitMQ's `rabbit_password_hashing_sha256` format: base64(salt ‖ sha256(salt ‖ password))
@@ -179,14 +182,17 @@ pub struct Wanted {
     pub user: String,
     pub password_hash: String,
     pub slugs: Vec<String>,
+    pub enabled: bool,
 }
 
-/// What a reconciliation changed.
+/// What a reconciliation changed, and how many of its changes failed (each is tried again at
+/// the next one).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reconciled {
     pub created: usize,
     pub repermissioned: usize,
     pub deleted: usize,
+    pub failed: usize,
 }
 
 /// The management API client of one installation.
@@ -408,7 +414,7 @@ impl BrokerUsers {
         let user = user_name(&self.ns, worker);
         self.put_user(&user, hash).await?;
         self.put_limits(&user).await?;
-        self.put_permissions(&user, &permissions(&self.ns, worker, slugs))
+        self.put_permissions(&user, &permissions(&self.ns, worker, slugs, true))
             .await
     }
 
@@ -429,14 +435,48 @@ impl BrokerUsers {
         ))
     }
 
-    /// The worker serves other pools now: new rights, and its connections closed so that no
-    /// open channel keeps the old ones.
-    pub async fn repermission(&self, worker: WorkerId, slugs: &[String]) -> Result<(), Error> {
+    /// The worker serves other pools now, or was disabled or enabled: new rights, and its
+    /// connections closed so that no open channel keeps the old ones.
+    pub async fn repermission(
+        &self,
+        worker: WorkerId,
+        slugs: &[String],
+        enabled: bool,
+    ) -> Result<(), Error> {
         let user = user_name(&self.ns, worker);
-        self.put_permissions(&user, &permissions(&self.ns, worker, slugs))
+        self.put_permissions(&user, &permissions(&self.ns, worker, slugs, enabled))
             .await?;
-        self.close_connections(&user, "the worker's pools changed")
+        self.close_connections(&user, "the worker's pools or enabled state changed")
             .await
+    }
+
+    /// Messages ready in a queue and delivered but not acked, as the management API last saw
+    /// them (its statistics are a few seconds old). `None` if the queue does not exist.
+    pub async fn queue_counts(&self, queue: &str) -> Result<Option<(u64, u64)>, Error> {
+        #[derive(Deserialize)]
+        struct Counts {
+            #[serde(default)]
+            messages_ready: u64,
+            #[serde(default)]
+            messages_unacknowledged: u64,
+        }
+        let resp = self
+            .call(
+                &format!("reading queue {queue}"),
+                reqwest::Method::GET,
+                self.path(&["queues", &self.vhost, queue]),
+                None,
+                true,
+            )
+            .await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let c: Counts = resp
+            .json()
+            .await
+            .map_err(|e| Error::Unreachable(e.to_string()))?;
+        Ok(Some((c.messages_ready, c.messages_unacknowledged)))
     }
 
     /// Delete a worker's user; RabbitMQ closes its connections at once.
@@ -445,8 +485,11 @@ impl BrokerUsers {
     }
 
     /// Make the broker's users of this namespace match `wanted`: create missing users (from
-    /// the stored hash), fix changed passwords and permissions, delete users of workers that
-    /// no longer exist. The caller holds [`lock`].
+    /// the stored hash), fix changed passwords, limits and permissions, delete users of
+    /// workers that no longer exist. Users are broker-wide, but an installation is one vhost:
+    /// only a user with permissions on this vhost is ever deleted (another installation with
+    /// the same namespace on another vhost keeps its own). One failing user does not stop the
+    /// others. The caller holds [`lock`].
     pub async fn reconcile(&self, wanted: &[Wanted]) -> Result<Reconciled, Error> {
         let users: Vec<UserRow> = self
             .call(
@@ -495,30 +538,43 @@ impl BrokerUsers {
         let wanted_users: BTreeMap<&str, &Wanted> =
             wanted.iter().map(|w| (w.user.as_str(), w)).collect();
         for (user, w) in &wanted_users {
-            let want = permissions(&self.ns, w.worker, &w.slugs);
-            match existing.get(*user) {
-                Some(u) if u.password_hash == w.password_hash => {
-                    if !u.has_limits() {
+            let want = permissions(&self.ns, w.worker, &w.slugs, w.enabled);
+            let r = async {
+                match existing.get(*user) {
+                    Some(u) if u.password_hash == w.password_hash => {
+                        if !u.has_limits() {
+                            self.put_limits(user).await?;
+                        }
+                    }
+                    _ => {
+                        self.put_user(user, &w.password_hash).await?;
                         self.put_limits(user).await?;
+                        done.created += 1;
                     }
                 }
-                _ => {
-                    self.put_user(user, &w.password_hash).await?;
-                    self.put_limits(user).await?;
-                    done.created += 1;
+                if granted.get(*user) != Some(&want) {
+                    self.put_permissions(user, &want).await?;
+                    self.close_connections(user, "the worker's permissions were corrected")
+                        .await?;
+                    done.repermissioned += 1;
                 }
+                Ok::<_, Error>(())
             }
-            if granted.get(*user) != Some(&want) {
-                self.put_permissions(user, &want).await?;
-                self.close_connections(user, "the worker's permissions were corrected")
-                    .await?;
-                done.repermissioned += 1;
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, user, "could not reconcile a worker's broker user");
+                done.failed += 1;
             }
         }
         for user in existing.keys() {
-            if !wanted_users.contains_key(user.as_str()) {
-                self.delete_user(user).await?;
-                done.deleted += 1;
+            if !wanted_users.contains_key(user.as_str()) && granted.contains_key(user) {
+                match self.delete_user(user).await {
+                    Ok(()) => done.deleted += 1,
+                    Err(e) => {
+                        tracing::warn!(error = %e, user, "could not delete an orphaned broker user");
+                        done.failed += 1;
+                    }
+                }
             }
         }
         Ok(done)
@@ -539,6 +595,7 @@ mod tests {
             "gantry",
             id(),
             &["win".into(), "linux".into(), "linux".into()],
+            true,
         );
         assert_eq!(p.configure, "^$");
         assert_eq!(p.write, r"^gantry\.x\.(results|heartbeats)$");
@@ -546,12 +603,18 @@ mod tests {
             p.read,
             r"^gantry\.(pool\.(linux|win)|worker\.0192f0e4\-54c5\-7d3e\-9a41\-2f0d3c5a6b7e|control\.0192f0e4\-54c5\-7d3e\-9a41\-2f0d3c5a6b7e)$"
         );
-        let none = permissions("t-1_x", id(), &[]);
+        let none = permissions("t-1_x", id(), &[], true);
         assert!(
             none.read.starts_with(r"^t\-1_x\.(worker\."),
             "{}",
             none.read
         );
+        let disabled = permissions("gantry", id(), &["linux".into()], false);
+        assert_eq!(
+            disabled.read, r"^gantry\.(control\.0192f0e4\-54c5\-7d3e\-9a41\-2f0d3c5a6b7e)$",
+            "a disabled worker reads its control queue only"
+        );
+        assert_eq!(disabled.write, p.write, "its running steps still report");
     }
 
     #[test]
@@ -562,6 +625,13 @@ mod tests {
         assert_eq!(worker_of("gantr", &u), None);
         assert_eq!(worker_of("gantry", "guest"), None);
         assert_eq!(worker_of("gantry", "gantry.worker.not-a-uuid"), None);
+        let upper = format!(
+            "gantry.worker.{}",
+            id().0.hyphenated().to_string().to_uppercase()
+        );
+        assert_eq!(worker_of("gantry", &upper), None, "one spelling only");
+        let simple = format!("gantry.worker.{}", id().0.simple());
+        assert_eq!(worker_of("gantry", &simple), None, "one spelling only");
         assert_eq!(
             worker_of("a", &format!("a.worker.x.worker.{}", id())),
             None,

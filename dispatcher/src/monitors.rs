@@ -171,6 +171,23 @@ pub fn spawn_heartbeats(
     });
 }
 
+/// Longest agent version stored, in bytes.
+const MAX_VERSION: usize = 64;
+/// Longest health reason stored, in bytes.
+const MAX_HEALTH_REASON: usize = 1000;
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
 /// A heartbeat and whether it counts only for a built-in worker (it came from the
 /// dispatcher's own broker user with per-worker users in force).
 struct Beat {
@@ -182,6 +199,11 @@ struct Beat {
 /// forged heartbeat for another worker (to keep a killed agent looking alive) is dropped.
 fn attribute(a: &Attribution, d: &lapin::message::Delivery, mut hb: Heartbeat) -> Option<Beat> {
     let sender = a.sender(d.properties.user_id().as_ref().map(|u| u.as_str()));
+    // What an agent says of itself is stored and shown: bounded, whatever it sends.
+    hb.version = clip(&hb.version, MAX_VERSION).into_owned();
+    hb.health_reason = hb
+        .health_reason
+        .map(|r| clip(&r, MAX_HEALTH_REASON).into_owned());
     match a.worker(&sender, hb.worker_id, || true) {
         Ok(w) => {
             hb.worker_id = w;

@@ -360,9 +360,13 @@ impl ResultConsumer {
             Event::StepStarted(e) => {
                 if live {
                     // Both rows are locked already: one statement for the two updates (the
-                    // step was `Waiting` only if its script said so before it started).
+                    // step was `Waiting` only if its script said so before it started). The
+                    // agent's clock is believed only between the claim and now: what decides
+                    // how long a step has run (its lease stops past its timeout) must not be
+                    // an agent's say.
                     sqlx::query(
-                        "WITH a AS (UPDATE attempts SET started_at = $3
+                        "WITH a AS (UPDATE attempts
+                                    SET started_at = LEAST(GREATEST($3, started_at), now())
                                     WHERE step_run_id = $1 AND attempt = $2)
                          UPDATE step_runs SET state = 'Running', waiting_for = NULL
                          WHERE id = $1 AND attempt = $2 AND state = 'Waiting'",

@@ -488,7 +488,16 @@ impl Settings {
         let verified = pg
             .query_pairs()
             .any(|(k, v)| k == "sslmode" && v == "verify-full");
-        if !verified && !pg.host_str().is_some_and(crate::tls::is_loopback_host) {
+        // `?host=` overrides the URL's host (and may name several, or a socket directory).
+        let hosts: Vec<String> = match pg.query_pairs().find(|(k, _)| k == "host") {
+            Some((_, v)) => v.split(',').map(str::to_owned).collect(),
+            None => pg.host_str().map(str::to_owned).into_iter().collect(),
+        };
+        let local = !hosts.is_empty()
+            && hosts
+                .iter()
+                .all(|h| h.starts_with('/') || crate::tls::is_loopback_host(h));
+        if !verified && !local {
             return Err(ConfigError::key(
                 "postgres.url",
                 "needs ?sslmode=verify-full to a host other than loopback with production = true (sslmode=require does not check the certificate)",
@@ -652,6 +661,50 @@ mod tests {
             Settings::load_with_env(Some(&file), env(&[("GANTRY__SECRETS__KEY", "c2hvcnQ=")]))
                 .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("secrets.key"), "{err}");
+    }
+
+    #[test]
+    fn production_sees_through_a_host_override_and_insecure_redis() {
+        let dir = tempdir();
+        let file = write(&dir, "");
+        let base = [
+            ("GANTRY__PRODUCTION", "true"),
+            ("GANTRY__AMQP__MANAGEMENT_URL", "http://a:b@127.0.0.1:15672"),
+        ];
+        let check = |extra: &[(&str, &str)]| {
+            let mut e: Vec<(&str, &str)> = base.to_vec();
+            e.extend_from_slice(extra);
+            Settings::load_with_env(Some(&file), env(&e))
+                .unwrap()
+                .check_dispatcher_production()
+        };
+        assert!(check(&[]).is_ok(), "loopback everywhere");
+        let e = check(&[(
+            "GANTRY__POSTGRES__URL",
+            "postgres://u@localhost/g?host=10.0.0.5",
+        )])
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("postgres.url"), "{e}");
+        assert!(
+            check(&[(
+                "GANTRY__POSTGRES__URL",
+                "postgres://u@localhost/g?host=/run/postgresql"
+            )])
+            .is_ok()
+        );
+        assert!(
+            check(&[(
+                "GANTRY__POSTGRES__URL",
+                "postgres://u@db.example/g?sslmode=verify-full"
+            )])
+            .is_ok()
+        );
+        let e = check(&[(
+            "GANTRY__REDIS__URL",
+            "rediss://cache.example:6380/#insecure",
+        )])
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("redis.url"), "{e}");
     }
 
     #[test]

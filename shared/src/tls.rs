@@ -7,7 +7,8 @@
 //!
 //! With `production = true` no program sends a credential in plain text over the network:
 //! [`refuse_plaintext`] rejects `http://`, `amqp://` and `redis://` URLs to hosts other than
-//! loopback (a local service on the same machine is no wire an attacker can tap).
+//! loopback (a local service on the same machine is no wire an attacker can tap), nor a
+//! `rediss://...#insecure` that skips the certificate check.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -34,7 +35,7 @@ pub fn read_ca(path: &Path) -> Result<String, String> {
 /// True for `localhost`, `127.0.0.0/8` and `::1`: hosts whose traffic never leaves the machine.
 pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+    if host.eq_ignore_ascii_case("localhost") {
         return true;
     }
     host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
@@ -47,6 +48,12 @@ const PLAIN: [(&str, &str); 3] = [("http", "https"), ("amqp", "amqps"), ("redis"
 /// `what` names the setting or flag, for the message.
 pub fn refuse_plaintext(what: &str, url: &str) -> Result<(), String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("{what}: not a URL: {e}"))?;
+    if parsed.fragment() == Some("insecure") {
+        // redis-rs's way of skipping the certificate check.
+        return Err(format!(
+            "{what} asks for no certificate check (#insecure) with production = true; use tls.ca_file for a private CA"
+        ));
+    }
     let Some((_, tls)) = PLAIN.iter().find(|(p, _)| *p == parsed.scheme()) else {
         return Ok(());
     };
@@ -66,14 +73,7 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for h in [
-            "localhost",
-            "127.0.0.1",
-            "127.1.2.3",
-            "::1",
-            "[::1]",
-            "a.localhost",
-        ] {
+        for h in ["localhost", "127.0.0.1", "127.1.2.3", "::1", "[::1]"] {
             assert!(is_loopback_host(h), "{h}");
         }
         for h in [
@@ -82,6 +82,7 @@ mod tests {
             "example.com",
             "0.0.0.0",
             "localhost.evil.com",
+            "a.localhost",
         ] {
             assert!(!is_loopback_host(h), "{h}");
         }
@@ -98,5 +99,6 @@ mod tests {
         assert!(e.contains("--server") && e.contains("https://"), "{e}");
         assert!(refuse_plaintext("amqp.url", "amqp://u:p@10.0.0.5/%2f").is_err());
         assert!(refuse_plaintext("redis.url", "redis://cache:6379").is_err());
+        assert!(refuse_plaintext("redis.url", "rediss://cache:6380/#insecure").is_err());
     }
 }

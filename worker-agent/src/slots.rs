@@ -85,6 +85,10 @@ struct State {
     unhealthy: bool,
     /// Messages last seen in each queue (only probed while queues outnumber free slots).
     depths: HashMap<String, u32>,
+    /// Queues found missing (the dispatcher declares them; agents may not), and since when:
+    /// not consumed until a probe finds them again, since a consume of a missing queue
+    /// closes the channel every consumer shares.
+    missing: HashMap<String, std::time::Instant>,
     /// The reader/writer gate of exclusive steps.
     gate: Gate,
 }
@@ -129,6 +133,7 @@ impl Slots {
                 disabled: false,
                 unhealthy: false,
                 depths: HashMap::new(),
+                missing: HashMap::new(),
                 gate: Gate::default(),
             }),
             changed: Notify::new(),
@@ -358,6 +363,8 @@ pub async fn manage(
     let conn_gone = CancellationToken::new();
     let mut probe = tokio::time::interval(Duration::from_secs(1));
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut missing_probe = tokio::time::interval(MISSING_RETRY);
+    missing_probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if !ch.status().connected() || !conn.status().connected() {
             break;
@@ -372,6 +379,9 @@ pub async fn manage(
                     move_idle_consumers(&slots, &queues);
                 }
             }
+            _ = missing_probe.tick() => {
+                probe_missing(&conn, &slots).await;
+            }
             changed = queue_list.changed() => {
                 if changed.is_err() {
                     break;
@@ -384,6 +394,7 @@ pub async fn manage(
                     }
                 }
                 s.depths.retain(|q, _| queues.contains(q));
+                s.missing.retain(|q, _| queues.contains(q));
             }
             _ = stop.cancelled() => break,
         }
@@ -393,6 +404,37 @@ pub async fn manage(
     let mut s = slots.lock();
     for c in s.consumers.values_mut() {
         c.stop.cancel();
+    }
+}
+
+/// How often a missing queue is looked for again.
+const MISSING_RETRY: Duration = Duration::from_secs(2);
+
+/// Look for the missing queues again, each on a channel of its own (a passive declare of a
+/// missing queue closes its channel); the ones found are consumed again.
+async fn probe_missing(conn: &Connection, slots: &Slots) {
+    let missing: Vec<String> = slots.lock().missing.keys().cloned().collect();
+    for q in missing {
+        let Ok(ch) = conn.create_channel().await else {
+            return;
+        };
+        let found = ch
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = ch.close(200, "probed".into()).await;
+        if found {
+            tracing::info!(queue = q, "a missing queue is back; consuming it again");
+            slots.lock().missing.remove(&q);
+            slots.changed.notify_waiters();
+        }
     }
 }
 
@@ -419,6 +461,7 @@ fn rebalance(
     while s.units() < s.max {
         let without: Vec<&String> = queues
             .iter()
+            .filter(|q| !s.missing.contains_key(q.as_str()))
             .filter(|q| {
                 !s.consumers
                     .values()
@@ -473,7 +516,8 @@ async fn probe_depths(conn: &Connection, queues: &[String], slots: &Slots) {
         return;
     };
     let mut depths = HashMap::new();
-    for q in queues {
+    let missing: Vec<String> = slots.lock().missing.keys().cloned().collect();
+    for q in queues.iter().filter(|q| !missing.contains(q)) {
         if let Ok(info) = ch
             .queue_declare(
                 q.as_str().into(),
@@ -541,7 +585,18 @@ async fn consume(
     let mut consumer = match consumer {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, queue, "cannot consume");
+            if e.to_string().contains("NOT_FOUND") {
+                tracing::warn!(
+                    queue,
+                    "this queue does not exist (the dispatcher declares it); consuming the others meanwhile"
+                );
+                slots
+                    .lock()
+                    .missing
+                    .insert(queue.clone(), std::time::Instant::now());
+            } else {
+                tracing::warn!(error = %e, queue, "cannot consume");
+            }
             slots.lock().consumers.remove(&id);
             // Let the manager notice a dead channel rather than spin on it.
             tokio::time::sleep(Duration::from_millis(500)).await;

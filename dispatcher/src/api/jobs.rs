@@ -42,7 +42,15 @@ pub async fn agent_config(
         max_concurrent_steps: w.max_concurrent_steps,
         enabled: w.enabled,
         policy: crate::store::settings::get(&s.db).await?.machine_policy,
-        broker_user: w.broker_user,
+        // With broker users in force every registered worker must log in as its own: one
+        // registered before then has none, and its agent is told so (it refuses to start).
+        broker_user: match (&s.broker_users, w.builtin) {
+            (Some(users), false) => Some(
+                w.broker_user
+                    .unwrap_or_else(|| crate::broker_users::user_name(users.namespace(), w.id)),
+            ),
+            _ => None,
+        },
     }))
 }
 
@@ -53,6 +61,17 @@ pub async fn claim(
     AppJson(req): AppJson<ClaimRequest>,
 ) -> ApiResult<Json<ClaimGrant>> {
     let job_id: JobId = parse_id(&job_id, "job")?;
+    if let Some(sha) = &req.job_sha256
+        && !(sha.len() == 64
+            && sha
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    {
+        return Err(ApiError::bad(
+            "job_sha256",
+            "must be the sha256 of the job body: 64 lowercase hex characters",
+        ));
+    }
     let mut tx = s.db.begin().await?;
     let Some((step_run, attempt, locked)) = attempts::lock_job(&mut tx, job_id).await? else {
         return Err(ApiError::Conflict(format!(
@@ -61,37 +80,6 @@ pub async fn claim(
     };
     let task = locked.task_id;
     let attempt = attempt as i32;
-    if matches!(locked.state.as_str(), "Pending" | "Queued")
-        && let Some(published) = &locked.job_sha256
-        && req.job_sha256.as_ref() != Some(published)
-    {
-        // The body the agent holds is not the one published for this job id: run nothing,
-        // and say so on the attempt (its retries, if any, get a fresh job).
-        let why = match &req.job_sha256 {
-            Some(got) => format!(
-                "its job was altered on its way to worker {}: the body it received has sha256 {got}, not the published {published}; nothing ran",
-                worker.name
-            ),
-            None => format!(
-                "worker {} claimed it without the job body's sha256, so what it would run is unknown; nothing ran",
-                worker.name
-            ),
-        };
-        tracing::warn!(%job_id, worker = %worker.name, "{why}");
-        attempts::conclude(
-            &mut tx,
-            &locked,
-            step_run,
-            attempt as u32,
-            "Failed",
-            Some(&why),
-            s.retry_base,
-        )
-        .await?;
-        tx.commit().await?;
-        s.orchestrator.kick(locked.task());
-        return Err(ApiError::Conflict(why));
-    }
     match locked.state.as_str() {
         "Pending" | "Queued" => {
             let refusal = if !worker.enabled {
@@ -113,6 +101,16 @@ pub async fn claim(
                     "worker {} does not serve this step's pool",
                     worker.name
                 ))
+            } else if req.job_sha256.is_none()
+                && locked.job_sha256.is_some()
+                && s.broker_users.is_some()
+            {
+                // An agent older than this dispatcher: it cannot say what it would run.
+                // (In development mode it is let through, for rolling upgrades.)
+                Some(format!(
+                    "worker {} sent no sha256 of the job body (an agent older than the dispatcher?); upgrade it",
+                    worker.name
+                ))
             } else {
                 None
             };
@@ -132,6 +130,42 @@ pub async fn claim(
                 crate::orchestrator::void_job(&mut tx, step_run, attempt as u32).await?;
                 tx.commit().await?;
                 s.orchestrator.republish(step_run, attempt as u32).await;
+                return Err(ApiError::Conflict(why));
+            }
+            // Checked only for a worker that may run the step: the body it holds must be the
+            // one published for this job id. Otherwise nothing runs, and the attempt says why
+            // (its retries, if any, get a fresh job).
+            if let (Some(published), Some(got)) = (&locked.job_sha256, &req.job_sha256)
+                && got != published
+            {
+                let why = format!(
+                    "its job was altered on its way to worker {}: the body it received has sha256 {got}, not the published {published}; nothing ran",
+                    worker.name
+                );
+                tracing::warn!(%job_id, worker = %worker.name, "{why}");
+                attempts::conclude(
+                    &mut tx,
+                    &locked,
+                    step_run,
+                    attempt as u32,
+                    "Failed",
+                    Some(&why),
+                    s.retry_base,
+                )
+                .await?;
+                tx.commit().await?;
+                if let Some(mutex) = &locked.mutex {
+                    // Its lease goes to the next waiter now rather than at its expiry.
+                    s.locks
+                        .release_or_withdraw(
+                            mutex,
+                            step_run,
+                            attempt as u32,
+                            locked.mutex_token.map(|t| t as u64),
+                        )
+                        .await;
+                }
+                s.orchestrator.kick(locked.task());
                 return Err(ApiError::Conflict(why));
             }
         }

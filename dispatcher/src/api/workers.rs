@@ -176,22 +176,23 @@ pub async fn patch(
     caller.require(Permission::ConfigureServer)?;
     let id: WorkerId = parse_id(&id, "worker")?;
     let mut tx = s.db.begin().await?;
-    if req.pools.is_some() && s.broker_users.is_some() {
+    if (req.pools.is_some() || req.enabled.is_some()) && s.broker_users.is_some() {
         crate::broker_users::lock(&mut tx).await?;
     }
     let patched = workers::patch(&mut tx, id, &req).await?;
-    if let (Some(users), Some(slugs), Some(_)) = (
-        &s.broker_users,
-        &patched.new_slugs,
-        &patched.worker.broker_user,
-    ) {
-        users.repermission(id, slugs).await?;
+    let w = &patched.worker;
+    if let (Some(users), true, Some(_)) = (&s.broker_users, patched.rights_changed, &w.broker_user)
+    {
+        // A worker that left a pool, or was disabled, must not read those queues a moment
+        // longer: its new rights are in force before the change is committed.
+        let slugs: Vec<String> = w.pools.iter().map(|p| p.slug.clone()).collect();
+        users.repermission(id, &slugs, w.enabled).await?;
     }
     tx.commit().await?;
-    if let Some(slugs) = &patched.new_slugs {
+    if patched.rights_changed {
         // Jobs of a pool the worker left, parked in its own queue, go back to that pool's
         // queue with the sweep's "stranded" check; new ones go elsewhere.
-        tracing::info!(worker = %id, pools = ?slugs, "worker pools changed");
+        tracing::info!(worker = %id, pools = ?w.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), enabled = w.enabled, "worker pools or enabled state changed");
     }
     reconfigure(&s, id).await;
     Ok(Json(patched.worker))

@@ -256,11 +256,11 @@ async fn get_in(conn: &mut PgConnection, id: WorkerId) -> ApiResult<Worker> {
     })
 }
 
-/// What a change of a worker did: the worker as it is now, and its pools' slugs when they
-/// changed (its broker user's rights must follow).
+/// What a change of a worker did: the worker as it is now, and whether its broker user's
+/// rights must follow (its pools or its enabled state changed).
 pub struct Patched {
     pub worker: Worker,
-    pub new_slugs: Option<Vec<String>>,
+    pub rights_changed: bool,
 }
 
 /// Change a worker in the caller's transaction (which holds [`broker_users::lock`] when the
@@ -269,12 +269,12 @@ pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> Ap
     if let Some(n) = req.max_concurrent_steps {
         check_max(n, "max_concurrent_steps")?;
     }
-    let builtin: Option<bool> =
-        sqlx::query_scalar("SELECT builtin FROM workers WHERE id = $1 FOR UPDATE")
+    let row: Option<(bool, bool)> =
+        sqlx::query_as("SELECT builtin, enabled FROM workers WHERE id = $1 FOR UPDATE")
             .bind(id.0)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some(builtin) = builtin else {
+    let Some((builtin, was_enabled)) = row else {
         return Err(ApiError::not_found(format!("no worker with id {id}")));
     };
     sqlx::query(
@@ -287,7 +287,7 @@ pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> Ap
     .bind(req.max_concurrent_steps.map(|n| n as i32))
     .execute(&mut *tx)
     .await?;
-    let mut new_slugs = None;
+    let mut rights_changed = req.enabled.is_some_and(|e| e != was_enabled);
     if let Some(refs) = &req.pools {
         if builtin {
             return Err(ApiError::bad(
@@ -301,7 +301,7 @@ pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> Ap
                 "a worker serves one pool at least; deregister it to take it out of every pool",
             ));
         }
-        let (ids, slugs) = resolve_pools(&mut *tx, refs, "pools").await?;
+        let (ids, _) = resolve_pools(&mut *tx, refs, "pools").await?;
         sqlx::query("DELETE FROM worker_pools WHERE worker_id = $1 AND pool_id <> ALL($2)")
             .bind(id.0)
             .bind(&ids)
@@ -315,11 +315,11 @@ pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> Ap
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
-        new_slugs = Some(slugs);
+        rights_changed = true;
     }
     Ok(Patched {
         worker: get_in(&mut *tx, id).await?,
-        new_slugs,
+        rights_changed,
     })
 }
 
@@ -343,8 +343,8 @@ pub async fn reconcile_broker_users(
 ) -> anyhow::Result<broker_users::Reconciled> {
     let mut tx = db.begin().await?;
     broker_users::lock(&mut tx).await?;
-    let rows: Vec<(Uuid, String, String, Vec<String>)> = sqlx::query_as(
-        "SELECT w.id, w.broker_user, w.broker_password_hash,
+    let rows: Vec<(Uuid, String, String, bool, Vec<String>)> = sqlx::query_as(
+        "SELECT w.id, w.broker_user, w.broker_password_hash, w.enabled,
                 COALESCE(array_agg(p.slug) FILTER (WHERE p.slug IS NOT NULL), '{}')
          FROM workers w
          LEFT JOIN worker_pools wp ON wp.worker_id = w.id
@@ -356,11 +356,12 @@ pub async fn reconcile_broker_users(
     .await?;
     let wanted: Vec<broker_users::Wanted> = rows
         .into_iter()
-        .map(|(id, user, hash, slugs)| broker_users::Wanted {
+        .map(|(id, user, hash, enabled, slugs)| broker_users::Wanted {
             worker: WorkerId(id),
             user,
             password_hash: hash,
             slugs,
+            enabled,
         })
         .collect();
     let done = users.reconcile(&wanted).await?;

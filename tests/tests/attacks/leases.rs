@@ -101,8 +101,8 @@ async fn agents_renew_leases_through_the_dispatcher_and_cannot_set_tokens() {
 #[tokio::test]
 async fn a_holder_that_never_stops_its_step_loses_the_mutex_after_its_timeout() {
     // Arrange: mallory, a worker of pool `rogue` with no honest agent, beats its heartbeat,
-    // takes a mutex step's job from its own queue and claims it, as a compromised agent that
-    // means to hold the mutex for good would.
+    // takes a mutex step's job from its own queue, claims it and says it started in the far
+    // future, as a compromised agent that means to hold the mutex for good would.
     let stack = Stack::start_with(vec![("GANTRY__LOCKS__LEASE_MS".into(), "3000".into())])
         .await
         .unwrap();
@@ -159,6 +159,22 @@ async fn a_holder_that_never_stops_its_step_loses_the_mutex_after_its_timeout() 
         .header(WORKER_TOKEN_HEADER, &mallory.token)
         .json(&serde_json::json!({ "claim_id": uuid::Uuid::new_v4(), "job_sha256": sha }))
         .send()
+        .await
+        .unwrap();
+    // Claim the step started in the year 9999, so that it never looks overdue.
+    let started = serde_json::json!({
+        "v": 1, "type": "StepStarted", "step_run_id": job.step_run_id, "attempt": job.attempt,
+        "job_id": job.job_id, "worker_id": mallory.worker.id,
+        "started_at": "9999-01-01T00:00:00Z"
+    });
+    stack
+        .publish_as(
+            (&creds.user, &creds.password),
+            &t.results_exchange(),
+            "",
+            started.to_string().as_bytes(),
+            Some(&creds.user),
+        )
         .await
         .unwrap();
     // Look alive as an agent does: its control queue consumed, heartbeats going.

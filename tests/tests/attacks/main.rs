@@ -6,6 +6,7 @@
 //! shows the honest path still works, so that no refusal passes by refusing everything.
 
 mod altered_job;
+mod claims;
 mod common;
 mod connection_flood;
 mod control;
@@ -18,5 +19,6 @@ mod leases;
 mod pool_change;
 mod production;
 mod queues;
+mod reconcile;
 mod swallowed_jobs;
 mod user_code_env;

@@ -117,3 +117,149 @@ async fn a_worker_removed_from_a_pool_cannot_consume_its_queue_at_once() {
             .contains("this worker's pools changed")
     );
 }
+
+#[tokio::test]
+async fn a_disabled_worker_reads_nothing_but_its_control_queue_until_enabled() {
+    // Arrange
+    let mut stack = Stack::start().await.unwrap();
+    stack.add_pool("a").await.unwrap();
+    let idx = stack
+        .add_agent(
+            "pausable",
+            AgentOpts {
+                pools: vec!["a".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let creds = stack.broker_credentials(idx).unwrap();
+    let c = (creds.user.as_str(), creds.password.as_str());
+    let t = stack.topology();
+    let id = stack
+        .get::<Vec<Worker>>("/api/workers")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|w| w.name == "pausable")
+        .unwrap()
+        .id;
+    let patch = |enabled: bool| {
+        let stack = &stack;
+        async move {
+            stack
+                .request(
+                    reqwest::Method::PATCH,
+                    &format!("/api/workers/{id}"),
+                    Some(API_KEY),
+                    Some(serde_json::json!({ "enabled": enabled })),
+                )
+                .await
+                .unwrap()
+                .0
+        }
+    };
+
+    // Act
+    let off = patch(false).await;
+    let pool_while_off = consume(&stack, c, &t.pool_queue("a")).await;
+    let own_while_off = consume(&stack, c, &t.worker_queue(id)).await;
+    let on = patch(true).await;
+    let pool_after = consume(&stack, c, &t.pool_queue("a")).await;
+    let task = stack
+        .submit("name = \"back\"\n[[steps]]\nname = \"s\"\npool = \"a\"\nscript = \"echo back\"\n")
+        .await
+        .unwrap();
+    let done = stack
+        .wait_task(task, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!((off, on), (200, 200));
+    assert!(
+        matches!(&pool_while_off, Err(e) if e.contains("ACCESS_REFUSED")),
+        "{pool_while_off:?}"
+    );
+    assert!(
+        matches!(&own_while_off, Err(e) if e.contains("ACCESS_REFUSED")),
+        "{own_while_off:?}"
+    );
+    assert_eq!(pool_after, Ok(()));
+    assert_eq!(
+        done.summary.state, "Success",
+        "the agent took steps again: {done:#?}"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_whose_pool_queue_went_missing_serves_its_other_pools_and_gets_it_back() {
+    // Arrange: an agent in pools a and b; pool a's queue is deleted under it (agents may
+    // not declare queues; the dispatcher declares them again).
+    let mut stack = Stack::start().await.unwrap();
+    stack.add_pool("a").await.unwrap();
+    stack.add_pool("b").await.unwrap();
+    let idx = stack
+        .add_agent(
+            "both",
+            AgentOpts {
+                pools: vec!["a".into(), "b".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let admin = stack.amqp().await;
+    let ch = admin.create_channel().await.unwrap();
+    ch.queue_delete(
+        stack.topology().pool_queue("a").as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let _ = admin.close(200, "done".into()).await;
+
+    // Act
+    let mut on_b = Vec::new();
+    for i in 0..3 {
+        on_b.push(
+            stack
+                .submit(&format!("name = \"b{i}\"\n[[steps]]\nname = \"s\"\npool = \"b\"\nscript = \"echo on b\"\n"))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut b_states = Vec::new();
+    for t in &on_b {
+        b_states.push(
+            stack
+                .wait_task(*t, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .summary
+                .state,
+        );
+    }
+    let on_a = stack
+        .submit("name = \"a\"\n[[steps]]\nname = \"s\"\npool = \"a\"\nscript = \"echo on a\"\n")
+        .await
+        .unwrap();
+    let a = stack
+        .wait_task(on_a, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(b_states, ["Success"; 3], "the other pool's steps ran");
+    assert_eq!(
+        a.summary.state, "Success",
+        "the queue is back and served: {a:#?}"
+    );
+    let log = stack.agent(idx).log_text();
+    assert!(log.contains("this queue does not exist"), "{log}");
+    let refusals = log.matches("this queue does not exist").count();
+    assert!(
+        refusals <= 3,
+        "it did not spin on the missing queue: {refusals} tries"
+    );
+}

@@ -101,3 +101,93 @@ async fn jobs_swallowed_or_purged_by_a_pool_member_are_published_again_and_run_o
             .contains("jobs left their queue without a claim")
     );
 }
+
+#[tokio::test]
+async fn idle_consumers_do_not_hide_a_swallowed_job() {
+    // Arrange: as above, the honest agent is busy; mallory swallows the job, then keeps three
+    // consumers open on the now empty queue (what used to count as three jobs in hand).
+    let mut stack = Stack::start().await.unwrap();
+    stack.add_pool("prod").await.unwrap();
+    stack
+        .add_agent(
+            "honest",
+            AgentOpts {
+                pools: vec!["prod".into()],
+                max_concurrent_steps: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mallory = stack.register_worker("mallory", &["prod"]).await.unwrap();
+    let creds = mallory.broker.clone().unwrap();
+    let release = stack.dir.path().join("release");
+    let blocker = stack
+        .submit(&format!(
+            "name = \"blocker\"\n[[steps]]\nname = \"b\"\npool = \"prod\"\nscript = \"while [ ! -e '{}' ]; do sleep 0.05; done\"\n",
+            release.display()
+        ))
+        .await
+        .unwrap();
+    stack
+        .wait_task_until(blocker, Duration::from_secs(30), |t| {
+            t.steps[0].state == "Running"
+        })
+        .await
+        .unwrap();
+    let queue = stack.topology().pool_queue("prod");
+    let conn = stack.amqp_as(&creds.user, &creds.password).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let task = stack
+        .submit(
+            "name = \"target\"\n[[steps]]\nname = \"s\"\npool = \"prod\"\nscript = \"echo ran\"\n",
+        )
+        .await
+        .unwrap();
+    let d = eventually(Duration::from_secs(20), "a job to swallow", || async {
+        ch.basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .ok()
+            .flatten()
+    })
+    .await
+    .unwrap();
+    let first_job = gantry_tests::gantry_shared::wire::Job::decode(&d.data)
+        .unwrap()
+        .job_id;
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    let idle = conn.create_channel().await.unwrap();
+    idle.basic_qos(1, Default::default()).await.unwrap();
+    let mut consumers = Vec::new();
+    for i in 0..3 {
+        consumers.push(
+            idle.basic_consume(
+                queue.as_str().into(),
+                format!("idle-{i}").as_str().into(),
+                lapin::options::BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+
+    // Act: wait, with the idle consumers open, for the job to be published again.
+    let republished = eventually(Duration::from_secs(40), "a new job id", || async {
+        let t = stack.task(task).await.ok()?;
+        let now = t.steps[0].attempts[0].job_id;
+        (now != first_job).then_some(now)
+    })
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    std::fs::write(&release, b"").unwrap();
+    let done = stack
+        .wait_task(task, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // Assert
+    republished.expect("published again although three consumers stood idle on the queue");
+    assert_eq!(done.summary.state, "Success", "{done:#?}");
+    assert_eq!(done.steps[0].attempts.len(), 1);
+}

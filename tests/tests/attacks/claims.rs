@@ -1,0 +1,94 @@
+//! Claims from a worker that may not run the step: refused before anything else is looked at,
+//! so a wrong sha256 from an outsider cannot fail another pool's attempt; and the sha256 must
+//! be a sha256.
+
+use gantry_tests::gantry_shared::api::WORKER_TOKEN_HEADER;
+use gantry_tests::{AgentOpts, Stack};
+use std::time::Duration;
+
+#[tokio::test]
+async fn a_claim_from_outside_the_pool_is_refused_whatever_sha_it_sends() {
+    // Arrange: the only prod agent has one slot, busy with a blocker, so the target's job
+    // waits Queued; mallory serves dev and knows the job's id.
+    let mut stack = Stack::start().await.unwrap();
+    stack.add_pool("prod").await.unwrap();
+    stack.add_pool("dev").await.unwrap();
+    stack
+        .add_agent(
+            "victim",
+            AgentOpts {
+                pools: vec!["prod".into()],
+                max_concurrent_steps: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mallory = stack.register_worker("mallory", &["dev"]).await.unwrap();
+    let release = stack.dir.path().join("release");
+    let blocker = stack
+        .submit(&format!(
+            "name = \"blocker\"\n[[steps]]\nname = \"b\"\npool = \"prod\"\nscript = \"while [ ! -e '{}' ]; do sleep 0.05; done\"\n",
+            release.display()
+        ))
+        .await
+        .unwrap();
+    stack
+        .wait_task_until(blocker, Duration::from_secs(30), |t| {
+            t.steps[0].state == "Running"
+        })
+        .await
+        .unwrap();
+    let task = stack
+        .submit("name = \"target\"\n[[steps]]\nname = \"s\"\npool = \"prod\"\nretries = 1\nscript = \"echo done\"\n")
+        .await
+        .unwrap();
+    let t = stack
+        .wait_task_until(task, Duration::from_secs(30), |t| {
+            t.steps[0]
+                .attempts
+                .first()
+                .is_some_and(|a| a.state == "Queued")
+        })
+        .await
+        .unwrap();
+    let job = t.steps[0].attempts[0].job_id;
+    let claim = |sha: String| {
+        let (stack, token) = (&stack, mallory.token.clone());
+        async move {
+            let r = stack
+                .http
+                .post(format!("{}/api/jobs/{job}/claim", stack.url))
+                .header(WORKER_TOKEN_HEADER, token)
+                .json(&serde_json::json!({ "claim_id": uuid::Uuid::new_v4(), "job_sha256": sha }))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+
+    // Act
+    let huge = claim("f".repeat(4_000_000)).await;
+    let wrong = claim("0".repeat(64)).await;
+    std::fs::write(&release, b"").unwrap();
+    let done = stack
+        .wait_task(task, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(huge.0, 400, "{}", &huge.1[..huge.1.len().min(300)]);
+    assert!(huge.1.len() < 1000, "the bad value is not echoed back");
+    assert!(huge.1.contains("job_sha256"), "{}", huge.1);
+    assert_eq!(wrong.0, 409, "{}", wrong.1);
+    assert!(
+        wrong.1.contains("does not serve"),
+        "refused as an outsider: {}",
+        wrong.1
+    );
+    assert_eq!(done.summary.state, "Success", "{done:#?}");
+    let a = &done.steps[0].attempts;
+    assert_eq!(a.len(), 1, "no retry was used up: {a:#?}");
+    assert!(a[0].error.is_none(), "{a:#?}");
+}
