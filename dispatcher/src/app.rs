@@ -117,7 +117,7 @@ impl Dispatcher {
             attribution: attribution.clone(),
         }
         .spawn(cancel.clone());
-        monitors::spawn_heartbeats(
+        crate::heartbeats::spawn_heartbeats(
             db.clone(),
             broker.clone(),
             &topology,

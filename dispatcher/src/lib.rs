@@ -16,7 +16,8 @@
 //! - [`artifacts`]: storing artifact chunks, checking their sha256, reading them back.
 //! - [`logs`]: gapless, ordered log storage and reading.
 //! - [`locks`]: waiting for named mutexes, granting and renewing them before a claim.
-//! - [`monitors`]: heartbeats, worker availability, dead letters.
+//! - [`heartbeats`]: agents' heartbeats, believed only of the worker that sent them.
+//! - [`monitors`]: worker availability, dead letters, worker loss.
 //! - [`nodes`]: which dispatcher node orchestrates which task (leases in PostgreSQL).
 //! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
 //! - [`metrics`]: Prometheus text.
@@ -39,6 +40,7 @@ pub mod builtin;
 pub mod cli;
 pub mod db;
 pub mod email;
+pub mod heartbeats;
 pub mod locks;
 pub mod logs;
 pub mod metrics;

@@ -1,14 +1,13 @@
-//! Small background consumers: agent heartbeats, dead letters, and the worker availability
-//! check.
+//! Small background loops: dead letters, the worker availability check, and worker loss.
+//! (Heartbeats are in `heartbeats`.)
 
 use crate::attempts;
 use crate::orchestrator::Orchestrator;
-use crate::senders::{Attribution, Sender};
 use crate::store::settings;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use gantry_shared::amqp::Broker;
 use gantry_shared::topology::Topology;
-use gantry_shared::wire::{Heartbeat, Job};
+use gantry_shared::wire::Job;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use sqlx::PgPool;
@@ -46,7 +45,7 @@ async fn open_consumer(
 
 /// Wait for the broker and open a consumer of `queue`, trying again every second; `None` once
 /// cancelled.
-async fn reconsume(
+pub(crate) async fn reconsume(
     broker: &Broker,
     queue: &str,
     tag: &str,
@@ -101,205 +100,6 @@ async fn consume_forever<F, Fut>(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Heartbeats stored in one transaction at most.
-const HEARTBEAT_BATCH: usize = 256;
-
-/// Store agents' heartbeats. They are taken in batches: whatever has arrived (up to
-/// [`HEARTBEAT_BATCH`]) is stored in one transaction, the latest heartbeat of each worker only,
-/// and acked at once. One transaction per heartbeat could not keep up with a large fleet on a
-/// busy database: the queue grew, and live workers looked silent and became `Unavailable`.
-pub fn spawn_heartbeats(
-    db: PgPool,
-    broker: Broker,
-    topology: &Topology,
-    attribution: Attribution,
-    cancel: CancellationToken,
-) {
-    let queue = topology.heartbeats_queue();
-    tokio::spawn(async move {
-        loop {
-            let tag = "gantry-dispatcher-heartbeats";
-            let prefetch = HEARTBEAT_BATCH as u16;
-            let Some(mut consumer) = reconsume(&broker, &queue, tag, prefetch, &cancel).await
-            else {
-                return;
-            };
-            loop {
-                let first = tokio::select! {
-                    n = consumer.next() => n,
-                    _ = cancel.cancelled() => return,
-                };
-                let Some(Ok(first)) = first else { break };
-                let mut batch = vec![first];
-                let mut broken = false;
-                while batch.len() < HEARTBEAT_BATCH {
-                    match consumer.next().now_or_never() {
-                        Some(Some(Ok(d))) => batch.push(d),
-                        Some(_) => {
-                            broken = true;
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                let beats: Vec<Beat> = batch
-                    .iter()
-                    .filter_map(|d| match Heartbeat::decode(&d.data) {
-                        Ok(hb) => attribute(&attribution, d, hb),
-                        Err(_) => {
-                            tracing::debug!("ignoring a malformed heartbeat");
-                            None
-                        }
-                    })
-                    .collect();
-                // A batch that cannot be stored is simply superseded by the next heartbeats.
-                if let Err(e) = store_heartbeats(&db, beats).await {
-                    tracing::debug!(error = %e, "heartbeats not stored");
-                }
-                // Deliveries on one channel are acked in order: acking the last with
-                // `multiple` acks the whole batch.
-                let last = batch.last().expect("one delivery at least");
-                let _ = last.ack(BasicAckOptions { multiple: true }).await;
-                if broken {
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-}
-
-/// Longest agent version stored, in bytes.
-const MAX_VERSION: usize = 64;
-/// Longest health reason stored, in bytes.
-const MAX_HEALTH_REASON: usize = 1000;
-
-/// `text` cut to at most `max` bytes on a character boundary.
-fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if text.len() <= max {
-        return text.into();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end]).into()
-}
-
-/// A heartbeat and whether it counts only for a built-in worker (it came from the
-/// dispatcher's own broker user with per-worker users in force).
-struct Beat {
-    hb: Heartbeat,
-    builtin_only: bool,
-}
-
-/// Believe a heartbeat's `worker_id` only as far as its sender allows (see `senders`): a
-/// forged heartbeat for another worker (to keep a killed agent looking alive) is dropped.
-fn attribute(a: &Attribution, d: &lapin::message::Delivery, mut hb: Heartbeat) -> Option<Beat> {
-    let sender = a.sender(d.properties.user_id().as_ref().map(|u| u.as_str()));
-    // What an agent says of itself is stored and shown: bounded, whatever it sends.
-    hb.version = clip(&hb.version, MAX_VERSION).into_owned();
-    hb.health_reason = hb
-        .health_reason
-        .map(|r| clip(&r, MAX_HEALTH_REASON).into_owned());
-    match a.worker(&sender, hb.worker_id, || true) {
-        Ok(w) => {
-            hb.worker_id = w;
-            Some(Beat {
-                builtin_only: a.managed() && sender == Sender::Dispatcher,
-                hb,
-            })
-        }
-        Err(why) => {
-            tracing::warn!(worker = %hb.worker_id, sender = %sender.describe(), %why, "ignoring a heartbeat");
-            None
-        }
-    }
-}
-
-/// Store a batch of heartbeats in one transaction: each worker's last heartbeat time and
-/// version, and its health where it changed (with a `worker_health_events` row).
-async fn store_heartbeats(db: &PgPool, beats: Vec<Beat>) -> sqlx::Result<()> {
-    // The latest heartbeat of each worker, in a fixed order (row locks in id order).
-    let mut latest: std::collections::BTreeMap<uuid::Uuid, Beat> = Default::default();
-    for b in beats {
-        match latest.get(&b.hb.worker_id.0) {
-            Some(seen) if seen.hb.sent_at > b.hb.sent_at => {}
-            _ => {
-                latest.insert(b.hb.worker_id.0, b);
-            }
-        }
-    }
-    if latest.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<uuid::Uuid> = latest.keys().copied().collect();
-    let versions: Vec<&str> = latest.values().map(|b| b.hb.version.as_str()).collect();
-    let healths: Vec<&str> = latest
-        .values()
-        .map(|b| {
-            b.hb.health
-                .as_deref()
-                .filter(|h| matches!(*h, "Healthy" | "HasWarnings" | "Unhealthy"))
-                .unwrap_or("Healthy")
-        })
-        .collect();
-    let reasons: Vec<Option<&str>> = latest
-        .values()
-        .map(|b| b.hb.health_reason.as_deref())
-        .collect();
-    let builtin_only: Vec<bool> = latest.values().map(|b| b.builtin_only).collect();
-    let mut tx = db.begin().await?;
-    // One statement: the heartbeat itself, and the health where it changed (the old value
-    // comes from the row as it was before this update).
-    let changed: Vec<(uuid::Uuid, String, Option<String>)> = sqlx::query_as(
-        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                         $5::bool[])
-                      AS u(id, version, health, reason, builtin_only)),
-              old AS (SELECT w.id, w.health, w.health_reason FROM workers w JOIN u ON u.id = w.id
-                      WHERE w.builtin OR NOT u.builtin_only
-                      ORDER BY w.id FOR UPDATE OF w)
-         UPDATE workers w SET last_heartbeat_at = now(), agent_version = u.version,
-                              health = u.health, health_reason = u.reason
-         FROM u JOIN old ON old.id = u.id
-         WHERE w.id = u.id
-         RETURNING w.id, w.health, w.health_reason,
-                   (old.health, COALESCE(old.health_reason, '')) <> (u.health, COALESCE(u.reason, ''))",
-    )
-    .bind(&ids)
-    .bind(&versions)
-    .bind(&healths)
-    .bind(&reasons)
-    .bind(&builtin_only)
-    .fetch_all(&mut *tx)
-    .await
-    .map(|rows: Vec<(uuid::Uuid, String, Option<String>, bool)>| {
-        rows.into_iter()
-            .filter(|r| r.3)
-            .map(|(id, h, r, _)| (id, h, r))
-            .collect()
-    })?;
-    if !changed.is_empty() {
-        let ids: Vec<uuid::Uuid> = changed.iter().map(|c| c.0).collect();
-        let healths: Vec<&str> = changed.iter().map(|c| c.1.as_str()).collect();
-        let reasons: Vec<Option<&str>> = changed.iter().map(|c| c.2.as_deref()).collect();
-        sqlx::query(
-            "INSERT INTO worker_health_events (worker_id, health, reason)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])",
-        )
-        .bind(&ids)
-        .bind(&healths)
-        .bind(&reasons)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    for (worker, health, reason) in &changed {
-        tracing::info!(%worker, health, reason, "worker health changed");
-    }
-    Ok(())
 }
 
 /// Mark workers whose heartbeats stopped as `Unavailable`.

@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`ids`]: typed identifiers (`TaskId`, `StepRunId`, ...).
 //! - [`config`]: layered configuration (defaults, `gantry.toml`, `GANTRY__...`), exit code 64.
+//! - [`production`]: what `production = true` asks of each program; the effective TLS settings.
 //! - [`telemetry`]: logging set-up for every binary.
 //! - [`topology`]: exchange and queue names under the namespace, and their declaration.
 //! - [`amqp`]: self-healing broker connection and the confirming publisher.
@@ -29,6 +30,7 @@ pub mod ids;
 pub mod locks;
 pub mod mask;
 pub mod process;
+pub mod production;
 pub mod redis_link;
 pub mod service_messages;
 pub mod stepenv;

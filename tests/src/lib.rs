@@ -27,7 +27,11 @@ use tokio::process::{Child, Command};
 pub use gantry_dispatcher;
 pub use gantry_shared;
 
+pub mod broker;
+mod proxies;
 pub mod tls;
+
+pub use proxies::{CutProxy, SmtpSink};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// RabbitMQ's management API, as `.ci/run` enables it: every stack gives its workers broker
@@ -465,89 +469,6 @@ impl Stack {
         Connection::connect(AMQP_URL, ConnectionProperties::default())
             .await
             .expect("RabbitMQ")
-    }
-
-    /// A connection as another broker user (a worker's, from its registration).
-    pub async fn amqp_as(&self, user: &str, password: &str) -> Result<Connection> {
-        let url = gantry_shared::amqp::with_credentials(AMQP_URL, user, password)
-            .map_err(anyhow::Error::msg)?;
-        Ok(Connection::connect(&url, ConnectionProperties::default()).await?)
-    }
-
-    /// Publish `body` as broker user `user` (confirmed, mandatory), with `user_id` set as
-    /// given (an agent sets its own). `Ok` once the broker confirmed it and routed it
-    /// somewhere; `Err` with the broker's reason when it refused it (a 403 on the exchange, a
-    /// 406 for a foreign `user_id`) or routed it nowhere.
-    pub async fn publish_as(
-        &self,
-        (user, password): (&str, &str),
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        user_id: Option<&str>,
-    ) -> Result<(), String> {
-        let conn = self
-            .amqp_as(user, password)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let r = async {
-            let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-            ch.confirm_select(Default::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut props = lapin::BasicProperties::default().with_delivery_mode(2);
-            if let Some(u) = user_id {
-                props = props.with_user_id(u.into());
-            }
-            let confirm = ch
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    lapin::options::BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    body,
-                    props,
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
-            if !confirm.is_ack() {
-                return Err("nacked".to_owned());
-            }
-            if confirm.take_message().is_some() {
-                return Err("returned: routed to no queue".to_owned());
-            }
-            Ok(())
-        }
-        .await;
-        let _ = conn.close(200, "done".into()).await;
-        r
-    }
-
-    /// The broker user and password of a registered agent, from its identity file.
-    pub fn broker_credentials(&self, idx: usize) -> Result<gantry_shared::api::BrokerCredentials> {
-        let path = self.agents[idx].home.join("identity.json");
-        let text = std::fs::read_to_string(&path)?;
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        serde_json::from_value(v["broker"].clone())
-            .with_context(|| format!("{} holds no broker credentials", path.display()))
-    }
-
-    /// Register a worker through the API only (no agent process): what an attacker holding a
-    /// registration would have.
-    pub async fn register_worker(
-        &self,
-        name: &str,
-        pools: &[&str],
-    ) -> Result<gantry_shared::api::WorkerRegistered> {
-        self.post(
-            "/api/workers",
-            &serde_json::json!({ "name": name, "pools": pools }),
-        )
-        .await
     }
 
     pub fn topology(&self) -> gantry_shared::topology::Topology {
@@ -1126,131 +1047,4 @@ pub fn max_overlap(
         best = best.max(cur);
     }
     best as usize
-}
-
-/// A TCP proxy in front of a service that a test can cut: every connection through it is
-/// closed at once and new ones are closed as soon as they arrive, until it is restored. It
-/// cuts one process off a service that everyone else still reaches.
-pub struct CutProxy {
-    pub port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl CutProxy {
-    /// Listen on a free port and forward to `target` (`host:port`).
-    pub async fn start(target: &str) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns = std::sync::Arc::new(Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
-        let target = target.to_owned();
-        let accept = {
-            let (cut, conns) = (cut.clone(), conns.clone());
-            tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
-                        drop(inbound);
-                        continue;
-                    }
-                    let target = target.clone();
-                    let handle = tokio::spawn(async move {
-                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    conns.lock().expect("lock").push(handle.abort_handle());
-                }
-            })
-        };
-        Ok(Self {
-            port,
-            cut,
-            conns,
-            accept,
-        })
-    }
-
-    /// Close every connection and refuse new ones.
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for c in self.conns.lock().expect("lock").drain(..) {
-            c.abort();
-        }
-    }
-
-    /// Let connections through again.
-    pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for CutProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for c in self.conns.lock().expect("lock").drain(..) {
-            c.abort();
-        }
-    }
-}
-
-/// A real SMTP server (`tests/support/smtp_sink.py`) that writes what it receives to a
-/// folder, for e-mail steps.
-pub struct SmtpSink {
-    pub port: u16,
-    pub dir: PathBuf,
-    _proc: Proc,
-}
-
-impl SmtpSink {
-    pub async fn start(parent: &Path) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir = parent.join("mail");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/smtp_sink.py");
-        let (proc, mut rx) = spawn(
-            "smtp sink",
-            Path::new("python3"),
-            &[
-                script.to_str().context("path")?,
-                &port.to_string(),
-                dir.to_str().context("path")?,
-            ],
-            &[],
-            parent,
-            parent.join("smtp.log"),
-        )
-        .await?;
-        if let Err(e) = wait_for_line(&mut rx, "ready", Duration::from_secs(20)).await {
-            bail!("the SMTP sink did not start: {e}\n{}", proc.log_text());
-        }
-        Ok(Self {
-            port,
-            dir,
-            _proc: proc,
-        })
-    }
-
-    /// The messages received so far, oldest first.
-    pub fn messages(&self) -> Vec<String> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|x| x == "eml"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort_by_key(|p| {
-            p.file_stem()
-                .and_then(|s| s.to_str()?.parse::<u32>().ok())
-                .unwrap_or(0)
-        });
-        files
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .collect()
-    }
 }

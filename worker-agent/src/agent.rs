@@ -14,10 +14,11 @@
 //! (for up to `agent.shutdown_grace_secs`, then they are cancelled); a second one cancels
 //! them at once. Results are flushed to the broker before the agent exits 0.
 
-use crate::api::{Api, ApiError};
+use crate::api::Api;
 use crate::health;
 use crate::identity;
 use crate::outbox::Outbox;
+use crate::reconfig::{Reconfig, fetch_config, queues_of, refresh_config};
 use crate::slots::{self, AgentContext, Slots};
 use anyhow::{Context, bail};
 use futures::StreamExt;
@@ -39,9 +40,6 @@ use tokio_util::sync::CancellationToken;
 /// [`with_frame_max`](gantry_shared::amqp::with_frame_max)). A log batch (at most
 /// [`BATCH_BYTES`](crate::runner::BATCH_BYTES) of text) goes out as a few dozen frames.
 pub const AMQP_FRAME_MAX: u32 = 16 * 1024;
-
-/// How often the agent reads its configuration again, whatever else happens.
-pub const CONFIG_REFRESH: Duration = Duration::from_secs(60);
 
 pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
     let identity = identity::load(home)?;
@@ -98,84 +96,6 @@ pub struct Setup {
     pub run_as: Option<crate::runner::RunAs>,
     pub stop: Stop,
     pub broker: BrokerLogin,
-}
-
-/// The queues an agent consumes, in priority order: its own, its pools', then `extra`.
-fn queues_of(topology: &Topology, config: &AgentConfig, extra: &[String]) -> Vec<String> {
-    let mut queues = vec![topology.worker_queue(config.worker_id)];
-    queues.extend(config.pools.iter().map(|p| topology.pool_queue(&p.slug)));
-    queues.extend(extra.iter().cloned());
-    queues
-}
-
-/// What applies a configuration read from the dispatcher.
-#[derive(Clone)]
-struct Reconfig {
-    api: Api,
-    topology: Topology,
-    extra: Vec<String>,
-    slots: Arc<Slots>,
-    policy: Arc<tokio::sync::watch::Sender<MachinePolicy>>,
-    queues: Arc<tokio::sync::watch::Sender<Vec<String>>>,
-    fatal: CancellationToken,
-}
-
-impl Reconfig {
-    /// Read the configuration once and apply what changed. A refused credential stops the
-    /// agent; an unreachable dispatcher keeps the configuration in force.
-    async fn refresh(&self) {
-        match tokio::time::timeout(Duration::from_secs(10), self.api.agent_config()).await {
-            Ok(Ok(c)) => self.apply(&c),
-            Ok(Err(ApiError::Unauthorized(m))) => {
-                tracing::error!(message = %m, "the dispatcher refused this agent's credential");
-                self.fatal.cancel();
-            }
-            Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the configuration; keeping it"),
-            Err(_) => tracing::debug!("reading the configuration timed out; keeping it"),
-        }
-    }
-
-    fn apply(&self, c: &AgentConfig) {
-        if self.slots.max() != c.max_concurrent_steps {
-            self.slots.set_max(c.max_concurrent_steps);
-        }
-        if self.slots.enabled() != c.enabled {
-            self.slots.set_enabled(c.enabled);
-        }
-        self.policy.send_if_modified(|p| {
-            let changed = *p != c.policy;
-            if changed {
-                tracing::info!(policy = ?c.policy, "machine policy changed");
-                *p = c.policy.clone();
-            }
-            changed
-        });
-        let queues = queues_of(&self.topology, c, &self.extra);
-        self.queues.send_if_modified(|q| {
-            let changed = *q != queues;
-            if changed {
-                tracing::info!(pools = ?c.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "this worker's pools changed");
-                *q = queues.clone();
-            }
-            changed
-        });
-    }
-}
-
-/// Read the configuration again on `Reconfigure` and every [`CONFIG_REFRESH`].
-async fn refresh_config(
-    reconfig: Reconfig,
-    nudge: Arc<tokio::sync::Notify>,
-    cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = nudge.notified() => {}
-            _ = tokio::time::sleep(CONFIG_REFRESH) => {}
-            _ = cancel.cancelled() => return,
-        }
-        reconfig.refresh().await;
-    }
 }
 
 /// Run an agent until it is stopped (see [`Stop`]).
@@ -454,25 +374,6 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
     }
     tracing::info!("agent stopped");
     Ok(())
-}
-
-async fn fetch_config(api: &Api, server: &str) -> anyhow::Result<AgentConfig> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match api.agent_config().await {
-            Ok(c) => return Ok(c),
-            Err(ApiError::Unauthorized(m)) => {
-                bail!(
-                    "the dispatcher at {server} refused this agent's credential ({m}); register it again"
-                )
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot reach the dispatcher at {server}; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 /// An agent that has been without the broker for the policy's `unavailable_after` has been

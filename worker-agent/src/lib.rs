@@ -4,13 +4,15 @@
 //! from the dispatcher, runs the script, and streams the results back.
 //!
 //! # Layout
-//! - [`agent`]: `run`: wiring, signals, graceful drain.
-//! - [`slots`]: the concurrency limit, consumers and claims.
+//! - [`agent`]: `run`: wiring, signals, graceful drain, heartbeats and the control queue.
+//! - [`reconfig`]: the agent's configuration, read from the dispatcher's API.
+//! - [`slots`]: the concurrency limit, consumers and claims (`slots/probes.rs`: queue
+//!   depths, and missing queues coming back).
 //! - [`runner`]: running one step and streaming its output.
 //! - [`artifacts`]: which files a step's artifacts are, and reading them in hashed chunks.
 //! - [`health`]: health checks against the machine policy.
 //! - [`guard`]: the process that makes a step's processes die with their agent.
-//! - [`outbox`]: at-least-once, ordered delivery of events to `<ns>.results`.
+//! - [`outbox`]: at-least-once, ordered delivery of events to `<ns>.x.results`.
 //! - [`api`]: calls to the dispatcher's API.
 //! - [`identity`]: the local identity written by `register`.
 
@@ -23,5 +25,6 @@ pub mod guard;
 pub mod health;
 pub mod identity;
 pub mod outbox;
+pub mod reconfig;
 pub mod runner;
 pub mod slots;

@@ -29,7 +29,7 @@ use gantry_shared::ids::{ClaimId, JobId, StepRunId, WorkerId};
 use gantry_shared::wire::{Job, RunningAttempt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions, QueueDeclareOptions,
+    BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -39,6 +39,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+mod probes;
+use probes::{MISSING_RETRY, move_idle_consumers, needs_probe, probe_depths, probe_missing};
 
 /// What every step needs from the agent, fixed for its lifetime.
 pub struct AgentContext {
@@ -407,37 +410,6 @@ pub async fn manage(
     }
 }
 
-/// How often a missing queue is looked for again.
-const MISSING_RETRY: Duration = Duration::from_secs(2);
-
-/// Look for the missing queues again, each on a channel of its own (a passive declare of a
-/// missing queue closes its channel); the ones found are consumed again.
-async fn probe_missing(conn: &Connection, slots: &Slots) {
-    let missing: Vec<String> = slots.lock().missing.keys().cloned().collect();
-    for q in missing {
-        let Ok(ch) = conn.create_channel().await else {
-            return;
-        };
-        let found = ch
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_ok();
-        let _ = ch.close(200, "probed".into()).await;
-        if found {
-            tracing::info!(queue = q, "a missing queue is back; consuming it again");
-            slots.lock().missing.remove(&q);
-            slots.changed.notify_waiters();
-        }
-    }
-}
-
 async fn open_channel(conn: &Connection) -> lapin::Result<Channel> {
     let ch = conn.create_channel().await?;
     // Per consumer (global = false), for consumers created after this call.
@@ -496,71 +468,6 @@ fn rebalance(
             agent.clone(),
             stop,
         ));
-    }
-}
-
-fn needs_probe(slots: &Slots, queues: &[String]) -> bool {
-    let s = slots.lock();
-    !s.draining
-        && !s.paused
-        && !s.gate.busy()
-        && queues.iter().any(|q| {
-            !s.consumers
-                .values()
-                .any(|c| &c.queue == q && c.reserves && !c.stop.is_cancelled())
-        })
-}
-
-async fn probe_depths(conn: &Connection, queues: &[String], slots: &Slots) {
-    let Ok(ch) = conn.create_channel().await else {
-        return;
-    };
-    let mut depths = HashMap::new();
-    let missing: Vec<String> = slots.lock().missing.keys().cloned().collect();
-    for q in queues.iter().filter(|q| !missing.contains(q)) {
-        if let Ok(info) = ch
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        {
-            depths.insert(q.clone(), info.message_count());
-        } else {
-            break;
-        }
-    }
-    let _ = ch.close(200, "probed".into()).await;
-    slots.lock().depths = depths;
-}
-
-/// A consumer idling on an empty queue while another queue with jobs has none: stop it, so
-/// that the next rebalance starts one on the queue with jobs.
-fn move_idle_consumers(slots: &Slots, queues: &[String]) {
-    let mut s = slots.lock();
-    let hungry = queues.iter().any(|q| {
-        s.depths.get(q).is_some_and(|d| *d > 0)
-            && !s
-                .consumers
-                .values()
-                .any(|c| &c.queue == q && c.reserves && !c.stop.is_cancelled())
-    });
-    if !hungry {
-        return;
-    }
-    let depths = s.depths.clone();
-    if let Some(c) = s.consumers.values_mut().find(|c| {
-        c.reserves && !c.busy && !c.stop.is_cancelled() && depths.get(&c.queue) == Some(&0)
-    }) {
-        tracing::debug!(
-            queue = c.queue,
-            "moving an idle consumer to a queue with jobs"
-        );
-        c.stop.cancel();
     }
 }
 
