@@ -176,9 +176,11 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("creating the work directory {}", work_root.display()))?;
     let fatal = CancellationToken::new();
+    let nudge = Arc::new(tokio::sync::Notify::new());
     let agent = Arc::new(AgentContext {
         api: api.clone(),
         outbox,
+        reconfigure: nudge.clone(),
         worker_id: config.worker_id,
         worker_name: config.name.clone(),
         work_root: work_root.clone(),
@@ -222,7 +224,6 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         queues: Arc::new(queues_tx),
         fatal: fatal.clone(),
     };
-    let nudge = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(refresh_config(reconfig.clone(), nudge.clone(), bg.clone()));
     // Judged once before any step is taken, so an unhealthy machine never starts one.
     let first = health::check(&config.policy, &work_root, run_as.as_ref()).await;

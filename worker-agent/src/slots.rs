@@ -43,10 +43,15 @@ use tokio_util::sync::CancellationToken;
 mod probes;
 use probes::{MISSING_RETRY, move_idle_consumers, needs_probe, probe_depths, probe_missing};
 
+/// How long a queue the broker refused is left alone (unless the queue list changes first).
+pub const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
+
 /// What every step needs from the agent, fixed for its lifetime.
 pub struct AgentContext {
     pub api: Api,
     pub outbox: Outbox,
+    /// Asks for the configuration to be read again.
+    pub reconfigure: Arc<Notify>,
     pub worker_id: WorkerId,
     pub worker_name: String,
     pub work_root: PathBuf,
@@ -92,6 +97,10 @@ struct State {
     /// not consumed until a probe finds them again, since a consume of a missing queue
     /// closes the channel every consumer shares.
     missing: HashMap<String, std::time::Instant>,
+    /// Queues the broker refused this worker's user (its rights changed before its
+    /// configuration said so), and when: left alone for [`REFUSED_BACKOFF`] or until the
+    /// queue list changes, while the configuration is read again.
+    refused: HashMap<String, std::time::Instant>,
     /// The reader/writer gate of exclusive steps.
     gate: Gate,
 }
@@ -137,6 +146,7 @@ impl Slots {
                 unhealthy: false,
                 depths: HashMap::new(),
                 missing: HashMap::new(),
+                refused: HashMap::new(),
                 gate: Gate::default(),
             }),
             changed: Notify::new(),
@@ -398,6 +408,7 @@ pub async fn manage(
                 }
                 s.depths.retain(|q, _| queues.contains(q));
                 s.missing.retain(|q, _| queues.contains(q));
+                s.refused.clear();
             }
             _ = stop.cancelled() => break,
         }
@@ -434,6 +445,11 @@ fn rebalance(
         let without: Vec<&String> = queues
             .iter()
             .filter(|q| !s.missing.contains_key(q.as_str()))
+            .filter(|q| {
+                s.refused
+                    .get(q.as_str())
+                    .is_none_or(|at| at.elapsed() >= REFUSED_BACKOFF)
+            })
             .filter(|q| {
                 !s.consumers
                     .values()
@@ -492,7 +508,17 @@ async fn consume(
     let mut consumer = match consumer {
         Ok(c) => c,
         Err(e) => {
-            if e.to_string().contains("NOT_FOUND") {
+            if e.to_string().contains("ACCESS_REFUSED") {
+                tracing::warn!(
+                    queue,
+                    "the broker refused this worker's user this queue; reading the configuration again"
+                );
+                slots
+                    .lock()
+                    .refused
+                    .insert(queue.clone(), std::time::Instant::now());
+                agent.reconfigure.notify_one();
+            } else if e.to_string().contains("NOT_FOUND") {
                 tracing::warn!(
                     queue,
                     "this queue does not exist (the dispatcher declares it); consuming the others meanwhile"

@@ -181,14 +181,26 @@ pub async fn patch(
     }
     let patched = workers::patch(&mut tx, id, &req).await?;
     let w = &patched.worker;
-    if let (Some(users), true, Some(_)) = (&s.broker_users, patched.rights_changed, &w.broker_user)
-    {
-        // A worker that left a pool, or was disabled, must not read those queues a moment
-        // longer: its new rights are in force before the change is committed.
-        let slugs: Vec<String> = w.pools.iter().map(|p| p.slug.clone()).collect();
-        users.repermission(id, &slugs, w.enabled).await?;
-    }
+    let narrowed = match (&s.broker_users, patched.rights_changed, &w.broker_user) {
+        (Some(users), true, Some(_)) => {
+            // A worker that left a pool, or was disabled, must not read those queues a
+            // moment longer: its new rights are in force before the change is committed...
+            let slugs: Vec<String> = w.pools.iter().map(|p| p.slug.clone()).collect();
+            users.repermission(id, &slugs, w.enabled).await?;
+            Some(users)
+        }
+        _ => None,
+    };
     tx.commit().await?;
+    if let Some(users) = narrowed
+        && let Err(e) = users
+            .disconnect(id, "the worker's pools or enabled state changed")
+            .await
+    {
+        // ...and its open channels lose what they had checked before once it is closed,
+        // which is also when its agent reads the committed change.
+        tracing::warn!(error = %e, worker = %id, "could not close the worker's broker connections after a change of its rights; its open channels keep the old ones until it reconnects");
+    }
     if patched.rights_changed {
         // Jobs of a pool the worker left, parked in its own queue, go back to that pool's
         // queue with the sweep's "stranded" check; new ones go elsewhere.

@@ -277,8 +277,9 @@ impl BrokerUsers {
         ))
     }
 
-    /// The worker serves other pools now, or was disabled or enabled: new rights, and its
-    /// connections closed so that no open channel keeps the old ones.
+    /// The worker serves other pools now, or was disabled or enabled: its new rights. Call
+    /// [`BrokerUsers::disconnect`] once the change is committed, so that no open channel
+    /// keeps the old ones (and the agent, reconnecting, reads the new configuration).
     pub async fn repermission(
         &self,
         worker: WorkerId,
@@ -287,9 +288,22 @@ impl BrokerUsers {
     ) -> Result<(), Error> {
         let user = user_name(&self.ns, worker);
         self.put_permissions(&user, &permissions(&self.ns, worker, slugs, enabled))
-            .await?;
-        self.close_connections(&user, "the worker's pools or enabled state changed")
             .await
+    }
+
+    /// Close a worker's broker connections (its channels keep permissions they checked
+    /// before a change), trying three times over about a second.
+    pub async fn disconnect(&self, worker: WorkerId, reason: &str) -> Result<(), Error> {
+        let user = user_name(&self.ns, worker);
+        let mut last = None;
+        for i in 0..3 {
+            match self.close_connections(&user, reason).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300 * (i + 1))).await;
+        }
+        Err(last.expect("three tries"))
     }
 
     /// Messages ready in a queue and delivered but not acked, as the management API last saw
