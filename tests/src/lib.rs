@@ -873,25 +873,42 @@ impl Leftovers {
         names
     }
 
-    /// Delete the broker users the stack's dispatcher created (`<ns>.worker.*`).
-    async fn remove_broker_users(&self) {
+    /// Delete the broker users the stack's dispatcher created (`<ns>.worker.*`), and every
+    /// queue and exchange of its namespace that the broker lists (whatever database the test
+    /// pointed the dispatcher at, and whatever it declared after the first cleanup pass).
+    async fn remove_broker_leftovers(&self) {
         let http = reqwest::Client::new();
-        let Ok(resp) = http
-            .get("http://127.0.0.1:15672/api/users")
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await
-        else {
-            return;
+        let list = |what: &'static str| {
+            let http = http.clone();
+            async move {
+                let resp = http
+                    .get(format!("http://127.0.0.1:15672/api/{what}"))
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                    .ok()?;
+                resp.json::<Vec<serde_json::Value>>().await.ok()
+            }
         };
-        let users: Vec<serde_json::Value> = resp.json().await.unwrap_or_default();
-        let prefix = format!("{}.worker.", self.ns);
-        for u in users {
-            if let Some(name) = u["name"].as_str()
-                && name.starts_with(&prefix)
-            {
+        let names = |rows: Option<Vec<serde_json::Value>>, prefix: &str| -> Vec<String> {
+            rows.unwrap_or_default()
+                .iter()
+                .filter_map(|r| r["name"].as_str())
+                .filter(|n| n.starts_with(prefix))
+                .map(str::to_owned)
+                .collect()
+        };
+        let users = names(list("users").await, &format!("{}.worker.", self.ns));
+        let queues = names(list("queues/%2F").await, &format!("{}.", self.ns));
+        let exchanges = names(list("exchanges/%2F").await, &format!("{}.", self.ns));
+        for (kind, items) in [
+            ("users", users),
+            ("queues/%2F", queues),
+            ("exchanges/%2F", exchanges),
+        ] {
+            for name in items {
                 let _ = http
-                    .delete(format!("http://127.0.0.1:15672/api/users/{name}"))
+                    .delete(format!("http://127.0.0.1:15672/api/{kind}/{name}"))
                     .basic_auth("guest", Some("guest"))
                     .send()
                     .await;
@@ -901,7 +918,6 @@ impl Leftovers {
 
     async fn remove(self) {
         let queues = self.queue_names().await;
-        self.remove_broker_users().await;
         if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
             let t = gantry_shared::topology::Topology::new(&self.ns);
             for q in queues {
@@ -929,6 +945,7 @@ impl Leftovers {
             }
             let _ = conn.close(200, "test cleanup".into()).await;
         }
+        self.remove_broker_leftovers().await;
         if let Ok(client) = redis::Client::open(REDIS_URL)
             && let Ok(mut c) = client.get_multiplexed_async_connection().await
         {
