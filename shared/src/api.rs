@@ -12,11 +12,12 @@ pub const API_KEY_HEADER: &str = "X-Gantry-ApiKey";
 /// Header carrying a worker's credential (given at registration).
 pub const WORKER_TOKEN_HEADER: &str = "X-Gantry-Worker-Token";
 
-/// Every 4xx (and the rare 5xx) body.
+/// Every 4xx (and the rare 5xx) body: `field` is always there, `null` when no single field
+/// is at fault.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub field: Option<String>,
 }
 

@@ -461,6 +461,67 @@ impl Settings {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::key("log.level", e.to_string()));
         }
+        self.check_ranges()?;
+        Ok(())
+    }
+
+    /// Upper bounds (and lower ones serde cannot say) of the numbers, so that no duration
+    /// or count overflows where it is used. Each is listed in docs/configuration.md.
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        let ranges: [(&str, u64, u64, u64); 9] = [
+            (
+                "postgres.max_connections",
+                self.postgres.max_connections.into(),
+                2,
+                1000,
+            ),
+            (
+                "dispatcher.task_cap",
+                self.dispatcher.task_cap.into(),
+                1,
+                1_000_000,
+            ),
+            (
+                "dispatcher.sweep_interval_secs",
+                self.dispatcher.sweep_interval_secs,
+                1,
+                3600,
+            ),
+            (
+                "dispatcher.retry_backoff_ms",
+                self.dispatcher.retry_backoff_ms,
+                0,
+                60_000,
+            ),
+            (
+                "agent.shutdown_grace_secs",
+                self.agent.shutdown_grace_secs,
+                0,
+                604_800,
+            ),
+            (
+                "agent.heartbeat_secs",
+                self.agent.heartbeat_secs.unwrap_or(1),
+                1,
+                3600,
+            ),
+            ("locks.lease_ms", self.locks.lease_ms, 500, 3_600_000),
+            ("smtp.timeout_secs", self.smtp.timeout_secs, 1, 3600),
+            (
+                "builtin_worker.max_concurrent_steps",
+                self.builtin_worker.max_concurrent_steps.into(),
+                1,
+                1000,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::key(
+                    key,
+                    format!("must be between {min} and {max}, not {value}"),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -29,6 +29,7 @@ pub mod config;
 pub mod ids;
 pub mod locks;
 pub mod mask;
+pub mod nul;
 pub mod process;
 pub mod production;
 pub mod redis_link;

@@ -20,6 +20,8 @@ pub const MAX_RETRIES: u32 = 5;
 pub const MIN_SENSITIVE_LEN: usize = 4;
 /// Most `artifacts` globs in one step.
 pub const MAX_ARTIFACT_GLOBS: usize = 100;
+/// Longest `timeout_secs` and `mutex_timeout_secs`: a week.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 /// A deployment process: named, ordered steps and their variables.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -223,6 +225,17 @@ pub fn check_artifact_globs(globs: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `timeout_secs` and `mutex_timeout_secs`: 1 to [`MAX_TIMEOUT_SECS`].
+fn check_secs(t: u64) -> Result<(), String> {
+    if (1..=MAX_TIMEOUT_SECS).contains(&t) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be between 1 and {MAX_TIMEOUT_SECS} seconds (a week), not {t}"
+        ))
+    }
+}
+
 /// `[A-Za-z0-9_-]+`, at most 100 characters.
 pub fn is_valid_step_name(name: &str) -> bool {
     !name.is_empty()
@@ -251,6 +264,12 @@ impl Process {
     /// Every check that needs no database. Steps are checked in order, so the first problem
     /// reported is the first in the file.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        // A process file given as TOML never passed the API's JSON check for NUL characters.
+        if let Ok(doc) = serde_json::to_value(self)
+            && let Some(field) = crate::nul::find_in_json(&doc)
+        {
+            return Err(invalid(field, crate::nul::MESSAGE));
+        }
         if self.name.trim().is_empty() || self.name.len() > 200 {
             return Err(invalid("name", "must be 1 to 200 characters"));
         }
@@ -334,8 +353,8 @@ impl Process {
             {
                 return Err(invalid(at("pool"), "must not be empty"));
             }
-            if step.timeout_secs == Some(0) {
-                return Err(invalid(at("timeout_secs"), "must be at least 1"));
+            if let Some(t) = step.timeout_secs {
+                check_secs(t).map_err(|m| invalid(at("timeout_secs"), m))?;
             }
             if step.retries > MAX_RETRIES {
                 return Err(invalid(
@@ -361,9 +380,7 @@ impl Process {
                         "only a step with a mutex waits for one",
                     ));
                 }
-                if t == 0 {
-                    return Err(invalid(at("mutex_timeout_secs"), "must be at least 1"));
-                }
+                check_secs(t).map_err(|m| invalid(at("mutex_timeout_secs"), m))?;
             }
             for field in ["instructions", "to", "subject", "body"] {
                 let set = match field {
@@ -576,6 +593,31 @@ script = "print('#{Steps.build.Output.version}')"
             "name = \"x\"\n[[steps]]\nname = \"a\"\nscript = \"true\"\nartifacts = [\"/abs\"]\n",
         );
         assert_eq!(p.validate().unwrap_err().field, "steps[0].artifacts");
+    }
+
+    #[test]
+    fn timeouts_are_bounded_and_nul_is_refused_in_toml() {
+        let step = |extra: &str| {
+            parse(&format!(
+                "name = \"x\"\n[[steps]]\nname = \"a\"\nscript = \"true\"\nmutex = \"m\"\n{extra}\n"
+            ))
+        };
+        step("timeout_secs = 604800\nmutex_timeout_secs = 1")
+            .validate()
+            .unwrap();
+        for (extra, field) in [
+            ("timeout_secs = 604801", "steps[0].timeout_secs"),
+            ("timeout_secs = 0", "steps[0].timeout_secs"),
+            (
+                "mutex_timeout_secs = 100000000000000000",
+                "steps[0].mutex_timeout_secs",
+            ),
+            ("mutex_timeout_secs = 0", "steps[0].mutex_timeout_secs"),
+        ] {
+            assert_eq!(step(extra).validate().unwrap_err().field, field, "{extra}");
+        }
+        let p = parse("name = \"x\"\n[[steps]]\nname = \"a\"\nscript = \"echo \\u0000\"\n");
+        assert_eq!(p.validate().unwrap_err().field, "steps[0].script");
     }
 
     #[test]

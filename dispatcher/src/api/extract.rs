@@ -22,27 +22,54 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| {
-                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::TooLarge(format!("the request body is larger than {MAX_BODY} bytes"))
-                } else {
-                    ApiError::BadRequest {
-                        message: format!("cannot read the request body: {}", e.body_text()),
-                        field: None,
-                    }
-                }
-            })?;
+            .map_err(body_rejection)?;
         parse_json(&bytes).map(AppJson)
     }
 }
 
-/// Parse JSON, naming the path of the first problem.
+/// An optional JSON body: an empty one is `None` (`POST .../approve` with or without a note).
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(body_rejection)?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        parse_json(&bytes).map(|v| Self(Some(v)))
+    }
+}
+
+fn body_rejection(e: axum::extract::rejection::BytesRejection) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge(format!("the request body is larger than {MAX_BODY} bytes"))
+    } else {
+        ApiError::BadRequest {
+            message: format!("cannot read the request body: {}", e.body_text()),
+            field: None,
+        }
+    }
+}
+
+/// Parse JSON, naming the path of the first problem. A string (key or value) holding a NUL
+/// character is refused wherever it is, naming its path.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest {
             message: "a JSON body is required".into(),
             field: None,
         });
+    }
+    // JSON can only carry a NUL escaped; most bodies have no `\u0000` at all and skip the walk.
+    if bytes.windows(6).any(|w| w == b"\\u0000")
+        && let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes)
+        && let Some(field) = gantry_shared::nul::find_in_json(&doc)
+    {
+        return Err(ApiError::bad(field, gantry_shared::nul::MESSAGE));
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {

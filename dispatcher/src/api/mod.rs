@@ -13,6 +13,7 @@ mod jobs;
 mod keys;
 mod logs;
 mod pools;
+mod rejections;
 mod settings;
 mod tasks;
 mod workers;
@@ -98,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(extract::MAX_BODY))
+        .layer(axum::middleware::from_fn(rejections::json_errors))
         .with_state(state)
 }
 

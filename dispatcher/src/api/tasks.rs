@@ -1,7 +1,7 @@
 //! `/api/tasks`: start a task from a process (`TaskCreate`), list and read them (`TaskView`).
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{AppJson, Caller, parse_id};
+use super::extract::{AppJson, Caller, OptionalJson, parse_id};
 use super::{AppState, query_map};
 use crate::attempts;
 use crate::store::{pools, tasks};
@@ -258,7 +258,7 @@ pub async fn approve(
     State(s): State<AppState>,
     caller: Caller,
     Path((id, step)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<gantry_shared::api::Decision>,
 ) -> ApiResult<Json<gantry_shared::api::Approval>> {
     decide(s, caller, id, step, body, true).await
 }
@@ -267,7 +267,7 @@ pub async fn reject(
     State(s): State<AppState>,
     caller: Caller,
     Path((id, step)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<gantry_shared::api::Decision>,
 ) -> ApiResult<Json<gantry_shared::api::Approval>> {
     decide(s, caller, id, step, body, false).await
 }
@@ -277,22 +277,12 @@ async fn decide(
     caller: Caller,
     id: String,
     step: String,
-    body: axum::body::Bytes,
+    body: Option<gantry_shared::api::Decision>,
     approve: bool,
 ) -> ApiResult<Json<gantry_shared::api::Approval>> {
     caller.require(Permission::TaskCreate)?;
     let task: TaskId = parse_id(&id, "task")?;
-    let note = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        let d: gantry_shared::api::Decision = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad(
-                "note",
-                format!("the body must be {{\"note\": \"...\"}}: {e}"),
-            )
-        })?;
-        d.note
-    };
+    let note = body.and_then(|d| d.note);
     let note = note.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
     if note.as_ref().is_some_and(|n| n.len() > 10_000) {
         return Err(ApiError::bad("note", "at most 10000 bytes"));

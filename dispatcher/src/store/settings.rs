@@ -97,7 +97,7 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, S
             mp.min_free_disk_mb = d;
         }
         // Two missed heartbeats before a worker is called unavailable.
-        if mp.unavailable_after_secs < 2 * mp.heartbeat_interval_secs
+        if mp.unavailable_after_secs < mp.heartbeat_interval_secs.saturating_mul(2)
             || mp.unavailable_after_secs > 86400
         {
             return Err(ApiError::bad(
