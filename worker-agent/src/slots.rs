@@ -18,8 +18,10 @@
 //! on an empty queue is moved once a second to a queue with waiting jobs.
 //!
 //! Each delivery is claimed over the API before anything runs (see `api::claim`): refused
-//! claims are acked and dropped, granted ones run, and a claim whose answer was lost is
-//! repeated with the same claim id until the dispatcher answers.
+//! claims are acked and dropped (but a 403, a job of a pool this worker does not serve, is
+//! given back to its queue, which is then left alone for [`REFUSED_BACKOFF`]), granted ones
+//! run, and a claim whose answer was lost is repeated with the same claim id until the
+//! dispatcher answers.
 
 use crate::api::{Api, ApiError};
 use crate::outbox::Outbox;
@@ -622,6 +624,31 @@ async fn handle_delivery(
     let grant = loop {
         match agent.api.claim(job.job_id, claim_id, &sha).await {
             Ok(g) => break Some(g),
+            Err(ApiError::Refused {
+                status: 403,
+                message,
+            }) => {
+                // Not this worker's job at all (it does not serve the job's pool): the
+                // dispatcher changed nothing, so the job goes back to its queue for a worker
+                // that does, and this queue is left alone while the configuration is read
+                // again (no hot loop of deliveries and refusals).
+                let queue = slots.lock().consumers.get(&id).map(|c| c.queue.clone());
+                tracing::warn!(job_id = %job.job_id, ?queue, %message, "claim refused: not this worker's pool; giving the job back");
+                let _ = ch
+                    .basic_cancel(tag.into(), BasicCancelOptions::default())
+                    .await;
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                if let Some(q) = queue {
+                    slots.lock().refused.insert(q, std::time::Instant::now());
+                }
+                agent.reconfigure.notify_one();
+                return false;
+            }
             Err(ApiError::Refused { message, .. }) => {
                 tracing::info!(job_id = %job.job_id, step = job.step_name, %message, "claim refused; dropping the job");
                 break None;

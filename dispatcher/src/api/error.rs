@@ -20,6 +20,10 @@ pub enum ApiError {
     WorkerUnauthorized,
     #[error("this API key lacks the {0:?} permission")]
     Forbidden(Permission),
+    /// Authenticated, but this caller may not do this (a self-approval, a claim from a worker
+    /// outside the job's pool).
+    #[error("{0}")]
+    Denied(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -83,7 +87,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized | ApiError::WorkerUnauthorized => {
                 (StatusCode::UNAUTHORIZED, None)
             }
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, None),
+            ApiError::Forbidden(_) | ApiError::Denied(_) => (StatusCode::FORBIDDEN, None),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, None),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, None),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),

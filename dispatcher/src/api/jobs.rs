@@ -5,7 +5,9 @@
 //! the attempt has not started, ended or been cancelled. Repeating a granted claim with the
 //! same `claim_id` (a retry after a lost response) is granted again; any other claim is
 //! refused with 409, and the agent then acks the job and runs nothing. So neither a
-//! redelivery nor a re-publication can run one attempt twice.
+//! redelivery nor a re-publication can run one attempt twice. A claim from a worker that
+//! does not serve the step's pool is a 403 that changes nothing (no void, no new job id):
+//! the agent gives the delivery back to the queue and leaves that queue alone a while.
 //!
 //! The claim also decides *what* runs: the agent sends the sha256 of the job body it
 //! received, and a body that is not the one the dispatcher published for the attempt (changed
@@ -82,7 +84,28 @@ pub async fn claim(
     let attempt = attempt as i32;
     match locked.state.as_str() {
         "Pending" | "Queued" => {
-            let refusal = if !worker.enabled {
+            let outside_pool = !serves_step(&mut tx, &worker, step_run).await?;
+            if outside_pool && !routed_to(&mut tx, &worker, step_run, attempt).await? {
+                // Refused without a trace: voiding the job here would let any worker outside
+                // the pool (one sharing the broker user in development mode, or one whose
+                // pools just changed) void a job again and again. The job stays as it is,
+                // and the agent gives the delivery back to the queue (a 403, not a 409).
+                drop(tx);
+                tracing::info!(%job_id, worker = %worker.name, "claim refused: the worker does not serve the step's pool");
+                return Err(ApiError::Denied(format!(
+                    "worker {} does not serve this step's pool; the job stays queued for one that does",
+                    worker.name
+                )));
+            }
+            let refusal = if outside_pool {
+                // Routed to this worker's own queue (it was the task's worker for the pool
+                // until its pools changed): nobody else can receive it there, so it goes out
+                // again to the pool, which this worker no longer serves.
+                Some(format!(
+                    "worker {} no longer serves this step's pool",
+                    worker.name
+                ))
+            } else if !worker.enabled {
                 Some(format!(
                     "worker {} is disabled and takes no new steps",
                     worker.name
@@ -95,11 +118,6 @@ pub async fn claim(
                         .health_reason
                         .as_deref()
                         .unwrap_or("its health check failed")
-                ))
-            } else if !serves_step(&mut tx, &worker, step_run).await? {
-                Some(format!(
-                    "worker {} does not serve this step's pool",
-                    worker.name
                 ))
             } else if req.job_sha256.is_none()
                 && locked.job_sha256.is_some()
@@ -391,6 +409,24 @@ pub async fn renew_lease(
             "Redis is unavailable, so mutex {name} cannot be renewed; try again ({e})"
         ))),
     }
+}
+
+/// Whether the attempt's current job went to this worker's own queue.
+async fn routed_to(
+    conn: &mut sqlx::PgConnection,
+    worker: &WorkerCaller,
+    step_run: StepRunId,
+    attempt: i32,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM attempts
+                        WHERE step_run_id = $1 AND attempt = $2 AND routed_worker = $3)",
+    )
+    .bind(step_run.0)
+    .bind(attempt)
+    .bind(worker.worker_id.0)
+    .fetch_one(&mut *conn)
+    .await
 }
 
 /// Whether the worker may run the step: a registered worker serves its pools' steps; a
