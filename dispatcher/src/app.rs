@@ -166,6 +166,7 @@ impl Dispatcher {
             broker_users,
             production: settings.production,
             builtin_runs_code,
+            approvals_allow_self: settings.approvals.allow_self,
             cancel: cancel.clone(),
         };
         // 5xx answers here are deliberate (503 while a service is away) and logged where they

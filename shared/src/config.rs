@@ -52,6 +52,31 @@ pub struct Settings {
     pub smtp: SmtpSettings,
     #[serde(default)]
     pub tls: TlsSettings,
+    // ---- approvals (manual steps) ----
+    #[serde(default)]
+    pub approvals: ApprovalsSettings,
+}
+
+/// Who may decide a manual step.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsSettings {
+    /// Whether the API key that created a task may approve or reject its manual steps
+    /// itself. `false`: only another key (with `TaskCreate`) may; the creator gets a 403.
+    #[serde(default = "default_allow_self")]
+    pub allow_self: bool,
+}
+
+impl Default for ApprovalsSettings {
+    fn default() -> Self {
+        Self {
+            allow_self: default_allow_self(),
+        }
+    }
+}
+
+fn default_allow_self() -> bool {
+    true
 }
 
 /// Transport security for every client (see [`crate::tls`]).

@@ -56,6 +56,8 @@ pub struct AppState {
     /// Whether the built-in worker may run user code (not in production without an
     /// unprivileged `builtin_worker.user`).
     pub builtin_runs_code: bool,
+    /// `approvals.allow_self`: a task's creating key may decide its manual steps.
+    pub approvals_allow_self: bool,
     pub cancel: CancellationToken,
 }
 

@@ -288,14 +288,20 @@ async fn decide(
         return Err(ApiError::bad("note", "at most 10000 bytes"));
     }
     let mut tx = s.db.begin().await?;
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1 FOR UPDATE")
+    let row: Option<(String, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT state, created_by FROM tasks WHERE id = $1 FOR UPDATE")
             .bind(task.0)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some(state) = state else {
+    let Some((state, created_by)) = row else {
         return Err(ApiError::not_found(format!("no task with id {task}")));
     };
+    if !s.approvals_allow_self && created_by == Some(caller.key_id.0) {
+        return Err(ApiError::Denied(format!(
+            "this API key created task {task}, and approvals.allow_self = false: another key must {} its manual steps",
+            if approve { "approve" } else { "reject" }
+        )));
+    }
     let found: Option<(
         uuid::Uuid,
         String,
