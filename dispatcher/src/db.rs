@@ -109,10 +109,10 @@ pub async fn bootstrap(db: &PgPool, settings: &Settings) -> anyhow::Result<()> {
         .await?;
         if r.rows_affected() == 1 {
             if generated {
-                // Printed once so a first-time user can log in; only its hash is stored.
+                // Printed once, to the terminal only, so a first-time user can log in: never
+                // through tracing, whose output is kept and shipped. Only its hash is stored.
                 tracing::warn!(
-                    api_key = %key,
-                    "no API key existed and api.bootstrap_key is not set: generated this one with every permission; it will not be shown again"
+                    "no API key existed and api.bootstrap_key is not set: generated one with every permission and printed it to the terminal (stderr); it will not be shown again"
                 );
                 eprintln!("gantry-dispatcher: generated bootstrap API key: {key}");
             } else {
