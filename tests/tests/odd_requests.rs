@@ -332,5 +332,10 @@ async fn every_error_is_a_json_body_413_bad_paths_404_405_and_bad_json_included(
     assert_eq!(field("non-UTF-8 path"), json!("path"));
     assert_eq!(field("non-UTF-8 step name"), json!("path"));
     assert_eq!(field("non-UTF-8 query"), json!("query"));
+    assert_eq!(
+        field("bad JSON on approve"),
+        Value::Null,
+        "no field is at fault"
+    );
     assert_eq!(health, 200);
 }

@@ -75,7 +75,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let field = (path != "." && !path.is_empty()).then_some(path);
+        let field = (!matches!(path.as_str(), "." | "?" | "")).then_some(path);
         ApiError::BadRequest {
             message: format!("invalid JSON body: {inner}"),
             field,
