@@ -248,7 +248,7 @@ impl AttemptRow {
 /// Retry backoff: `base` doubled for each attempt already made, at most a minute.
 pub fn backoff(base: Duration, attempt: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
-    (base * factor).min(Duration::from_secs(60))
+    base.saturating_mul(factor).min(Duration::from_secs(60))
 }
 
 /// End an attempt (its rows locked by [`lock`]) in a final state, then either schedule the
