@@ -150,6 +150,13 @@ impl Dispatcher {
             retry_base,
             cancel.clone(),
         );
+        crate::cancels::spawn(
+            db.clone(),
+            orchestrator.clone(),
+            locks.clone(),
+            retry_base,
+            cancel.clone(),
+        );
         let db_handle = db.clone();
         let state = AppState {
             notifier: Notifier::start(db.clone(), cancel.clone()),
@@ -275,26 +282,29 @@ pub async fn declare_workers(
 /// Reconcile the broker's worker users with PostgreSQL at start and every
 /// [`RECONCILE_EVERY`] (see [`BrokerUsers::reconcile`]).
 fn spawn_reconcile(db: sqlx::PgPool, users: BrokerUsers, cancel: CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RECONCILE_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = cancel.cancelled() => return,
-            }
-            match crate::store::workers::reconcile_broker_users(&db, &users).await {
-                Ok(r) if r != Default::default() => {
-                    tracing::warn!(
-                        created = r.created,
-                        repermissioned = r.repermissioned,
-                        deleted = r.deleted,
-                        "corrected the broker's worker users"
-                    )
+    crate::supervise::spawn("broker-users", cancel.clone(), move || {
+        let (db, users, cancel) = (db.clone(), users.clone(), cancel.clone());
+        async move {
+            let mut tick = tokio::time::interval(RECONCILE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = cancel.cancelled() => return Ok(()),
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not reconcile the broker's worker users; will retry")
+                match crate::store::workers::reconcile_broker_users(&db, &users).await {
+                    Ok(r) if r != Default::default() => {
+                        tracing::warn!(
+                            created = r.created,
+                            repermissioned = r.repermissioned,
+                            deleted = r.deleted,
+                            "corrected the broker's worker users"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not reconcile the broker's worker users; will retry")
+                    }
                 }
             }
         }

@@ -31,55 +31,68 @@ pub fn spawn_heartbeats(
     cancel: CancellationToken,
 ) {
     let queue = topology.heartbeats_queue();
-    tokio::spawn(async move {
-        loop {
-            let tag = "gantry-dispatcher-heartbeats";
-            let prefetch = HEARTBEAT_BATCH as u16;
-            let Some(mut consumer) = reconsume(&broker, &queue, tag, prefetch, &cancel).await
-            else {
-                return;
-            };
+    crate::supervise::spawn("heartbeats", cancel.clone(), move || {
+        let (db, broker, queue, attribution, cancel) = (
+            db.clone(),
+            broker.clone(),
+            queue.clone(),
+            attribution.clone(),
+            cancel.clone(),
+        );
+        async move {
             loop {
-                let first = tokio::select! {
-                    n = consumer.next() => n,
-                    _ = cancel.cancelled() => return,
+                let tag = "gantry-dispatcher-heartbeats";
+                let prefetch = HEARTBEAT_BATCH as u16;
+                let Some(mut consumer) = reconsume(&broker, &queue, tag, prefetch, &cancel).await
+                else {
+                    return Ok(());
                 };
-                let Some(Ok(first)) = first else { break };
-                let mut batch = vec![first];
-                let mut broken = false;
-                while batch.len() < HEARTBEAT_BATCH {
-                    match consumer.next().now_or_never() {
-                        Some(Some(Ok(d))) => batch.push(d),
-                        Some(_) => {
-                            broken = true;
-                            break;
+                loop {
+                    let first = tokio::select! {
+                        n = consumer.next() => n,
+                        _ = cancel.cancelled() => return Ok(()),
+                    };
+                    let Some(Ok(first)) = first else { break };
+                    let mut batch = vec![first];
+                    let mut broken = false;
+                    while batch.len() < HEARTBEAT_BATCH {
+                        match consumer.next().now_or_never() {
+                            Some(Some(Ok(d))) => batch.push(d),
+                            Some(_) => {
+                                broken = true;
+                                break;
+                            }
+                            None => break,
                         }
-                        None => break,
+                    }
+                    let beats: Vec<Beat> = batch
+                        .iter()
+                        .filter_map(|d| match Heartbeat::decode(&d.data) {
+                            Ok(hb) => attribute(&attribution, d, hb),
+                            Err(_) => {
+                                tracing::debug!("ignoring a malformed heartbeat");
+                                None
+                            }
+                        })
+                        .collect();
+                    // A batch that cannot be stored is simply superseded by the next heartbeats.
+                    if let Err(e) = store_heartbeats(&db, beats).await {
+                        crate::supervise::pass_failed(
+                            "heartbeats",
+                            &format!("heartbeats not stored: {e}"),
+                        );
+                    }
+                    // Deliveries on one channel are acked in order: acking the last with
+                    // `multiple` acks the whole batch.
+                    if let Some(last) = batch.last() {
+                        let _ = last.ack(BasicAckOptions { multiple: true }).await;
+                    }
+                    if broken {
+                        break;
                     }
                 }
-                let beats: Vec<Beat> = batch
-                    .iter()
-                    .filter_map(|d| match Heartbeat::decode(&d.data) {
-                        Ok(hb) => attribute(&attribution, d, hb),
-                        Err(_) => {
-                            tracing::debug!("ignoring a malformed heartbeat");
-                            None
-                        }
-                    })
-                    .collect();
-                // A batch that cannot be stored is simply superseded by the next heartbeats.
-                if let Err(e) = store_heartbeats(&db, beats).await {
-                    tracing::debug!(error = %e, "heartbeats not stored");
-                }
-                // Deliveries on one channel are acked in order: acking the last with
-                // `multiple` acks the whole batch.
-                let last = batch.last().expect("one delivery at least");
-                let _ = last.ack(BasicAckOptions { multiple: true }).await;
-                if broken {
-                    break;
-                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
 }
@@ -113,10 +126,10 @@ struct Beat {
 fn attribute(a: &Attribution, d: &lapin::message::Delivery, mut hb: Heartbeat) -> Option<Beat> {
     let sender = a.sender(d.properties.user_id().as_ref().map(|u| u.as_str()));
     // What an agent says of itself is stored and shown: bounded, whatever it sends.
-    hb.version = clip(&hb.version, MAX_VERSION).into_owned();
+    hb.version = crate::logs::storable(&clip(&hb.version, MAX_VERSION)).into_owned();
     hb.health_reason = hb
         .health_reason
-        .map(|r| clip(&r, MAX_HEALTH_REASON).into_owned());
+        .map(|r| crate::logs::storable(&clip(&r, MAX_HEALTH_REASON)).into_owned());
     match a.worker(&sender, hb.worker_id, || true) {
         Ok(w) => {
             hb.worker_id = w;

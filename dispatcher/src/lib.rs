@@ -9,6 +9,7 @@
 //! - [`api`]: routes, extractors, JSON errors.
 //! - [`store`]: SQL for pools, workers, keys and task views.
 //! - [`builtin`]: the node's built-in worker (an in-process agent).
+//! - [`cancels`]: cancelled attempts whose agent never answers, concluded after a bound.
 //! - [`email`]: e-mail steps, sent by the dispatcher over SMTP.
 //! - [`orchestrator`]: decides each task's next steps and publishes their jobs.
 //! - [`attempts`]: the attempt state machine shared by the orchestrator, claims and results.
@@ -26,6 +27,7 @@
 //! - [`broker_users`]: one RabbitMQ user per worker, through the management API.
 //! - [`senders`]: attributing events and heartbeats to workers by their broker user.
 //! - [`strays`]: jobs that left their queue without a claim, published again.
+//! - [`supervise`]: background loops restarted with backoff when they fail or panic.
 //! - [`cli`]: the `gantry` client.
 
 #![forbid(unsafe_code)]
@@ -37,6 +39,7 @@ pub mod attempts;
 pub mod auth;
 pub mod broker_users;
 pub mod builtin;
+pub mod cancels;
 pub mod cli;
 pub mod db;
 pub mod email;
@@ -53,3 +56,4 @@ pub mod secrets;
 pub mod senders;
 pub mod store;
 pub mod strays;
+pub mod supervise;

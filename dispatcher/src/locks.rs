@@ -117,8 +117,16 @@ impl Locks {
                 refreshed: Mutex::new(HashMap::new()),
             }),
         };
-        tokio::spawn(run(me.inner.clone(), cancel.clone()));
-        tokio::spawn(listen_releases(me.inner.clone(), cancel));
+        let inner = me.inner.clone();
+        let stop = cancel.clone();
+        crate::supervise::spawn("mutex-grants", cancel.clone(), move || {
+            run(inner.clone(), stop.clone())
+        });
+        let inner = me.inner.clone();
+        let stop = cancel.clone();
+        crate::supervise::spawn("mutex-releases", cancel, move || {
+            listen_releases(inner.clone(), stop.clone())
+        });
         me
     }
 
@@ -209,27 +217,33 @@ impl Locks {
     }
 }
 
-async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
+async fn run(inner: Arc<Inner>, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_renew = Instant::now() - inner.lease;
+    let mut last_renew: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = inner.wake.notified() => {}
             _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ok(()),
         }
         if let Err(e) = serve_waiters(&inner).await {
-            tracing::debug!(error = %e, "mutex pass failed; will retry");
+            crate::supervise::pass_failed("mutex-grants", &format!("serving mutex waiters: {e:#}"));
         }
         // Holders re-claim after a Redis restart only once a new epoch exists: set it soon.
         if let Err(e) = check_epoch(&inner).await {
-            tracing::debug!(error = %e, "mutex epoch check failed; will retry");
+            crate::supervise::pass_failed(
+                "mutex-grants",
+                &format!("checking the mutex epoch: {e:#}"),
+            );
         }
-        if last_renew.elapsed() >= inner.lease / 3 {
-            last_renew = Instant::now();
+        if last_renew.is_none_or(|t| t.elapsed() >= inner.lease / 3) {
+            last_renew = Some(Instant::now());
             if let Err(e) = renew_unclaimed(&inner).await {
-                tracing::debug!(error = %e, "renewing unclaimed mutex leases failed; will retry");
+                crate::supervise::pass_failed(
+                    "mutex-grants",
+                    &format!("renewing unclaimed mutex leases: {e:#}"),
+                );
             }
         }
     }
@@ -237,7 +251,7 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
 
 /// Wake the loop whenever a mutex is released anywhere (messages lost while reconnecting are
 /// covered by the loop's own timer).
-async fn listen_releases(inner: Arc<Inner>, cancel: CancellationToken) {
+async fn listen_releases(inner: Arc<Inner>, cancel: CancellationToken) -> anyhow::Result<()> {
     let channel = locks::released_channel(&inner.ns);
     loop {
         let sub = async {
@@ -248,7 +262,7 @@ async fn listen_releases(inner: Arc<Inner>, cancel: CancellationToken) {
         };
         let pubsub = tokio::select! {
             p = sub => p,
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ok(()),
         };
         match pubsub {
             Ok(mut pubsub) => {
@@ -259,7 +273,7 @@ async fn listen_releases(inner: Arc<Inner>, cancel: CancellationToken) {
                             Some(_) => inner.wake.notify_one(),
                             None => break,
                         },
-                        _ = cancel.cancelled() => return,
+                        _ = cancel.cancelled() => return Ok(()),
                     }
                 }
             }
@@ -267,7 +281,7 @@ async fn listen_releases(inner: Arc<Inner>, cancel: CancellationToken) {
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ok(()),
         }
     }
 }
@@ -275,10 +289,14 @@ async fn listen_releases(inner: Arc<Inner>, cancel: CancellationToken) {
 async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
     let waiters: Vec<Waiter> = sqlx::query_as(
         "SELECT a.step_run_id, a.attempt, a.waiting_since, s.task_id, s.name AS step_name,
-                s.spec->>'mutex' AS mutex, (s.spec->>'mutex_timeout_secs')::bigint AS mutex_timeout_secs
+                s.spec->>'mutex' AS mutex,
+                CASE WHEN jsonb_typeof(s.spec->'mutex_timeout_secs') = 'number'
+                     THEN GREATEST(LEAST((s.spec->>'mutex_timeout_secs')::numeric, $1), 0)::bigint
+                END AS mutex_timeout_secs
          FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
          WHERE a.state = 'Waiting' ORDER BY a.waiting_since, a.created_at",
     )
+    .bind(MAX_MUTEX_TIMEOUT_SECS)
     .fetch_all(&inner.db)
     .await?;
     {
@@ -334,7 +352,23 @@ async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
             if held && !due && !timed_out(&w) {
                 continue;
             }
-            let answer = serve_one(inner, &w, &mutex, previous.as_ref(), !held).await?;
+            // One waiter that cannot be served (its row, Redis's answer for it) must not
+            // hold up every other mutex: it counts as holding its own, and is tried again
+            // on the next pass.
+            let answer = match serve_one(inner, &w, &mutex, previous.as_ref(), !held).await {
+                Ok(a) => a,
+                Err(e) => {
+                    crate::supervise::pass_failed(
+                        "mutex-grants",
+                        &format!(
+                            "serving step {} of task {} for mutex {mutex}: {e:#}",
+                            w.step_name, w.task_id
+                        ),
+                    );
+                    held = true;
+                    continue;
+                }
+            };
             inner
                 .refreshed
                 .lock()
@@ -357,9 +391,23 @@ async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
 /// How often a waiter that is not next refreshes its place (well within `WAITER_ALIVE`).
 const REFRESH_PLACE: Duration = Duration::from_secs(4);
 
+/// The longest `mutex_timeout_secs` honoured (its documented range ends here); rows stored
+/// before it was checked may hold anything up to `u64::MAX`, and are read as this.
+pub const MAX_MUTEX_TIMEOUT_SECS: i64 = 604_800;
+
 fn timed_out(w: &Waiter) -> bool {
-    matches!((w.mutex_timeout_secs, w.waiting_since),
-        (Some(limit), Some(since)) if Utc::now() - since >= chrono::Duration::seconds(limit))
+    let (Some(limit), Some(since)) = (w.mutex_timeout_secs, w.waiting_since) else {
+        return false;
+    };
+    waited_too_long(Utc::now(), since, limit)
+}
+
+/// True when a waiter that began at `since` has, at `now`, waited `limit` seconds or more;
+/// any `limit` and any times, without overflow.
+fn waited_too_long(now: DateTime<Utc>, since: DateTime<Utc>, limit: i64) -> bool {
+    let limit = chrono::Duration::try_seconds(limit.clamp(0, MAX_MUTEX_TIMEOUT_SECS))
+        .unwrap_or(chrono::Duration::MAX);
+    now.signed_duration_since(since) >= limit
 }
 
 /// Ask Redis for one waiter's turn (or only refresh its place when `may_grant` is false) and
@@ -712,4 +760,25 @@ async fn ensure_epoch(inner: &Inner) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_mutex_timeout_is_compared_without_overflow() {
+        let now = Utc::now();
+        let since = now - chrono::Duration::seconds(10);
+        assert!(waited_too_long(now, since, 5));
+        assert!(!waited_too_long(now, since, 100_000_000_000_000_000));
+        assert!(!waited_too_long(now, since, i64::MAX));
+        assert!(waited_too_long(now, since, i64::MIN));
+        assert!(waited_too_long(now, DateTime::<Utc>::MIN_UTC, i64::MAX));
+        assert!(!waited_too_long(
+            DateTime::<Utc>::MIN_UTC,
+            DateTime::<Utc>::MAX_UTC,
+            0
+        ));
+    }
 }

@@ -24,6 +24,21 @@ pub const LOG_CHANNEL: &str = "gantry_log";
 /// Postgres NOTIFY channel: a task changed state (payload: the task id).
 pub const TASK_CHANNEL: &str = "gantry_task";
 
+/// `text` as PostgreSQL can store it: every U+0000 (which a `text` column refuses) becomes
+/// U+FFFD. Applied to all text the dispatcher stores from agents' events and heartbeats.
+pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}").into()
+    } else {
+        text.into()
+    }
+}
+
+/// [`storable`] for an optional text.
+pub fn storable_opt(text: Option<&str>) -> Option<std::borrow::Cow<'_, str>> {
+    text.map(storable)
+}
+
 /// Reserve `n` positions in a task's log; returns the first.
 async fn reserve(conn: &mut PgConnection, task: TaskId, n: i64) -> sqlx::Result<i64> {
     let last: i64 = sqlx::query_scalar(
@@ -33,7 +48,7 @@ async fn reserve(conn: &mut PgConnection, task: TaskId, n: i64) -> sqlx::Result<
     .bind(n)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(last - n + 1)
+    Ok(last.saturating_sub(n).saturating_add(1))
 }
 
 pub async fn notify(conn: &mut PgConnection, channel: &str, task: TaskId) -> sqlx::Result<()> {
@@ -86,16 +101,20 @@ pub async fn apply_batch(
     first_seq: i64,
     lines: &[LogLine],
 ) -> sqlx::Result<i64> {
-    let end = first_seq + lines.len() as i64;
-    if end <= lines_stored || lines.is_empty() {
+    let end = first_seq.saturating_add(i64::try_from(lines.len()).unwrap_or(i64::MAX));
+    if end <= lines_stored || lines.is_empty() || first_seq < 0 {
         return Ok(lines_stored);
     }
     if first_seq > lines_stored {
         // Ahead of a gap: park it.
-        let seqs: Vec<i64> = (first_seq..end).collect();
+        let seqs: Vec<i64> = (0..lines.len())
+            .map(|i| first_seq.saturating_add(i as i64))
+            .collect();
         let ts: Vec<DateTime<Utc>> = lines.iter().map(|l| l.ts).collect();
         let streams: Vec<i16> = lines.iter().map(|l| l.stream.as_i16()).collect();
-        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        let texts: Vec<std::borrow::Cow<'_, str>> =
+            lines.iter().map(|l| storable(&l.text)).collect();
+        let texts: Vec<&str> = texts.iter().map(|t| t.as_ref()).collect();
         sqlx::query(
             "INSERT INTO log_lines_pending (step_run_id, attempt, seq, ts, stream, text)
              SELECT $1, $2, u.seq, u.ts, u.stream, u.text
@@ -112,15 +131,15 @@ pub async fn apply_batch(
         .await?;
         return Ok(lines_stored);
     }
-    let skip = (lines_stored - first_seq) as usize;
-    let mut fresh: Vec<SeqLine<'_>> = lines[skip..]
+    let skip = usize::try_from(lines_stored.saturating_sub(first_seq)).unwrap_or(usize::MAX);
+    let mut fresh: Vec<SeqLine<'_>> = lines[skip.min(lines.len())..]
         .iter()
         .enumerate()
         .map(|(i, l)| SeqLine {
-            seq: lines_stored + i as i64,
+            seq: lines_stored.saturating_add(i as i64),
             ts: l.ts,
             stream: l.stream.as_i16(),
-            text: std::borrow::Cow::Borrowed(l.text.as_str()),
+            text: storable(&l.text),
         })
         .collect();
     // Lines parked earlier that now continue the prefix.
@@ -146,7 +165,7 @@ pub async fn apply_batch(
                     stream,
                     text: std::borrow::Cow::Owned(text),
                 });
-                next += 1;
+                next = next.saturating_add(1);
             } else if seq > next {
                 keep.push((seq, ts, stream, text));
             }
@@ -169,7 +188,7 @@ pub async fn apply_batch(
     }
     let n = fresh.len() as i64;
     let first_pos = reserve(conn, task, n).await?;
-    let pos: Vec<i64> = (first_pos..first_pos + n).collect();
+    let pos: Vec<i64> = (0..n).map(|i| first_pos.saturating_add(i)).collect();
     let seqs: Vec<i64> = fresh.iter().map(|l| l.seq).collect();
     let ts: Vec<DateTime<Utc>> = fresh.iter().map(|l| l.ts).collect();
     let streams: Vec<i16> = fresh.iter().map(|l| l.stream).collect();
@@ -191,7 +210,7 @@ pub async fn apply_batch(
     .execute(&mut *conn)
     .await?;
     notify(conn, LOG_CHANNEL, task).await?;
-    Ok(lines_stored + n)
+    Ok(lines_stored.saturating_add(n))
 }
 
 /// Parse an API cursor (`""` or absent means the start).

@@ -27,13 +27,13 @@ struct Histogram {
 
 impl Metrics {
     pub fn observe_step_duration(&self, seconds: f64) {
-        let mut h = self.durations.lock().expect("metrics lock");
+        let mut h = self.durations.lock().unwrap_or_else(|p| p.into_inner());
         for (i, b) in BUCKETS.iter().enumerate() {
             if seconds <= *b {
-                h.counts[i] += 1;
+                h.counts[i] = h.counts[i].saturating_add(1);
             }
         }
-        h.count += 1;
+        h.count = h.count.saturating_add(1);
         h.sum += seconds;
     }
 
@@ -56,10 +56,11 @@ impl Metrics {
             "gantry_log_lines_total {}",
             self.log_lines.load(Ordering::Relaxed)
         );
+        crate::supervise::render(out);
     }
 
     pub fn render_histogram(&self, out: &mut String) {
-        let h = self.durations.lock().expect("metrics lock");
+        let h = self.durations.lock().unwrap_or_else(|p| p.into_inner());
         out.push_str("# HELP gantry_step_duration_seconds Duration of finished step attempts, from start to finish.\n");
         out.push_str("# TYPE gantry_step_duration_seconds histogram\n");
         for (i, b) in BUCKETS.iter().enumerate() {

@@ -289,45 +289,51 @@ pub async fn release_all(db: &PgPool, node: &Node) {
 /// the listener reconnects are covered by the sweep.
 pub fn spawn_wake_listener(
     db: PgPool,
-    kick: impl Fn(TaskId) + Send + 'static,
+    kick: impl Fn(TaskId) + Send + Sync + 'static,
     cancel: CancellationToken,
 ) {
-    tokio::spawn(async move {
-        loop {
-            let listener = async {
-                let mut l = PgListener::connect_with(&db).await?;
-                l.listen(WAKE_CHANNEL).await?;
-                Ok::<_, sqlx::Error>(l)
-            };
-            let mut listener = tokio::select! {
-                l = listener => match l {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "wake-up LISTEN failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                            _ = cancel.cancelled() => return,
-                        }
-                    }
-                },
-                _ = cancel.cancelled() => return,
-            };
+    let kick = std::sync::Arc::new(kick);
+    crate::supervise::spawn("listen-wakeups", cancel.clone(), move || {
+        let db = db.clone();
+        let kick = kick.clone();
+        let cancel = cancel.clone();
+        async move {
             loop {
-                let n = tokio::select! {
-                    n = listener.try_recv() => n,
-                    _ = cancel.cancelled() => return,
+                let listener = async {
+                    let mut l = PgListener::connect_with(&db).await?;
+                    l.listen(WAKE_CHANNEL).await?;
+                    Ok::<_, sqlx::Error>(l)
                 };
-                match n {
-                    Ok(Some(n)) => {
-                        if let Ok(id) = Uuid::parse_str(n.payload()) {
-                            kick(TaskId(id));
+                let mut listener = tokio::select! {
+                    l = listener => match l {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "wake-up LISTEN failed; retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                                _ = cancel.cancelled() => return Ok(()),
+                            }
                         }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "wake-up LISTEN connection lost; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        break;
+                    },
+                    _ = cancel.cancelled() => return Ok(()),
+                };
+                loop {
+                    let n = tokio::select! {
+                        n = listener.try_recv() => n,
+                        _ = cancel.cancelled() => return Ok(()),
+                    };
+                    match n {
+                        Ok(Some(n)) => {
+                            if let Ok(id) = Uuid::parse_str(n.payload()) {
+                                kick(TaskId(id));
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "wake-up LISTEN connection lost; reconnecting");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            break;
+                        }
                     }
                 }
             }

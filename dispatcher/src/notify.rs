@@ -26,45 +26,56 @@ impl Notifier {
         let (tx, _) = broadcast::channel(4096);
         let me = Self { tx };
         let tx = me.tx.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut listener = match PgListener::connect_with(&db).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "LISTEN connection failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                            _ = cancel.cancelled() => return,
-                        }
-                    }
-                };
-                if let Err(e) = listener.listen_all([LOG_CHANNEL, TASK_CHANNEL]).await {
-                    tracing::debug!(error = %e, "LISTEN failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                let _ = tx.send(EVERYONE);
+        crate::supervise::spawn("listen-logs", cancel.clone(), move || {
+            let db = db.clone();
+            let tx = tx.clone();
+            let cancel = cancel.clone();
+            async move {
                 loop {
-                    let n = tokio::select! {
-                        n = listener.try_recv() => n,
-                        _ = cancel.cancelled() => return,
-                    };
-                    match n {
-                        Ok(Some(n)) => {
-                            if let Ok(id) = Uuid::parse_str(n.payload()) {
-                                let _ = tx.send(id);
+                    let mut listener = match PgListener::connect_with(&db).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            crate::supervise::pass_failed(
+                                "listen-logs",
+                                &format!("LISTEN connection failed: {e}"),
+                            );
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                                _ = cancel.cancelled() => return Ok(()),
                             }
                         }
-                        Ok(None) => {
-                            // The connection dropped and was re-established: anything sent in
-                            // between is lost, so everyone re-reads.
-                            let _ = tx.send(EVERYONE);
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "LISTEN connection error; reconnecting");
-                            let _ = tx.send(EVERYONE);
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            break;
+                    };
+                    if let Err(e) = listener.listen_all([LOG_CHANNEL, TASK_CHANNEL]).await {
+                        crate::supervise::pass_failed(
+                            "listen-logs",
+                            &format!("LISTEN failed: {e}"),
+                        );
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    let _ = tx.send(EVERYONE);
+                    loop {
+                        let n = tokio::select! {
+                            n = listener.try_recv() => n,
+                            _ = cancel.cancelled() => return Ok(()),
+                        };
+                        match n {
+                            Ok(Some(n)) => {
+                                if let Ok(id) = Uuid::parse_str(n.payload()) {
+                                    let _ = tx.send(id);
+                                }
+                            }
+                            Ok(None) => {
+                                // The connection dropped and was re-established: anything sent in
+                                // between is lost, so everyone re-reads.
+                                let _ = tx.send(EVERYONE);
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "LISTEN connection error; reconnecting");
+                                let _ = tx.send(EVERYONE);
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                break;
+                            }
                         }
                     }
                 }

@@ -400,7 +400,15 @@ impl Orchestrator {
             },
             cancel.clone(),
         );
-        tokio::spawn(run(inner.clone(), kick_rx, sweep_every, cancel));
+        let kick_rx = Arc::new(tokio::sync::Mutex::new(kick_rx));
+        let looping = inner.clone();
+        crate::supervise::spawn("orchestrator", cancel.clone(), move || {
+            let (inner, kick_rx, cancel) = (looping.clone(), kick_rx.clone(), cancel.clone());
+            async move {
+                run(inner, &mut *kick_rx.lock().await, sweep_every, cancel).await;
+                Ok(())
+            }
+        });
         Self { inner }
     }
 
@@ -428,7 +436,7 @@ impl Orchestrator {
 
 async fn run(
     inner: Arc<Inner>,
-    mut kicks: mpsc::UnboundedReceiver<(TaskId, bool)>,
+    kicks: &mut mpsc::UnboundedReceiver<(TaskId, bool)>,
     sweep_every: Duration,
     cancel: CancellationToken,
 ) {

@@ -3,7 +3,9 @@
 //! Consumes `<ns>.results` and persists each event idempotently, then acks it. Nothing is
 //! acked before it is committed: while PostgreSQL is away the consumer holds its deliveries
 //! and retries, so the broker keeps everything. A body that fails validation is rejected
-//! without requeue, which dead-letters it into `<ns>.dead`.
+//! without requeue, which dead-letters it into `<ns>.dead`. An event that can never be stored
+//! (PostgreSQL refuses it with an error that is not transient) fails its attempt with the
+//! reason and is dead-lettered too; text from events is stored with U+0000 as U+FFFD.
 //!
 //! Consecutive events of one attempt that have already arrived (a stream of log batches, a
 //! step's last batch and its `StepFinished`) are stored in one transaction: the rows locked are
@@ -97,10 +99,17 @@ struct Release {
 
 impl ResultConsumer {
     pub fn spawn(self, cancel: CancellationToken) {
-        tokio::spawn(async move { self.run(cancel).await });
+        let me = Arc::new(self);
+        crate::supervise::spawn("results", cancel.clone(), move || {
+            let (me, cancel) = (me.clone(), cancel.clone());
+            async move {
+                me.run(cancel).await;
+                Ok(())
+            }
+        });
     }
 
-    async fn run(self, cancel: CancellationToken) {
+    async fn run(&self, cancel: CancellationToken) {
         loop {
             let conn = tokio::select! {
                 c = self.broker.connected() => c,
@@ -236,6 +245,15 @@ impl ResultConsumer {
 
     /// Once an event's transaction committed: give its mutex back, ack it, wake its task.
     async fn after_commit(&self, delivery: &lapin::message::Delivery, handled: Handled) {
+        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+            // Redelivered later; handling it again changes nothing.
+            tracing::debug!(error = %e, "ack failed");
+        }
+        self.follow_up(handled);
+    }
+
+    /// What a committed change asks for: its mutex given back, its task woken.
+    fn follow_up(&self, handled: Handled) {
         let Handled::Done(kick, release) = handled;
         if let Some(r) = release {
             // The agent released it already when its step ended; this covers an agent that
@@ -248,10 +266,6 @@ impl ResultConsumer {
                     .await;
                 locks.wake();
             });
-        }
-        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-            // Redelivered later; handling it again changes nothing.
-            tracing::debug!(error = %e, "ack failed");
         }
         if let Some(task) = kick {
             self.orchestrator.kick(task);
@@ -282,12 +296,84 @@ impl ResultConsumer {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, kind = event.kind(), "cannot store a result event; dead-lettering it");
+                    // It can never be stored (an error that is not transient: a value
+                    // PostgreSQL refuses, such as a data exception of class 22): waiting for
+                    // it would leave its attempt running for ever and the events after it
+                    // stuck, so the attempt fails with the reason, and the delivery is
+                    // dead-lettered.
+                    let reason = unstorable_reason(event.kind(), &e);
+                    tracing::error!(error = %e, kind = event.kind(), step_run = %event.origin().step_run_id, attempt = event.origin().attempt, "cannot store a result event; failing its attempt and dead-lettering it");
+                    let mut delay = Duration::from_millis(100);
+                    loop {
+                        match self.fail_unstorable(event, &received.sender, &reason).await {
+                            Ok(handled) => {
+                                self.follow_up(handled);
+                                break;
+                            }
+                            Err(e) if crate::db::is_transient(&e) => {
+                                if !hold(&mut delay, &e, cancel).await {
+                                    return false;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "could not fail the attempt of an event that cannot be stored");
+                                break;
+                            }
+                        }
+                    }
                     let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
                     return true;
                 }
             }
         }
+    }
+
+    /// Fail the attempt of an event that can never be stored, if the event comes from the
+    /// attempt's current claimant and the attempt still runs (anything else changes nothing).
+    async fn fail_unstorable(
+        &self,
+        event: &Event,
+        sender: &Sender,
+        reason: &str,
+    ) -> Result<Handled, sqlx::Error> {
+        let origin = event.origin();
+        let mut tx = self.db.begin().await?;
+        let Some(locked) = attempts::lock(&mut tx, origin.step_run_id, origin.attempt).await?
+        else {
+            return Ok(Handled::Done(None, None));
+        };
+        let claimant = self
+            .attribution
+            .worker(sender, origin.worker_id, || locked.claimant_builtin)
+            .ok()
+            .filter(|w| locked.is_claimant(origin.job_id, *w));
+        let Some(claimant) = claimant.filter(|_| locked.state == "Running") else {
+            return Ok(Handled::Done(None, None));
+        };
+        self.finish(
+            &mut tx,
+            &locked,
+            origin.step_run_id,
+            origin.attempt,
+            "Failed",
+            Some(reason),
+        )
+        .await?;
+        tx.commit().await?;
+        // Its script has no reason to go on: stop it (what it sends later is stale).
+        self.orchestrator
+            .cancel_running(claimant, origin.step_run_id, origin.attempt)
+            .await;
+        let release = match (&locked.mutex, locked.mutex_token) {
+            (Some(mutex), Some(token)) => Some(Release {
+                mutex: mutex.clone(),
+                step_run: origin.step_run_id,
+                attempt: origin.attempt,
+                token: token as u64,
+            }),
+            _ => None,
+        };
+        Ok(Handled::Done(Some(locked.task()), release))
     }
 
     async fn handle(&self, event: &Event, sender: &Sender) -> Result<Handled, sqlx::Error> {
@@ -343,7 +429,7 @@ impl ResultConsumer {
                     )
                     .bind(origin.step_run_id.0)
                     .bind(origin.attempt as i32)
-                    .bind(&w.waiting_for)
+                    .bind(logs::storable(&w.waiting_for).as_ref())
                     .execute(&mut *tx)
                     .await?;
                     if r.rows_affected() == 1 {
@@ -351,7 +437,11 @@ impl ResultConsumer {
                             &mut *tx,
                             locked.task(),
                             Some((origin.step_run_id, origin.attempt)),
-                            &format!("Step {} waiting for {}", locked.step_name, w.waiting_for),
+                            &format!(
+                                "Step {} waiting for {}",
+                                locked.step_name,
+                                logs::storable(&w.waiting_for)
+                            ),
                         )
                         .await?;
                     }
@@ -379,7 +469,9 @@ impl ResultConsumer {
                 }
             }
             Event::LogBatch(b) => {
-                let end = b.first_seq as i64 + b.lines.len() as i64;
+                let first_seq = i64::try_from(b.first_seq).unwrap_or(i64::MAX);
+                let end =
+                    first_seq.saturating_add(i64::try_from(b.lines.len()).unwrap_or(i64::MAX));
                 if !live {
                     if end > locked.lines_stored {
                         stale_as("lines for an attempt that has ended".into())
@@ -393,13 +485,14 @@ impl ResultConsumer {
                         origin.step_run_id,
                         origin.attempt,
                         locked.lines_stored,
-                        b.first_seq as i64,
+                        first_seq,
                         &b.lines,
                     )
                     .await?;
                     if stored != locked.lines_stored {
-                        self.metrics
-                            .observe_log_batch((stored - locked.lines_stored) as u64);
+                        self.metrics.observe_log_batch(
+                            stored.saturating_sub(locked.lines_stored).max(0) as u64,
+                        );
                         sqlx::query(
                             "UPDATE attempts SET lines_stored = $3 WHERE step_run_id = $1 AND attempt = $2",
                         )
@@ -429,8 +522,12 @@ impl ResultConsumer {
                     )
                     .bind(origin.step_run_id.0)
                     .bind(origin.attempt as i32)
-                    .bind(&o.name)
-                    .bind(if o.sensitive { None } else { o.value.as_deref() })
+                    .bind(logs::storable(&o.name).as_ref())
+                    .bind(if o.sensitive {
+                        None
+                    } else {
+                        logs::storable_opt(o.value.as_deref())
+                    })
                     .bind(o.sensitive)
                     .execute(&mut *tx)
                     .await?;
@@ -444,8 +541,8 @@ impl ResultConsumer {
                     )
                     .bind(origin.step_run_id.0)
                     .bind(origin.attempt as i32)
-                    .bind(p.percentage as i16)
-                    .bind(&p.message)
+                    .bind(i16::from(p.percentage))
+                    .bind(logs::storable(&p.message).as_ref())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -478,7 +575,7 @@ impl ResultConsumer {
                     .bind(origin.step_run_id.0)
                     .bind(origin.attempt as i32)
                     .bind(c.artifact as i32)
-                    .bind(c.seq as i64)
+                    .bind(i64::try_from(c.seq).unwrap_or(i64::MAX))
                     .fetch_optional(&mut *tx)
                     .await?;
                     if stored.is_none() {
@@ -499,8 +596,8 @@ impl ResultConsumer {
                     .bind(origin.attempt as i32)
                     .bind(f.outcome.as_str())
                     .bind(f.exit_code)
-                    .bind(&f.error)
-                    .bind(f.line_count as i64)
+                    .bind(logs::storable_opt(f.error.as_deref()))
+                    .bind(i64::try_from(f.line_count).unwrap_or(i64::MAX))
                     .bind(f.finished_at)
                     .execute(&mut *tx)
                     .await?;
@@ -525,10 +622,10 @@ impl ResultConsumer {
                     }
                     let now = Now {
                         outcome: Some(f.outcome.as_str().to_owned()),
-                        line_count: Some(f.line_count as i64),
+                        line_count: Some(i64::try_from(f.line_count).unwrap_or(i64::MAX)),
                         lines_stored: locked.lines_stored,
                         exit_code: f.exit_code,
-                        error: f.error.clone(),
+                        error: logs::storable_opt(f.error.as_deref()).map(|e| e.into_owned()),
                         no_artifacts: f.artifacts.is_empty(),
                     };
                     if self.try_finish(&mut *tx, &locked, origin, now).await? {
@@ -639,6 +736,19 @@ impl ResultConsumer {
         )
         .await
     }
+}
+
+/// The attempt's error when one of its events can never be stored.
+fn unstorable_reason(kind: &str, e: &sqlx::Error) -> String {
+    let what = match e {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_owned(),
+        },
+        other => other.to_string(),
+    };
+    let what = crate::logs::storable(&what).into_owned();
+    format!("a {kind} event from its agent could not be stored: {what}")
 }
 
 /// After a transient error: wait `delay` (doubled each time, at most 5 s) before the next

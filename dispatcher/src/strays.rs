@@ -48,16 +48,24 @@ pub struct Strays {
 
 impl Strays {
     pub fn spawn(self, cancel: CancellationToken) {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(CHECK_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = cancel.cancelled() => return,
-                }
-                if let Err(e) = self.check().await {
-                    tracing::debug!(error = %e, "checking queues for lost jobs failed; will retry");
+        let me = std::sync::Arc::new(self);
+        crate::supervise::spawn("strays", cancel.clone(), move || {
+            let me = me.clone();
+            let cancel = cancel.clone();
+            async move {
+                let mut tick = tokio::time::interval(CHECK_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = cancel.cancelled() => return Ok(()),
+                    }
+                    if let Err(e) = me.check().await {
+                        crate::supervise::pass_failed(
+                            "strays",
+                            &format!("checking queues for lost jobs: {e:#}"),
+                        );
+                    }
                 }
             }
         });

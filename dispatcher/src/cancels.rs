@@ -1,0 +1,119 @@
+//! # Cancels nobody answers
+//!
+//! A cancel tells the agent of each running attempt to stop it, and the attempt ends when the
+//! agent reports its `StepFinished`. An agent that never answers (frozen, cut off, gone
+//! without its broker connection closing yet) must not leave the task `Cancelling`: this loop
+//! looks every [`CHECK_EVERY`] at the running attempts of cancelling tasks, and one still
+//! running [`ANSWER_WITHIN`] after this node first saw it so is concluded `Cancelled` by the
+//! dispatcher, so the task is `Cancelled` within 10 s of the cancel. Whatever its agent sends
+//! for it afterwards is stale (kept apart in `stale_events`). Its mutex, if it holds one, is
+//! not released: it expires with its lease (its agent can no longer renew it), so a script
+//! the agent left behind cannot overlap the next holder.
+
+use crate::attempts;
+use crate::orchestrator::Orchestrator;
+use gantry_shared::ids::StepRunId;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How often running attempts of cancelling tasks are looked at.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long an agent has to report a cancelled attempt's end before the dispatcher concludes
+/// it (counted from the first check that saw it, at most [`CHECK_EVERY`] after the cancel).
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(7);
+
+/// Start the loop (supervised).
+pub fn spawn(
+    db: PgPool,
+    orchestrator: Orchestrator,
+    locks: crate::locks::Locks,
+    retry_base: Duration,
+    cancel: CancellationToken,
+) {
+    crate::supervise::spawn("cancels", cancel.clone(), move || {
+        let (db, orchestrator, locks, cancel) = (
+            db.clone(),
+            orchestrator.clone(),
+            locks.clone(),
+            cancel.clone(),
+        );
+        async move {
+            let mut tick = tokio::time::interval(CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seen: HashMap<(Uuid, i32), Instant> = HashMap::new();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+                if let Err(e) = pass(&db, &orchestrator, &locks, retry_base, &mut seen).await {
+                    crate::supervise::pass_failed("cancels", &e);
+                }
+            }
+        }
+    });
+}
+
+async fn pass(
+    db: &PgPool,
+    orchestrator: &Orchestrator,
+    locks: &crate::locks::Locks,
+    retry_base: Duration,
+    seen: &mut HashMap<(Uuid, i32), Instant>,
+) -> sqlx::Result<()> {
+    let running: Vec<(Uuid, i32, Option<String>)> = sqlx::query_as(
+        "SELECT a.step_run_id, a.attempt, w.name FROM attempts a
+         JOIN step_runs s ON s.id = a.step_run_id JOIN tasks t ON t.id = s.task_id
+         LEFT JOIN workers w ON w.id = a.worker_id
+         WHERE t.state = 'Cancelling' AND a.state = 'Running'
+         LIMIT 10000",
+    )
+    .fetch_all(db)
+    .await?;
+    let now = Instant::now();
+    seen.retain(|k, _| running.iter().any(|(s, a, _)| (*s, *a) == *k));
+    let mut ended = false;
+    for (step_run, attempt, worker) in running {
+        let first = *seen.entry((step_run, attempt)).or_insert(now);
+        if now.saturating_duration_since(first) < ANSWER_WITHIN {
+            continue;
+        }
+        let why = format!(
+            "cancelled: {} did not report the step's end within {} s of the cancel; anything it sends for this attempt now is stale",
+            worker
+                .map(|w| format!("worker {w}"))
+                .unwrap_or_else(|| "its worker".into()),
+            ANSWER_WITHIN.as_secs() + CHECK_EVERY.as_secs()
+        );
+        let step_run = StepRunId(step_run);
+        let Ok(attempt_no) = u32::try_from(attempt) else {
+            continue;
+        };
+        let mut tx = db.begin().await?;
+        if let Some(locked) = attempts::lock(&mut tx, step_run, attempt_no).await?
+            && locked.state == "Running"
+        {
+            attempts::conclude(
+                &mut tx,
+                &locked,
+                step_run,
+                attempt_no,
+                "Cancelled",
+                Some(&why),
+                retry_base,
+            )
+            .await?;
+            tx.commit().await?;
+            tracing::warn!(%step_run, attempt, task = %locked.task(), "concluded a cancelled attempt its agent did not answer for");
+            orchestrator.kick(locked.task());
+            ended = true;
+        }
+    }
+    if ended {
+        locks.wake();
+    }
+    Ok(())
+}
