@@ -37,9 +37,10 @@ impl Dispatcher {
     /// Prepare the database, connect to the broker (in the background: a broker that is down
     /// at start only delays jobs) and bind the HTTP port.
     pub async fn build(settings: Settings, cancel: CancellationToken) -> anyhow::Result<Self> {
-        let secrets = SecretBox::from_config(settings.secrets.key.as_deref())?;
+        let secrets = SecretBox::load(&settings.secrets, !settings.production)?;
         let broker_users = BrokerUsers::from_settings(&settings)?;
         let db = db::prepare(&settings).await?;
+        crate::secrets::verify_key(&db, &secrets).await?;
         db::bootstrap(&db, &settings).await?;
         let topology = Topology::new(&settings.namespace);
         let declare: DeclareFn = {
@@ -115,6 +116,8 @@ impl Dispatcher {
             metrics: metrics.clone(),
             retry_base,
             attribution: attribution.clone(),
+            secrets: secrets.clone(),
+            limits: settings.limits.clone(),
         }
         .spawn(cancel.clone());
         crate::heartbeats::spawn_heartbeats(

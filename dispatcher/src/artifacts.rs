@@ -24,15 +24,27 @@ use uuid::Uuid;
 /// Chunks read per query when checking or serving an artifact (1 MiB at 64 KiB a chunk).
 pub const PAGE: i64 = 16;
 
+/// What [`store_chunk`] did with a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunk {
+    /// Stored now.
+    New,
+    /// Stored before, or dropped (an artifact no longer receiving, or not announced).
+    Old,
+    /// Not stored: it would take the task past `limits.artifact_bytes` (`limit`).
+    OverQuota,
+}
+
 /// Store one chunk of a live attempt. `announced` is true once the attempt's `StepFinished`
-/// is stored: chunks of artifacts it did not list are dropped then. Returns true if the
-/// chunk was new.
+/// is stored: chunks of artifacts it did not list are dropped then. A new chunk is counted
+/// against the task's artifact quota `limit` first (see [`crate::quotas`]).
 pub async fn store_chunk(
     conn: &mut PgConnection,
     task: TaskId,
     chunk: &ArtifactChunk,
     announced: bool,
-) -> sqlx::Result<bool> {
+    limit: u64,
+) -> sqlx::Result<Chunk> {
     let o = &chunk.origin;
     if !announced {
         sqlx::query(
@@ -58,10 +70,24 @@ pub async fn store_chunk(
     .fetch_optional(&mut *conn)
     .await?;
     let Some((id, state)) = row else {
-        return Ok(false);
+        return Ok(Chunk::Old);
     };
     if state != "Receiving" {
-        return Ok(false);
+        return Ok(Chunk::Old);
+    }
+    let known: Option<i64> = sqlx::query_scalar(
+        "SELECT 1::bigint FROM artifact_chunks WHERE artifact_id = $1 AND seq = $2",
+    )
+    .bind(id)
+    .bind(chunk.seq as i64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if known.is_some() {
+        return Ok(Chunk::Old);
+    }
+    let bytes = chunk.data.len() as u64;
+    if !crate::quotas::charge(conn, task, crate::quotas::Quota::Artifacts, bytes, limit).await? {
+        return Ok(Chunk::OverQuota);
     }
     let inserted = sqlx::query(
         "INSERT INTO artifact_chunks (artifact_id, seq, data) VALUES ($1, $2, $3)
@@ -85,7 +111,7 @@ pub async fn store_chunk(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(inserted)
+    Ok(if inserted { Chunk::New } else { Chunk::Old })
 }
 
 /// Record what `StepFinished` says of the attempt's artifacts; forget those it does not

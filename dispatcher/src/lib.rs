@@ -22,7 +22,9 @@
 //! - [`nodes`]: which dispatcher node orchestrates which task (leases in PostgreSQL).
 //! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
 //! - [`metrics`]: Prometheus text.
-//! - [`secrets`]: sensitive values sealed at rest.
+//! - [`secrets`]: sensitive values sealed at rest, bound to their task and name.
+//! - [`quotas`]: per-task storage quotas (`limits.*`).
+//! - [`outputs`]: non-sensitive outputs that carry a secret, stored sealed.
 //! - [`auth`]: API keys and worker credentials.
 //! - [`broker_users`]: one RabbitMQ user per worker, through the management API.
 //! - [`senders`]: attributing events and heartbeats to workers by their broker user.
@@ -51,6 +53,8 @@ pub mod monitors;
 pub mod nodes;
 pub mod notify;
 pub mod orchestrator;
+pub mod outputs;
+pub mod quotas;
 pub mod results;
 pub mod secrets;
 pub mod senders;

@@ -229,14 +229,19 @@ pub fn cursor(pos: i64) -> String {
     pos.to_string()
 }
 
-/// Read lines after a cursor, in order.
+/// Read lines after a cursor, in order: at most `max_lines`, and no more once `max_bytes` of
+/// text have been read (but always at least one line). Rows are streamed from PostgreSQL, so
+/// memory is bounded by `max_bytes` plus one line, whatever the log holds. The flag is true
+/// when the read stopped at either bound (more lines may follow).
 pub async fn read(
     db: &PgPool,
     task: TaskId,
     after: i64,
-    limit: i64,
+    max_lines: i64,
+    max_bytes: usize,
     step_names: &HashMap<Uuid, String>,
-) -> sqlx::Result<Vec<LogEntry>> {
+) -> sqlx::Result<(Vec<LogEntry>, bool)> {
+    use futures::TryStreamExt;
     type Row = (
         i64,
         Option<Uuid>,
@@ -246,27 +251,34 @@ pub async fn read(
         i16,
         String,
     );
-    let rows: Vec<Row> = sqlx::query_as(
+    let max_lines = max_lines.max(1);
+    let mut rows = sqlx::query_as::<_, Row>(
         "SELECT pos, step_run_id, attempt, seq, ts, stream, text FROM log_lines
          WHERE task_id = $1 AND pos > $2 ORDER BY pos LIMIT $3",
     )
     .bind(task.0)
     .bind(after)
-    .bind(limit)
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(pos, step, attempt, seq, ts, stream, text)| LogEntry {
+    .bind(max_lines)
+    .fetch(db);
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some((pos, step, attempt, seq, ts, stream, text)) = rows.try_next().await? {
+        bytes = bytes.saturating_add(text.len());
+        out.push(LogEntry {
             cursor: cursor(pos),
             step: step.and_then(|s| step_names.get(&s).cloned()),
-            attempt: attempt.map(|a| a as u32),
-            seq: seq.map(|s| s as u64),
+            attempt: attempt.and_then(|a| u32::try_from(a).ok()),
+            seq: seq.and_then(|s| u64::try_from(s).ok()),
             ts,
             stream: Stream::from_i16(stream).as_str().to_owned(),
             text,
-        })
-        .collect())
+        });
+        if bytes >= max_bytes {
+            return Ok((out, true));
+        }
+    }
+    let more = out.len() as i64 >= max_lines;
+    Ok((out, more))
 }
 
 /// Step run id → step name, for a task.

@@ -27,6 +27,8 @@ use crate::attempts::{self, Locked};
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::orchestrator::Orchestrator;
+use crate::outputs;
+use crate::quotas::{self, Quota};
 use crate::senders::{Attribution, Sender};
 use futures::{FutureExt, StreamExt};
 use gantry_shared::amqp::Broker;
@@ -82,6 +84,8 @@ pub struct ResultConsumer {
     pub metrics: Arc<Metrics>,
     pub retry_base: Duration,
     pub attribution: Attribution,
+    pub secrets: crate::secrets::SecretBox,
+    pub limits: gantry_shared::config::LimitsSettings,
 }
 
 enum Handled {
@@ -478,6 +482,10 @@ impl ResultConsumer {
                             .record(&mut *tx)
                             .await?;
                     }
+                } else if !self.charge_log(&mut *tx, &locked, b).await? {
+                    self.over_quota(&mut *tx, &locked, origin, worker, Quota::Log)
+                        .await?;
+                    kick = Some(locked.task());
                 } else {
                     let stored = logs::apply_batch(
                         &mut *tx,
@@ -514,7 +522,18 @@ impl ResultConsumer {
                 }
             }
             Event::OutputVariable(o) => {
-                if live {
+                if let (true, false, Some(value)) = (live, o.sensitive, o.value.as_deref()) {
+                    outputs::store_plain(
+                        &mut *tx,
+                        &self.secrets,
+                        &locked,
+                        origin.step_run_id,
+                        origin.attempt,
+                        &o.name,
+                        value,
+                    )
+                    .await?;
+                } else if live {
                     sqlx::query(
                         "INSERT INTO output_variables (step_run_id, attempt, name, value, sensitive)
                          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (step_run_id, attempt, name)
@@ -550,9 +569,15 @@ impl ResultConsumer {
             Event::ArtifactChunk(c) => {
                 if live {
                     let announced = locked.outcome.is_some();
-                    if artifacts::store_chunk(&mut *tx, locked.task(), c, announced).await?
-                        && announced
-                    {
+                    let limit = self.limits.artifact_bytes;
+                    let stored =
+                        artifacts::store_chunk(&mut *tx, locked.task(), c, announced, limit)
+                            .await?;
+                    if stored == artifacts::Chunk::OverQuota {
+                        self.over_quota(&mut *tx, &locked, origin, worker, Quota::Artifacts)
+                            .await?;
+                        kick = Some(locked.task());
+                    } else if stored == artifacts::Chunk::New && announced {
                         // A chunk that arrived after StepFinished (a redelivery): it may be
                         // the last one the attempt waited for.
                         artifacts::settle(
@@ -749,6 +774,54 @@ fn unstorable_reason(kind: &str, e: &sqlx::Error) -> String {
     };
     let what = crate::logs::storable(&what).into_owned();
     format!("a {kind} event from its agent could not be stored: {what}")
+}
+
+impl ResultConsumer {
+    /// Count a live attempt's new log bytes against `limits.task_log_bytes`; false (nothing
+    /// counted) when the batch would pass it.
+    async fn charge_log(
+        &self,
+        conn: &mut PgConnection,
+        locked: &Locked,
+        b: &gantry_shared::wire::LogBatch,
+    ) -> sqlx::Result<bool> {
+        let bytes = quotas::new_log_bytes(b.first_seq as i64, locked.lines_stored, &b.lines);
+        let limit = self.limits.task_log_bytes;
+        quotas::charge(conn, locked.task(), Quota::Log, bytes, limit).await
+    }
+
+    /// Fail a live attempt that went past a quota, and ask its agent to stop the script.
+    async fn over_quota(
+        &self,
+        conn: &mut PgConnection,
+        locked: &Locked,
+        origin: &Origin,
+        worker: gantry_shared::ids::WorkerId,
+        quota: Quota,
+    ) -> sqlx::Result<()> {
+        let limit = match quota {
+            Quota::Log => self.limits.task_log_bytes,
+            Quota::Artifacts => self.limits.artifact_bytes,
+        };
+        let (step_run, attempt) = (origin.step_run_id, origin.attempt);
+        quotas::fail_attempt(
+            conn,
+            locked,
+            step_run,
+            attempt,
+            quota,
+            limit,
+            self.retry_base,
+        )
+        .await?;
+        // Its further events are stale once this commits; the cancel only saves the work.
+        let orchestrator = self.orchestrator.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            orchestrator.cancel_running(worker, step_run, attempt).await;
+        });
+        Ok(())
+    }
 }
 
 /// After a transient error: wait `delay` (doubled each time, at most 5 s) before the next

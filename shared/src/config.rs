@@ -29,8 +29,8 @@ pub const ENV_PREFIX: &str = "GANTRY";
 pub struct Settings {
     /// Prefix of every exchange, queue and Redis key; lets two stacks share one broker.
     pub namespace: String,
-    /// A production installation: the dispatcher refuses to start without `secrets.key`
-    /// (instead of using the built-in development key with a warning) or without
+    /// A production installation: the dispatcher refuses to start without `secrets.key` or an
+    /// existing `secrets.key_file` (instead of generating a key file) or without
     /// `amqp.management_url` (per-worker broker users), and no program sends a credential in
     /// plain text to another machine (see [`crate::tls`]).
     pub production: bool,
@@ -46,6 +46,8 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub secrets: SecretsSettings,
+    #[serde(default)]
+    pub limits: LimitsSettings,
     #[serde(default)]
     pub builtin_worker: BuiltinWorkerSettings,
     #[serde(default)]
@@ -208,7 +210,74 @@ pub struct LogSettings {
 pub struct SecretsSettings {
     /// Base64 of 32 bytes: the key that encrypts sensitive values at rest.
     pub key: Option<String>,
+    /// Where the key is kept when `key` is not set (generated there, mode 0600, on first start
+    /// unless `production = true`). Default: [`SecretsSettings::key_file_path`].
+    pub key_file: Option<PathBuf>,
 }
+
+impl SecretsSettings {
+    /// `key_file`, or `$XDG_STATE_HOME/gantry-dispatcher/secrets.key`, or
+    /// `~/.local/state/gantry-dispatcher/secrets.key`, or `./gantry-secrets.key` with no home.
+    pub fn key_file_path(&self) -> PathBuf {
+        if let Some(f) = &self.key_file {
+            return f.clone();
+        }
+        if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(state).join("gantry-dispatcher/secrets.key");
+        }
+        if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(home).join(".local/state/gantry-dispatcher/secrets.key");
+        }
+        PathBuf::from("gantry-secrets.key")
+    }
+}
+
+// ---- limits: per-task storage quotas -------------------------------------------------------
+
+/// What one task may store (see docs/configuration.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSettings {
+    /// Bytes of log text one task may store (all its steps and attempts together); the step
+    /// whose output goes past it fails. 1 to 2^62.
+    pub task_log_bytes: u64,
+    /// Bytes of artifact data one task may store; the step whose upload goes past it fails.
+    /// 1 to 2^62.
+    pub artifact_bytes: u64,
+}
+
+/// Default of both quotas: 1 GiB.
+pub const DEFAULT_TASK_QUOTA: u64 = 1 << 30;
+/// Largest quota accepted (so that sums fit PostgreSQL's bigint).
+pub const MAX_TASK_QUOTA: u64 = 1 << 62;
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            task_log_bytes: DEFAULT_TASK_QUOTA,
+            artifact_bytes: DEFAULT_TASK_QUOTA,
+        }
+    }
+}
+
+impl LimitsSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("limits.task_log_bytes", self.task_log_bytes),
+            ("limits.artifact_bytes", self.artifact_bytes),
+        ] {
+            if !(1..=MAX_TASK_QUOTA).contains(&v) {
+                return Err(ConfigError::key(
+                    key,
+                    format!("must be 1 to {MAX_TASK_QUOTA}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- end of limits ---------------------------------------------------------------------------
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -441,6 +510,7 @@ impl Settings {
                 ));
             }
         }
+        self.limits.validate()?;
         if self.dispatcher.task_cap == 0 {
             return Err(ConfigError::key(
                 "dispatcher.task_cap",

@@ -338,6 +338,12 @@ impl Stack {
             ("GANTRY__API__BOOTSTRAP_KEY".into(), API_KEY.into()),
             ("GANTRY__DISPATCHER__SWEEP_INTERVAL_SECS".into(), "1".into()),
             ("GANTRY__DISPATCHER__RETRY_BACKOFF_MS".into(), "200".into()),
+            // The generated secrets key (no secrets.key) lands in the stack's own directory,
+            // shared by its nodes and restarts, never in the home of the user running tests.
+            (
+                "XDG_STATE_HOME".into(),
+                self.dir.path().join("state").display().to_string(),
+            ),
         ];
         env.extend(self.extra_env.clone());
         env

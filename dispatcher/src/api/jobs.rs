@@ -221,7 +221,7 @@ pub async fn claim(
     sealed.extend(outputs);
     let mut sensitive_variables = BTreeMap::new();
     for (name, value) in sealed {
-        match s.secrets.open(&value) {
+        match s.secrets.open(task, &name, &value) {
             Ok(v) => {
                 sensitive_variables.insert(name, v);
             }
@@ -486,7 +486,11 @@ pub async fn sensitive_output(
     .bind(step_run.0)
     .bind(attempt as i32)
     .bind(&req.name)
-    .bind(s.secrets.seal(&req.value))
+    .bind(s.secrets.seal(
+        locked.task_id,
+        &format!("Steps.{}.Output.{}", locked.step_name, req.name),
+        &req.value,
+    ))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -1,6 +1,10 @@
 //! `GET /api/tasks/{id}/log`: the task's log in order, as a JSON page or, with
 //! `follow=true`, as Server-Sent Events until the task ends.
 //!
+//! A page holds at most `limit` lines and at most [`PAGE_BYTES`] of JSON (always at least one
+//! line); it is read from PostgreSQL a chunk at a time and streamed to the client as it is
+//! read, so a reader costs the dispatcher a few chunks of memory, not a page.
+//!
 //! Each SSE `line` event carries one [`LogEntry`] as data and its cursor as the event id, so
 //! a client that reconnects with `Last-Event-ID` resumes exactly after the last line it got.
 //! When the task has ended and every line has been sent, an `end` event carries the task's
@@ -12,21 +16,42 @@ use super::{AppState, query_map};
 use crate::logs;
 use crate::notify::EVERYONE;
 use crate::store::tasks::{self, is_terminal};
-use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use gantry_shared::api::{LogEnd, LogPage, Permission};
+use gantry_shared::api::LogEntry;
+use gantry_shared::api::{LogEnd, Permission};
 use gantry_shared::ids::TaskId;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 const DEFAULT_PAGE: i64 = 10_000;
 const MAX_PAGE: i64 = 100_000;
 /// Lines read per query while following.
 const FOLLOW_CHUNK: i64 = 2_000;
+/// A JSON page ends before the line that would take it past this many bytes (but holds at
+/// least one line), whatever `limit` says.
+pub const PAGE_BYTES: usize = 4 << 20;
+/// Lines and bytes of text read from PostgreSQL per query, for a page or a follower.
+const CHUNK_LINES: i64 = 500;
+/// Lines asked for by a reader's first query, before it knows how long lines are.
+const FIRST_CHUNK: i64 = 64;
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// Lines to ask for next, from the lines and bytes the previous chunk brought: about
+/// [`CHUNK_BYTES`] worth, so that a query seldom sends rows the byte bound leaves unread
+/// (PostgreSQL sends every row of a `LIMIT`; the rest is read and dropped).
+fn next_chunk(lines: &[LogEntry], cap: i64) -> i64 {
+    let bytes: usize = lines.iter().map(|l| l.text.len().saturating_add(64)).sum();
+    let per_line = (bytes / lines.len().max(1)).max(1);
+    let fit = i64::try_from(CHUNK_BYTES / per_line).unwrap_or(CHUNK_LINES);
+    fit.saturating_add(1).clamp(1, CHUNK_LINES).min(cap.max(1))
+}
 
 pub async fn log(
     State(s): State<AppState>,
@@ -67,18 +92,8 @@ pub async fn log(
     let summary = tasks::summary(&s.db, task).await?;
     let names = logs::step_names(&s.db, task).await?;
     if !follow {
-        let lines = logs::read(&s.db, task, after, limit, &names).await?;
-        let next = lines
-            .last()
-            .map(|l| l.cursor.clone())
-            .unwrap_or_else(|| logs::cursor(after));
-        let complete = is_terminal(&summary.state) && (lines.len() as i64) < limit;
-        return Ok(Json(LogPage {
-            lines,
-            next,
-            complete,
-        })
-        .into_response());
+        let complete_if_read = is_terminal(&summary.state);
+        return page(s, task, after, limit, names, complete_if_read).await;
     }
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(256);
     tokio::spawn(follow_task(s, task, after, names, tx));
@@ -87,6 +102,98 @@ pub async fn log(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
+}
+
+/// A JSON page (the shape of [`gantry_shared::api::LogPage`]), streamed. The first chunk is
+/// read before the answer starts, so that an unavailable database is a 503, not a cut body;
+/// a later failure cuts the body (the client sees invalid JSON and reads again from its last
+/// cursor).
+async fn page(
+    s: AppState,
+    task: TaskId,
+    after: i64,
+    limit: i64,
+    names: HashMap<Uuid, String>,
+    terminal: bool,
+) -> ApiResult<Response> {
+    let first_chunk = FIRST_CHUNK.min(limit);
+    let first = logs::read(&s.db, task, after, first_chunk, CHUNK_BYTES, &names).await?;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        if let Err(e) = write_page(&s, task, after, limit, &names, terminal, first, &tx).await {
+            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+        }
+    });
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Produce a page's body chunk by chunk. Stops quietly when the client went away.
+#[allow(clippy::too_many_arguments)]
+async fn write_page(
+    s: &AppState,
+    task: TaskId,
+    mut after: i64,
+    limit: i64,
+    names: &HashMap<Uuid, String>,
+    terminal: bool,
+    first: (Vec<LogEntry>, bool),
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> anyhow::Result<()> {
+    let mut buf: Vec<u8> = b"{\"lines\":[".to_vec();
+    let (mut lines, mut more) = first;
+    let mut sent_lines: i64 = 0;
+    // The envelope (`{"lines":[`, `],"next":...,"complete":...}`) counts too.
+    let mut sent_bytes: usize = 128;
+    // Whether the page ended because the log did (rather than at `limit` or the byte cap).
+    let mut exhausted = false;
+    'page: loop {
+        for line in &lines {
+            let json = serde_json::to_vec(line)?;
+            let room = json.len().saturating_add(1);
+            if sent_lines > 0 && sent_bytes.saturating_add(room) > PAGE_BYTES {
+                break 'page;
+            }
+            if sent_lines > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(&json);
+            sent_bytes = sent_bytes.saturating_add(room);
+            sent_lines += 1;
+            after = line.cursor.parse().unwrap_or(after);
+            if sent_lines >= limit {
+                break 'page;
+            }
+        }
+        if tx
+            .send(Ok(Bytes::from(std::mem::take(&mut buf))))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        if !more {
+            exhausted = true;
+            break;
+        }
+        let want = next_chunk(&lines, limit.saturating_sub(sent_lines));
+        (lines, more) = logs::read(&s.db, task, after, want, CHUNK_BYTES, names).await?;
+    }
+    let tail = serde_json::json!({
+        "next": logs::cursor(after),
+        "complete": terminal && exhausted,
+    });
+    // `{"next":..,"complete":..}` without its opening brace closes the object.
+    let tail = serde_json::to_vec(&tail)?;
+    buf.extend_from_slice(b"],");
+    buf.extend_from_slice(tail.get(1..).unwrap_or(&b"}"[..]));
+    let _ = tx.send(Ok(Bytes::from(buf))).await;
+    Ok(())
 }
 
 /// Feed one follower until the task ends, the client goes away or the server shuts down.
@@ -98,6 +205,7 @@ async fn follow_task(
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
     let mut wake = s.notifier.subscribe();
+    let mut want = FIRST_CHUNK;
     loop {
         // Read the state before the lines: if the task had ended by then, every line it will
         // ever have is already stored, so an empty read afterwards means the end.
@@ -110,7 +218,7 @@ async fn follow_task(
                 return;
             }
         };
-        let lines = match logs::read(&s.db, task, after, FOLLOW_CHUNK, &names).await {
+        let (lines, more) = match logs::read(&s.db, task, after, want, CHUNK_BYTES, &names).await {
             Ok(l) => l,
             Err(_) => {
                 if wait(&s, &mut wake, task, &tx).await {
@@ -119,7 +227,9 @@ async fn follow_task(
                 return;
             }
         };
-        let n = lines.len() as i64;
+        if !lines.is_empty() {
+            want = next_chunk(&lines, FOLLOW_CHUNK);
+        }
         if lines.iter().any(|l| l.step.is_none()) {
             // A Gantry line names no step only for task-wide lines; refresh names anyway in
             // case steps were added (they are not today, but the lookup is cheap).
@@ -138,7 +248,7 @@ async fn follow_task(
                 return;
             }
         }
-        if n == FOLLOW_CHUNK {
+        if more {
             continue;
         }
         if is_terminal(&state) {

@@ -53,9 +53,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    if settings.production && settings.secrets.key.is_none() {
+    if settings.production
+        && settings.secrets.key.is_none()
+        && !settings.secrets.key_file_path().exists()
+    {
         eprintln!(
-            "gantry-dispatcher: secrets.key: must be set when production = true (base64 of 32 random bytes: openssl rand -base64 32)"
+            "gantry-dispatcher: secrets.key: must be set when production = true (base64 of 32 random bytes: openssl rand -base64 32), or secrets.key_file must name an existing key file ({} does not exist); a production dispatcher never generates its key",
+            settings.secrets.key_file_path().display()
         );
         return ExitCode::from(EXIT_CONFIG as u8);
     }

@@ -32,7 +32,7 @@ pub async fn create(
     let mut sealed: Vec<(String, Vec<u8>)> = Vec::new();
     for (name, value) in &process.variables {
         if value.is_sensitive() {
-            sealed.push((name.clone(), secrets.seal(&value.value())));
+            sealed.push((name.clone(), secrets.seal(id.0, name, &value.value())));
         } else {
             variables.insert(name.clone(), value.value());
         }
