@@ -699,6 +699,57 @@ mod tests {
     }
 
     #[test]
+    fn numbers_out_of_range_name_their_key_and_approvals_default_to_allow_self() {
+        let dir = tempdir();
+        let file = write(&dir, "");
+        let ok = Settings::load_with_env(Some(&file), env(&[])).unwrap();
+        assert!(ok.approvals.allow_self);
+        let off = Settings::load_with_env(
+            Some(&file),
+            env(&[("GANTRY__APPROVALS__ALLOW_SELF", "false")]),
+        )
+        .unwrap();
+        assert!(!off.approvals.allow_self);
+        for (var, value, key) in [
+            ("GANTRY__LOCKS__LEASE_MS", "99999999", "locks.lease_ms"),
+            (
+                "GANTRY__DISPATCHER__SWEEP_INTERVAL_SECS",
+                "18446744073709551615",
+                "dispatcher.sweep_interval_secs",
+            ),
+            (
+                "GANTRY__DISPATCHER__RETRY_BACKOFF_MS",
+                "60001",
+                "dispatcher.retry_backoff_ms",
+            ),
+            (
+                "GANTRY__AGENT__SHUTDOWN_GRACE_SECS",
+                "604801",
+                "agent.shutdown_grace_secs",
+            ),
+            (
+                "GANTRY__AGENT__HEARTBEAT_SECS",
+                "3601",
+                "agent.heartbeat_secs",
+            ),
+            ("GANTRY__SMTP__TIMEOUT_SECS", "100000", "smtp.timeout_secs"),
+            (
+                "GANTRY__DISPATCHER__TASK_CAP",
+                "4000000000",
+                "dispatcher.task_cap",
+            ),
+            (
+                "GANTRY__POSTGRES__MAX_CONNECTIONS",
+                "1001",
+                "postgres.max_connections",
+            ),
+        ] {
+            let e = Settings::load_with_env(Some(&file), env(&[(var, value)])).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{var}={value}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let dir = tempdir();
         let file = write(&dir, "");
