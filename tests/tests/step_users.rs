@@ -258,12 +258,13 @@ async fn bad_step_user_settings_stop_the_agent_with_exit_64() {
         ),
         (vec![("GANTRY__AGENT__STEP_UID_RANGE", "0-10")], "uid 0"),
         (
-            vec![("GANTRY__AGENT__STEP_UID_RANGE", "61000-61001")],
+            // A range no other test uses: the agent kills what runs under it at start.
+            vec![("GANTRY__AGENT__STEP_UID_RANGE", "61300-61301")],
             "fewer than this worker's max_concurrent_steps (4)",
         ),
         (
             vec![
-                ("GANTRY__AGENT__STEP_UID_RANGE", "61000-61009"),
+                ("GANTRY__AGENT__STEP_UID_RANGE", "61300-61309"),
                 ("GANTRY__AGENT__STEP_USER", "nobody"),
             ],
             "not both",
