@@ -130,6 +130,7 @@ pub async fn start(
         work_root,
         extra_queues: vec![Topology::new(&settings.namespace).server_queue()],
         run_as,
+        step_users: None,
         stop: Stop::Token(cancel, SHUTDOWN_GRACE),
         broker: BrokerLogin::Dispatcher,
     };

@@ -186,6 +186,15 @@ pub struct AgentSettings {
     /// Seconds between heartbeats and health checks. Unset, the machine policy in
     /// `/api/settings` decides (10 s by default); set, it overrides the policy on this agent.
     pub heartbeat_secs: Option<u64>,
+
+    // ---- Who a step runs as (agent.step_user, agent.step_uid_range) ----
+    /// Run every step of this agent as this OS user (by name). Needs the agent to run as root.
+    #[serde(default)]
+    pub step_user: Option<String>,
+    /// `"START-END"`: give every running step a uid (and gid) of its own from this range
+    /// (see [`crate::uid_range`]). Needs the agent to run as root; excludes `step_user`.
+    #[serde(default)]
+    pub step_uid_range: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -544,6 +553,7 @@ impl Settings {
                 "must be between 1 and 1000",
             ));
         }
+        self.check_step_users()?;
         if self.agent.heartbeat_secs == Some(0) {
             return Err(ConfigError::key(
                 "agent.heartbeat_secs",
@@ -626,6 +636,36 @@ impl Settings {
             .bind
             .parse()
             .expect("http.bind is validated when settings are loaded")
+    }
+
+    /// `agent.step_user` and `agent.step_uid_range`, as far as they can be checked without
+    /// the OS (whether the agent is root, whether the user exists: see the agent's start).
+    fn check_step_users(&self) -> Result<(), ConfigError> {
+        let a = &self.agent;
+        if a.step_user.is_some() && a.step_uid_range.is_some() {
+            return Err(ConfigError::key(
+                "agent.step_uid_range",
+                "set agent.step_user or agent.step_uid_range, not both",
+            ));
+        }
+        if let Some(u) = &a.step_user
+            && (u.trim().is_empty() || u.contains('\0'))
+        {
+            return Err(ConfigError::key("agent.step_user", "must name an OS user"));
+        }
+        if let Some(r) = &a.step_uid_range {
+            crate::uid_range::UidRange::parse(r)
+                .map_err(|e| ConfigError::key("agent.step_uid_range", e))?;
+        }
+        Ok(())
+    }
+
+    /// The parsed `agent.step_uid_range` (validated at load).
+    pub fn step_uid_range(&self) -> Option<crate::uid_range::UidRange> {
+        self.agent
+            .step_uid_range
+            .as_deref()
+            .and_then(|r| crate::uid_range::UidRange::parse(r).ok())
     }
 
     /// The agent's home directory.

@@ -20,6 +20,7 @@
 //! - [`redis_link`]: a Redis connection that survives Redis being away.
 //! - [`tls`]: the crypto provider, `tls.ca_file`, and the production refusal of plain text.
 //! - [`stepenv`]: the environment user code gets, built from scratch.
+//! - [`uid_range`]: `agent.step_uid_range`, the uids an agent gives its running steps.
 
 #![forbid(unsafe_code)]
 
@@ -39,6 +40,7 @@ pub mod telemetry;
 pub mod template;
 pub mod tls;
 pub mod topology;
+pub mod uid_range;
 pub mod wire;
 
 /// This build's version, reported by agents and `/api/health`.

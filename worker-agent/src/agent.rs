@@ -42,6 +42,8 @@ use tokio_util::sync::CancellationToken;
 pub const AMQP_FRAME_MAX: u32 = 16 * 1024;
 
 pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
+    // First: a setting the agent cannot honour is refused whatever else is wrong.
+    let step_users = crate::step_users::from_settings(&settings)?;
     let identity = identity::load(home)?;
     settings
         .check_client_production("the server in the agent's identity", &identity.server)
@@ -59,6 +61,7 @@ pub async fn run(settings: Settings, home: &Path) -> anyhow::Result<()> {
             work_root,
             extra_queues: Vec::new(),
             run_as: None,
+            step_users: Some((step_users, home.to_path_buf())),
             stop: Stop::Signals,
             broker: BrokerLogin::Worker(identity.broker),
         },
@@ -94,6 +97,9 @@ pub struct Setup {
     /// `<ns>.server`).
     pub extra_queues: Vec<String>,
     pub run_as: Option<crate::runner::RunAs>,
+    /// A registered agent's step users (`agent.step_user`, `agent.step_uid_range`) and its
+    /// home; `None`: every step as `run_as`.
+    pub step_users: Option<(crate::step_users::StepUsers, std::path::PathBuf)>,
     pub stop: Stop,
     pub broker: BrokerLogin,
 }
@@ -106,6 +112,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         work_root,
         extra_queues,
         run_as,
+        step_users,
         stop: stop_how,
         broker: login,
     } = setup;
@@ -173,8 +180,35 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
     let (outbox, outbox_done) = Outbox::start(broker.clone(), topology.results_exchange());
     let slots = Slots::new(config.max_concurrent_steps);
     slots.set_enabled(config.enabled);
-    std::fs::create_dir_all(&work_root)
-        .with_context(|| format!("creating the work directory {}", work_root.display()))?;
+    let (step_users, home) = match step_users {
+        Some((users, home)) => (users, Some(home)),
+        None => (crate::step_users::StepUsers::Fixed(run_as.clone()), None),
+    };
+    step_users.check_capacity(config.max_concurrent_steps)?;
+    // Health checks run as the fixed step user; with a uid range, as the agent.
+    let run_as = match &step_users {
+        crate::step_users::StepUsers::Fixed(u) => u.clone(),
+        crate::step_users::StepUsers::Range(_) => None,
+    };
+    crate::workdir::prepare_root(&work_root, home.as_deref(), step_users.other_users()).map_err(
+        |message| gantry_shared::config::ConfigError {
+            key: Some("agent.work_dir".into()),
+            message,
+        },
+    )?;
+    // Whatever an earlier run left (a SIGKILL, a crash): its steps' scripts and secrets.
+    let (swept, problems) = {
+        let root = work_root.clone();
+        tokio::task::spawn_blocking(move || crate::workdir::sweep(&root))
+            .await
+            .context("sweeping the work directory")?
+    };
+    if swept > 0 {
+        tracing::info!(swept, root = %work_root.display(), "removed step directories left by an earlier run");
+    }
+    for p in problems {
+        tracing::warn!("{p}");
+    }
     let fatal = CancellationToken::new();
     let nudge = Arc::new(tokio::sync::Notify::new());
     let agent = Arc::new(AgentContext {
@@ -185,7 +219,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         worker_name: config.name.clone(),
         work_root: work_root.clone(),
         keep_work_dirs: settings.agent.keep_work_dirs,
-        run_as: run_as.clone(),
+        step_users: Arc::new(step_users),
         fault_drop_before_ack: std::sync::atomic::AtomicBool::new(
             std::env::var("GANTRY_AGENT_FAULT").as_deref() == Ok("drop-connection-before-ack"),
         ),

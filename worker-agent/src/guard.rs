@@ -67,6 +67,10 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Invocation, 
 /// Run the guard. `command` is the program and its arguments. It ends the process itself
 /// (`std::process::exit`), so that the thread blocked reading stdin cannot hold it open.
 pub fn run(command: Vec<String>, user: Option<(u32, u32)>) -> ExitCode {
+    // Its environment holds the step's secrets: no core dump, no reading of its memory or
+    // `environ` by the agent's user's other processes (`exec` makes the script dumpable).
+    let _ = crate::hardening::disable_core_dumps();
+    let _ = crate::hardening::make_undumpable();
     let code = guard(command, user);
     std::process::exit(code)
 }

@@ -34,24 +34,28 @@ pub fn load(home: &Path) -> anyhow::Result<Identity> {
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is damaged: {e}", p.display()))
 }
 
+/// Write the identity: a new file created mode 0600 (the umask can only narrow it), never
+/// widened, renamed over the old one. The home is created mode 0700 when it is new.
 pub fn save(home: &Path, identity: &Identity) -> anyhow::Result<()> {
-    std::fs::create_dir_all(home)?;
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(home)?;
     let p = path(home);
     let tmp = p.with_extension("json.tmp");
     let _ = std::fs::remove_file(&tmp);
     {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(identity)?)?;
         f.sync_all()?;
     }
-    // A umask can only narrow the mode; make sure of it anyway.
-    set_private(&tmp)?;
     std::fs::rename(&tmp, &p)?;
     Ok(())
 }
@@ -64,7 +68,28 @@ pub fn remove(home: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn set_private(p: &Path) -> std::io::Result<()> {
+#[cfg(test)]
+mod tests {
+    use super::*;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+
+    #[test]
+    fn the_identity_is_private_from_the_first_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let id = Identity {
+            server: "http://127.0.0.1:1".into(),
+            worker_id: WorkerId::from(uuid::Uuid::new_v4()),
+            name: "w".into(),
+            token: "secret-token".into(),
+            namespace: "ns".into(),
+            broker: None,
+        };
+        save(&home, &id).unwrap();
+        save(&home, &id).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path(&home)), 0o600);
+        assert_eq!(mode(&home), 0o700);
+        assert_eq!(load(&home).unwrap().token, "secret-token");
+    }
 }

@@ -15,6 +15,9 @@
 //! - [`outbox`]: at-least-once, ordered delivery of events to `<ns>.x.results`.
 //! - [`api`]: calls to the dispatcher's API.
 //! - [`identity`]: the local identity written by `register`.
+//! - [`workdir`]: steps' working directories: private from the start, removed, swept.
+//! - [`step_users`]: who a step runs as (`agent.step_user`, `agent.step_uid_range`).
+//! - [`hardening`]: no core dumps, a non-dumpable agent.
 
 #![forbid(unsafe_code)]
 
@@ -22,9 +25,12 @@ pub mod agent;
 pub mod api;
 pub mod artifacts;
 pub mod guard;
+pub mod hardening;
 pub mod health;
 pub mod identity;
 pub mod outbox;
 pub mod reconfig;
 pub mod runner;
 pub mod slots;
+pub mod step_users;
+pub mod workdir;

@@ -78,6 +78,8 @@ fn main() -> ExitCode {
         // No configuration, no logging: the guard must start fast and print nothing.
         return gantry_agent::guard::run(command, uid.zip(gid));
     }
+    // No core dumps; its memory and environment are not for its steps to read.
+    gantry_agent::hardening::harden_agent("gantry-agent");
     gantry_shared::tls::install_provider();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
@@ -164,7 +166,11 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Run => match gantry_agent::agent::run(settings, &home).await {
-                Err(e) if e.to_string().contains("production = true") => {
+                Err(e)
+                    if e.to_string().contains("production = true")
+                        || e.downcast_ref::<gantry_shared::config::ConfigError>()
+                            .is_some() =>
+                {
                     eprintln!("gantry-agent: {e}");
                     std::process::exit(EXIT_CONFIG);
                 }

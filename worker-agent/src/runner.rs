@@ -64,8 +64,8 @@ pub struct StepContext {
     pub worker_name: String,
     pub work_root: PathBuf,
     pub keep_work_dir: bool,
-    /// Run the script as this OS user (the built-in worker's `builtin_worker.user`).
-    pub run_as: Option<RunAs>,
+    /// Who the script runs as (see [`crate::step_users`]).
+    pub step_users: Arc<crate::step_users::StepUsers>,
     pub outbox: Outbox,
     /// Cancelled to stop the step (a cancel request or the agent's forced shutdown).
     pub cancel: CancellationToken,
@@ -276,7 +276,7 @@ pub async fn run(ctx: StepContext) {
     .await;
     let work_dir = ctx
         .work_root
-        .join(format!("{}-{}", job.step_run_id, job.attempt));
+        .join(crate::workdir::step_dir_name(job.step_run_id, job.attempt));
     if let Some(m) = &ctx.grant.mutex {
         em.gantry(&format!(
             "Holding mutex {} (fencing token {})",
@@ -284,7 +284,13 @@ pub async fn run(ctx: StepContext) {
         ))
         .await;
     }
-    let result = execute(&ctx, &mut em, &work_dir, hold.as_ref()).await;
+    // The step's own user (a uid of its own with `agent.step_uid_range`), held until its
+    // directory is gone.
+    let step_user = ctx.step_users.for_step(&work_dir);
+    let result = match &step_user {
+        Ok(u) => execute(&ctx, &mut em, &work_dir, u.run_as.as_ref(), hold.as_ref()).await,
+        Err(e) => Err(e.clone()),
+    };
     ctx.slots.gate_exit(job.exclusive);
     end_hold(&ctx, hold).await;
     let ran = result.is_ok();
@@ -306,8 +312,8 @@ pub async fn run(ctx: StepContext) {
     } else {
         upload_artifacts(&ctx, &mut em, &work_dir).await
     };
-    if !ctx.keep_work_dir {
-        let _ = tokio::fs::remove_dir_all(&work_dir).await;
+    if let Err(e) = end_work_dir(&ctx, &work_dir, step_user).await {
+        em.gantry(&format!("warning: {e}")).await;
     }
     em.flush().await;
     let error = error.map(|e| em.masker.mask(&e).into_owned());
@@ -330,17 +336,14 @@ async fn upload_artifacts(
     work_dir: &Path,
 ) -> Vec<ArtifactSum> {
     let collected = {
-        let (dir, requested, globs, confined) = (
+        let (dir, requested, globs) = (
             work_dir.to_path_buf(),
             em.requested_artifacts.clone(),
             ctx.job.artifacts.clone(),
-            ctx.run_as.is_some(),
         );
-        tokio::task::spawn_blocking(move || {
-            crate::artifacts::collect(&dir, &requested, &globs, confined)
-        })
-        .await
-        .unwrap_or_default()
+        tokio::task::spawn_blocking(move || crate::artifacts::collect(&dir, &requested, &globs))
+            .await
+            .unwrap_or_default()
     };
     for w in &collected.warnings {
         em.gantry(&format!("warning: {w}")).await;
@@ -391,7 +394,7 @@ async fn upload_one(
     index: u32,
     wanted: &crate::artifacts::Wanted,
 ) -> std::io::Result<Option<ArtifactSum>> {
-    let mut reader = crate::artifacts::Reader::open(&wanted.path).await?;
+    let mut reader = crate::artifacts::Reader::open(wanted).await?;
     loop {
         if ctx.cancel.is_cancelled() {
             return Ok(None);
@@ -428,6 +431,7 @@ async fn execute(
     ctx: &StepContext,
     em: &mut Emitter,
     work_dir: &Path,
+    user: Option<&RunAs>,
     hold: Option<&MutexHold>,
 ) -> Result<StepResult, String> {
     let job = &ctx.job;
@@ -442,48 +446,30 @@ async fn execute(
             None => format!("the script reads #{{{name}}}, which has no value"),
         }
     })?;
-    tokio::fs::create_dir_all(work_dir.join(".gantry"))
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot create working directory {}: {e}",
-                work_dir.display()
-            )
-        })?;
-    let helpers = work_dir.join(".gantry/helpers.sh");
-    tokio::fs::write(&helpers, SHELL_HELPERS)
-        .await
-        .map_err(|e| format!("cannot write helpers: {e}"))?;
-    let python_helpers = work_dir.join(".gantry/python");
-    if job.syntax == Syntax::Python3 {
-        tokio::fs::create_dir_all(&python_helpers)
+    // Created private and handed to the step's user (see `workdir`); the script, which
+    // holds its secrets, is never readable by anyone else.
+    let files = {
+        let (dir, owner, syntax) = (
+            work_dir.to_path_buf(),
+            user.map(|u| (u.uid, u.gid)),
+            job.syntax,
+        );
+        let script = script.into_bytes();
+        tokio::task::spawn_blocking(move || write_step_files(&dir, owner, syntax, &script))
             .await
-            .map_err(|e| format!("cannot write helpers: {e}"))?;
-        tokio::fs::write(
-            python_helpers.join("sitecustomize.py"),
-            gantry_shared::service_messages::PYTHON_HELPERS,
-        )
-        .await
-        .map_err(|e| format!("cannot write helpers: {e}"))?;
-    }
-    let script_path = work_dir.join(match job.syntax {
-        Syntax::Python3 => ".gantry/script.py",
-        _ => ".gantry/script.sh",
-    });
-    tokio::fs::write(&script_path, script.as_bytes())
-        .await
-        .map_err(|e| format!("cannot write the script: {e}"))?;
-
-    if let Some(user) = &ctx.run_as {
-        // The step's directory belongs to the user its script runs as.
-        chown_tree(work_dir, user).map_err(|e| {
-            format!(
-                "cannot give {} to user {}: {e}",
-                work_dir.display(),
-                user.name
-            )
-        })?;
-    }
+            .map_err(|e| format!("cannot create working directory: {e}"))?
+            .map_err(|e| {
+                format!(
+                    "cannot create working directory {}: {e}",
+                    work_dir.display()
+                )
+            })?
+    };
+    let StepFiles {
+        helpers,
+        python_helpers,
+        script: script_path,
+    } = files;
     let script_arg = script_path.display().to_string();
     let argv: Vec<&str> = match job.syntax {
         Syntax::Bash => vec!["bash", "--noprofile", "--norc", &script_arg],
@@ -509,7 +495,7 @@ async fn execute(
                 c.arg("guard");
                 c
             };
-            if let Some(user) = &ctx.run_as {
+            if let Some(user) = user {
                 // The guard stays this agent's user: it can always be started (the agent's
                 // binary need not be reachable by the step's user) and can always kill.
                 c.arg("--uid")
@@ -527,7 +513,7 @@ async fn execute(
             .await;
             let mut c = tokio::process::Command::new(argv[0]);
             c.args(&argv[1..]);
-            if let Some(user) = &ctx.run_as {
+            if let Some(user) = user {
                 c.uid(user.uid).gid(user.gid);
             }
             c
@@ -538,7 +524,7 @@ async fn execute(
     cmd.env_clear();
     cmd.envs(gantry_shared::stepenv::base(
         std::env::vars_os(),
-        ctx.run_as.as_ref().map(|u| gantry_shared::stepenv::User {
+        user.map(|u| gantry_shared::stepenv::User {
             name: &u.name,
             home: &u.home,
         }),
@@ -1008,19 +994,74 @@ fn finish_line(line: &mut Vec<u8>) -> String {
     s
 }
 
-/// `chown -R` of a step's fresh working directory.
-fn chown_tree(dir: &std::path::Path, user: &RunAs) -> std::io::Result<()> {
-    let (uid, gid) = (Some(user.uid), Some(user.gid));
-    std::os::unix::fs::chown(dir, uid, gid)?;
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() && !path.is_symlink() {
-            chown_tree(&path, user)?;
-        } else {
-            std::os::unix::fs::lchown(&path, uid, gid)?;
-        }
+/// The agent's files in a step's working directory.
+struct StepFiles {
+    helpers: PathBuf,
+    python_helpers: PathBuf,
+    script: PathBuf,
+}
+
+/// Create the step's directory and the agent's files in it, all private to the step's
+/// user from the start (blocking).
+fn write_step_files(
+    work_dir: &Path,
+    owner: Option<(u32, u32)>,
+    syntax: Syntax,
+    script: &[u8],
+) -> std::io::Result<StepFiles> {
+    let mut dir = crate::workdir::StepDir::create(work_dir, owner)?;
+    dir.mkdir(".gantry")?;
+    let helpers = dir.write(".gantry/helpers.sh", SHELL_HELPERS.as_bytes())?;
+    let python_helpers = work_dir.join(".gantry/python");
+    if syntax == Syntax::Python3 {
+        dir.mkdir(".gantry/python")?;
+        dir.write(
+            ".gantry/python/sitecustomize.py",
+            gantry_shared::service_messages::PYTHON_HELPERS.as_bytes(),
+        )?;
     }
-    Ok(())
+    let script = dir.write(
+        match syntax {
+            Syntax::Python3 => ".gantry/script.py",
+            _ => ".gantry/script.sh",
+        },
+        script,
+    )?;
+    dir.hand_over()?;
+    Ok(StepFiles {
+        helpers,
+        python_helpers,
+        script,
+    })
+}
+
+/// After the step: kill what its own uid still runs, remove its directory (or, when kept,
+/// take it back from a uid that will serve another step), then free the uid.
+async fn end_work_dir(
+    ctx: &StepContext,
+    work_dir: &Path,
+    step_user: Result<crate::step_users::StepUser, String>,
+) -> Result<(), String> {
+    let (dir, keep) = (work_dir.to_path_buf(), ctx.keep_work_dir);
+    tokio::task::spawn_blocking(move || {
+        let leased = step_user.as_ref().is_ok_and(|u| u.is_leased());
+        if let Ok(u) = &step_user {
+            u.stop_leftovers();
+        }
+        let r = if !keep {
+            crate::workdir::remove(&dir)
+                .map_err(|e| format!("cannot remove the working directory {}: {e}", dir.display()))
+        } else if leased && dir.exists() {
+            crate::workdir::reclaim(&dir)
+                .map_err(|e| format!("cannot take back the kept directory {}: {e}", dir.display()))
+        } else {
+            Ok(())
+        };
+        drop(step_user);
+        r
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]

@@ -58,8 +58,8 @@ pub struct AgentContext {
     pub worker_name: String,
     pub work_root: PathBuf,
     pub keep_work_dirs: bool,
-    /// Run scripts as this OS user (the built-in worker's `builtin_worker.user`).
-    pub run_as: Option<crate::runner::RunAs>,
+    /// Who scripts run as (see [`crate::step_users`]).
+    pub step_users: Arc<crate::step_users::StepUsers>,
     /// Fault injection for tests: close the broker connection after the first granted claim,
     /// before its ack (`GANTRY_AGENT_FAULT=drop-connection-before-ack`).
     pub fault_drop_before_ack: std::sync::atomic::AtomicBool,
@@ -734,7 +734,7 @@ async fn handle_delivery(
         worker_name: agent.worker_name.clone(),
         work_root: agent.work_root.clone(),
         keep_work_dir: agent.keep_work_dirs,
-        run_as: agent.run_as.clone(),
+        step_users: agent.step_users.clone(),
         outbox: agent.outbox.clone(),
         cancel,
     };

@@ -45,6 +45,8 @@ fn main() -> ExitCode {
     if let Command::Guard { uid, gid, command } = cli.command {
         return gantry_agent::guard::run(command, uid.zip(gid));
     }
+    // No core dumps, and no reading of this process's memory by the built-in worker's steps.
+    gantry_agent::hardening::harden_agent("gantry-dispatcher");
     gantry_shared::tls::install_provider();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,

@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = gantry_dispatcher::cli::Cli::parse();
+    if let Err(e) = gantry_agent::hardening::disable_core_dumps() {
+        eprintln!("gantry: warning: {e}");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
