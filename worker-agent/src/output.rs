@@ -15,11 +15,14 @@
 //! [`BYTES_PER_SEC`] bytes a second (with a one-second burst). Past it the readers stop
 //! reading, the pipes fill, and the script blocks in its writes: a script printing as fast as
 //! it can (`yes`) never builds a backlog of megabytes in the agent, the broker or the
-//! dispatcher, so its end (a timeout, a cancel) is stored moments after it happens.
+//! dispatcher, so its end (a timeout, a cancel) is stored moments after it happens. Once the
+//! script has exited the budget is lifted ([`Budget::free`]: what is left is bounded by the
+//! pipes' buffers); once the step is stopped, unread output is dropped ([`Budget::discard`]).
 
 use gantry_shared::service_messages::{MAX_MESSAGE_BYTES, PREFIX};
 use gantry_shared::text::into_storable;
 use gantry_shared::wire::Stream;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -50,9 +53,20 @@ pub enum Chunk {
 /// How much a step may still print now: a token bucket shared by its readers.
 pub struct Budget {
     state: Mutex<Bucket>,
+    /// [`LIMITED`], [`FREE`] or [`DISCARD`].
+    mode: AtomicU8,
+    /// Bytes dropped since [`Budget::discard`].
+    dropped: AtomicU64,
     lines_per_sec: f64,
     bytes_per_sec: f64,
 }
+
+/// Output is read at the budget's rate.
+const LIMITED: u8 = 0;
+/// The script has exited: what is left in its pipes is read at once.
+const FREE: u8 = 1;
+/// The step was stopped: what is left in its pipes is dropped unread.
+const DISCARD: u8 = 2;
 
 struct Bucket {
     lines: f64,
@@ -69,16 +83,45 @@ impl Budget {
                 bytes: b,
                 at: Instant::now(),
             }),
+            mode: AtomicU8::new(LIMITED),
+            dropped: AtomicU64::new(0),
             lines_per_sec: l,
             bytes_per_sec: b,
         })
     }
 
-    /// Wait until one line of `bytes` bytes may go, and count it.
-    pub async fn take(&self, bytes: usize) {
+    /// The script has exited: read the rest of its output without waiting (it is bounded by
+    /// the pipes' buffers).
+    pub fn free(&self) {
+        let _ = self
+            .mode
+            .compare_exchange(LIMITED, FREE, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The step was stopped: drop whatever it printed that is still unread, so its end is
+    /// not queued behind it.
+    pub fn discard(&self) {
+        self.mode.store(DISCARD, Ordering::SeqCst);
+    }
+
+    /// Bytes dropped since [`Budget::discard`].
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::SeqCst)
+    }
+
+    /// Wait until one line of `bytes` bytes may go, and count it; false: drop it.
+    pub async fn take(&self, bytes: usize) -> bool {
         // A line larger than a whole second's bytes needs only a full bucket.
         let need = (bytes as f64).min(self.bytes_per_sec);
         loop {
+            match self.mode.load(Ordering::SeqCst) {
+                LIMITED => {}
+                FREE => return true,
+                _ => {
+                    self.dropped.fetch_add(bytes as u64, Ordering::SeqCst);
+                    return false;
+                }
+            }
             let wait = {
                 let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
@@ -89,13 +132,14 @@ impl Budget {
                 if b.lines >= 1.0 && b.bytes >= need {
                     b.lines -= 1.0;
                     b.bytes -= bytes as f64;
-                    return;
+                    return true;
                 }
                 let for_lines = (1.0 - b.lines).max(0.0) / self.lines_per_sec;
                 let for_bytes = (need - b.bytes).max(0.0) / self.bytes_per_sec;
                 Duration::from_secs_f64(for_lines.max(for_bytes).clamp(0.000_1, 1.0))
             };
-            tokio::time::sleep(wait).await;
+            // Short naps, so that a change of mode is seen at once.
+            tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
         }
     }
 }
@@ -182,7 +226,10 @@ async fn send(
         Chunk::End(t) | Chunk::Part(t) => t.len(),
         Chunk::TooLong => 0,
     };
-    budget.take(bytes).await;
+    if !budget.take(bytes).await {
+        // Dropped: the step was stopped. Keep reading, so the pipe drains to its end.
+        return !tx.is_closed();
+    }
     tx.send((stream, chunk)).await.is_ok()
 }
 
@@ -295,9 +342,12 @@ mod tests {
         let budget = Budget::new(1000, u64::MAX);
         let started = Instant::now();
         for _ in 0..1500 {
-            budget.take(2).await;
+            assert!(budget.take(2).await);
         }
         // 1000 at once, then 500 more at 1000 a second.
         assert!(started.elapsed() >= Duration::from_millis(400));
+        budget.discard();
+        assert!(!budget.take(2).await);
+        assert_eq!(budget.dropped(), 2);
     }
 }

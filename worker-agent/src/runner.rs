@@ -535,7 +535,7 @@ async fn execute(
             child.stderr.take().expect("piped"),
             Stream::Stderr,
             line_tx,
-            budget,
+            budget.clone(),
         )),
     ];
     // Timeout, cancel and lease loss are watched by a task of their own, which signals the
@@ -585,6 +585,8 @@ async fn execute(
                     let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
                 }
                 stopper.ended();
+                // What is left in the pipes is bounded by their buffers: read it at once.
+                budget.free();
                 end = Some(match stopper.reason() {
                     Some(Reason::TimedOut) => End::TimedOut,
                     Some(Reason::Cancelled) => End::Cancelled,
@@ -594,6 +596,8 @@ async fn execute(
             }
             _ = stopper.fired(), if !stop_told => {
                 stop_told = true;
+                // Output not read yet would only hold the step's end up: dropped.
+                budget.discard();
                 match stopper.reason() {
                     Some(Reason::TimedOut) => em.gantry(&format!(
                         "Step exceeded timeout_secs = {}; stopping its processes",
@@ -626,6 +630,13 @@ async fn execute(
         handle_chunk(ctx, em, stream, chunk, &mut fail_message).await;
     }
     em.close_pieces().await;
+    if budget.dropped() > 0 {
+        em.gantry(&format!(
+            "{} bytes of output still unread when the step was stopped were dropped",
+            budget.dropped()
+        ))
+        .await;
+    }
     for r in readers {
         r.abort();
     }
