@@ -1177,6 +1177,7 @@ async fn build_job(
         variables,
         sensitive_names,
         timeout_secs: spec.timeout_secs,
+        cancel_grace_secs: spec.cancel_grace_secs,
         pool_name: step.pool_name.clone(),
         exclusive: spec.exclusive,
         mutex: spec.mutex.clone(),

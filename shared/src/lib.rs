@@ -16,6 +16,7 @@
 //! - [`template`]: `#{Name}` substitution.
 //! - [`service_messages`]: `##gantry[...]` lines scripts print to talk back.
 //! - [`mask`]: hiding sensitive values in log lines.
+//! - [`text`]: making script output storable as PostgreSQL text.
 //! - [`locks`]: the fair, leased, fenced mutex on Redis.
 //! - [`redis_link`]: a Redis connection that survives Redis being away.
 //! - [`tls`]: the crypto provider, `tls.ca_file`, and the production refusal of plain text.
@@ -38,6 +39,7 @@ pub mod service_messages;
 pub mod stepenv;
 pub mod telemetry;
 pub mod template;
+pub mod text;
 pub mod tls;
 pub mod topology;
 pub mod uid_range;

@@ -142,6 +142,11 @@ impl Condition {
     }
 }
 
+/// `cancel_grace_secs` when a step does not set it.
+pub const DEFAULT_CANCEL_GRACE_SECS: u64 = 5;
+/// The largest `cancel_grace_secs`.
+pub const MAX_CANCEL_GRACE_SECS: u64 = 3600;
+
 /// One step of a process.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,6 +164,10 @@ pub struct StepSpec {
     pub script: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// Seconds between SIGTERM and SIGKILL when the step is stopped (timeout or cancel);
+    /// [`DEFAULT_CANCEL_GRACE_SECS`] when absent, at most [`MAX_CANCEL_GRACE_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_grace_secs: Option<u64>,
     #[serde(default)]
     pub retries: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -356,6 +365,15 @@ impl Process {
             if let Some(t) = step.timeout_secs {
                 check_secs(t).map_err(|m| invalid(at("timeout_secs"), m))?;
             }
+            if step
+                .cancel_grace_secs
+                .is_some_and(|g| g > MAX_CANCEL_GRACE_SECS)
+            {
+                return Err(invalid(
+                    at("cancel_grace_secs"),
+                    format!("must be between 0 and {MAX_CANCEL_GRACE_SECS}"),
+                ));
+            }
             if step.retries > MAX_RETRIES {
                 return Err(invalid(
                     at("retries"),
@@ -424,6 +442,7 @@ impl Process {
             ("location", step.location != Location::Pool),
             ("syntax", step.syntax != Syntax::default()),
             ("timeout_secs", step.timeout_secs.is_some()),
+            ("cancel_grace_secs", step.cancel_grace_secs.is_some()),
             ("retries", step.retries > 0),
             ("artifacts", !step.artifacts.is_empty()),
             ("mutex", step.mutex.is_some()),

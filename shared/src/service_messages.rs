@@ -20,6 +20,12 @@ use std::collections::HashMap;
 /// The marker that starts a service message line.
 pub const PREFIX: &str = "##gantry[";
 
+/// The longest service-message line the agent assembles, in bytes (1 MiB): room for a value
+/// of about 768 KiB once base64-encoded. The agent reads such a line whole, however it
+/// arrives, and never logs any part of it; a longer one is refused whole, with a warning that
+/// repeats none of it.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceMessage {
     SetVariable {
@@ -48,6 +54,11 @@ pub enum ServiceMessage {
 pub fn parse_line(line: &str) -> Option<Result<ServiceMessage, String>> {
     let line = line.trim_end_matches(['\r', '\n']);
     let body = line.strip_prefix(PREFIX)?;
+    if line.len() > MAX_MESSAGE_BYTES {
+        return Some(Err(format!(
+            "a service message may be at most {MAX_MESSAGE_BYTES} bytes long"
+        )));
+    }
     Some(parse_body(body))
 }
 
@@ -259,5 +270,51 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Any line at all, message or not, is parsed or refused: never a panic.
+        #[test]
+        fn no_input_panics_the_parser(line in "\\PC{0,200}") {
+            let _ = parse_line(&line);
+            let _ = parse_line(&format!("{PREFIX}{line}"));
+        }
+
+        /// Lines shaped like messages, with odd keys, values, quotes and brackets: never a
+        /// panic, and a refusal never repeats a value.
+        #[test]
+        fn no_message_shaped_input_panics_the_parser(
+            name in "(setVariable|progress|fail|mask|createArtifact|[a-zA-Z]{0,8})",
+            attrs in proptest::collection::vec(
+                ("[a-zA-Z_=' ]{0,8}", "[A-Za-z0-9+/=' \\]\u{0}é]{0,24}"),
+                0..5,
+            ),
+            tail in "[\\]' =]{0,3}",
+        ) {
+            let mut line = format!("{PREFIX}{name}");
+            for (k, v) in &attrs {
+                line.push_str(&format!(" {k}='{v}'"));
+            }
+            line.push_str(&tail);
+            if let Some(Err(reason)) = parse_line(&line) {
+                for (_, v) in &attrs {
+                    if v.len() >= 12 {
+                        prop_assert!(!reason.contains(v.as_str()), "{reason}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn over_long_messages_are_refused_without_their_content() {
+        let value = "QUJD".repeat(MAX_MESSAGE_BYTES / 4);
+        let line = format!("##gantry[mask value='{value}']");
+        let err = parse_line(&line).unwrap().unwrap_err();
+        assert!(!err.contains("QUJD"), "{err}");
     }
 }

@@ -104,6 +104,11 @@ pub struct Job {
     pub sensitive_names: Vec<String>,
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Seconds between SIGTERM and SIGKILL when the step is stopped; the agent uses
+    /// `process::DEFAULT_CANCEL_GRACE_SECS` when absent and caps it at
+    /// `process::MAX_CANCEL_GRACE_SECS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_grace_secs: Option<u64>,
     /// The pool's display name, for `#{Gantry.WorkerPool.Name}` and logs.
     #[serde(default)]
     pub pool_name: Option<String>,
@@ -577,6 +582,7 @@ mod tests {
             variables: BTreeMap::from([("A".into(), "b".into())]),
             sensitive_names: vec![],
             timeout_secs: Some(5),
+            cancel_grace_secs: Some(1),
             pool_name: None,
             exclusive: false,
             mutex: None,

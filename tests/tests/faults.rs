@@ -131,6 +131,7 @@ async fn job_of(stack: &Stack, task: TaskId, script: &str) -> Job {
         variables: BTreeMap::new(),
         sensitive_names: vec![],
         timeout_secs: None,
+        cancel_grace_secs: None,
         pool_name: None,
         exclusive: false,
         mutex: None,

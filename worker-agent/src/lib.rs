@@ -9,6 +9,9 @@
 //! - [`slots`]: the concurrency limit, consumers and claims (`slots/probes.rs`: queue
 //!   depths, and missing queues coming back).
 //! - [`runner`]: running one step and streaming its output.
+//! - [`output`]: reading a step's pipes into lines, under a rate budget.
+//! - [`emitter`]: masking, numbering and batching a step's lines; its events.
+//! - [`stopper`]: stopping a step on timeout, cancel or lease loss, whatever it prints.
 //! - [`artifacts`]: which files a step's artifacts are, and reading them in hashed chunks.
 //! - [`health`]: health checks against the machine policy.
 //! - [`guard`]: the process that makes a step's processes die with their agent.
@@ -24,13 +27,16 @@
 pub mod agent;
 pub mod api;
 pub mod artifacts;
+pub mod emitter;
 pub mod guard;
 pub mod hardening;
 pub mod health;
 pub mod identity;
 pub mod outbox;
+pub mod output;
 pub mod reconfig;
 pub mod runner;
 pub mod slots;
 pub mod step_users;
+pub mod stopper;
 pub mod workdir;

@@ -9,15 +9,22 @@
 //! after [`BATCH_DELAY`]: never one message per line, never held back until the end.
 //! `##gantry[...]` lines on stdout are service messages, handled and not logged.
 //!
-//! The step ends when its script exits (or is killed on timeout or cancel); anything it left
-//! running in its process group is killed then, so a step's processes do not outlive it.
+//! Its pipes are read by [`crate::output`] (under a rate budget, long lines in pieces,
+//! service messages whole) and its lines masked and batched by [`crate::emitter`].
+//!
+//! The step ends when its script exits (or is killed on timeout, cancel or lease loss, by its
+//! [`crate::stopper`], which no amount of output can delay); anything it left running in its
+//! process group is killed then, so a step's processes do not outlive it.
 //! Then its artifacts are collected (see [`crate::artifacts`]) and sent in chunks through the
 //! outbox, whatever the outcome but a cancel: the outbox is bounded, so a large file is read
 //! only as fast as the broker confirms it and memory does not grow with its size.
 //! `StepFinished` goes out after the last batch and the last chunk, with the number of lines
 //! sent and each artifact's size and sha256.
 
+use crate::emitter::Emitter;
 use crate::outbox::Outbox;
+use crate::output::Chunk;
+use crate::stopper::{Reason, Signals, Stopper};
 use chrono::Utc;
 use gantry_shared::api::{ClaimGrant, MutexGrant};
 use gantry_shared::ids::WorkerId;
@@ -25,8 +32,8 @@ use gantry_shared::mask::Masker;
 use gantry_shared::service_messages::{self, SHELL_HELPERS, ServiceMessage};
 use gantry_shared::template;
 use gantry_shared::wire::{
-    ARTIFACT_CHUNK_BYTES, ArtifactChunk, ArtifactSum, Event, Job, LogBatch, LogLine, Origin,
-    Outcome, OutputVariable, Progress, StepFinished, StepStarted, StepWaiting, Stream, Syntax,
+    ARTIFACT_CHUNK_BYTES, ArtifactChunk, ArtifactSum, Event, Job, Origin, Outcome, OutputVariable,
+    Progress, StepFinished, StepStarted, StepWaiting, Stream, Syntax,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -35,22 +42,15 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Lines per batch, at most.
-pub const BATCH_LINES: usize = 1000;
-/// Bytes of text per batch, at most (roughly).
-pub const BATCH_BYTES: usize = 256 * 1024;
+pub use crate::emitter::{BATCH_BYTES, BATCH_LINES};
+pub use crate::output::MAX_LINE;
 /// How long a line may wait for companions before its batch goes out.
 pub const BATCH_DELAY: Duration = Duration::from_millis(50);
-/// Longest line; longer output is split into several lines.
-pub const MAX_LINE: usize = 64 * 1024;
 /// How long output may still arrive after the script's process group is gone.
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
-/// Between SIGTERM and SIGKILL when a step is stopped.
-pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Everything a step needs from its agent.
 pub struct StepContext {
@@ -101,61 +101,6 @@ impl RunAs {
     }
 }
 
-/// Numbers, masks and batches lines; sends events.
-struct Emitter {
-    origin: Origin,
-    outbox: Outbox,
-    masker: Masker,
-    next_seq: u64,
-    batch: Vec<LogLine>,
-    batch_bytes: usize,
-    /// Files named by `createArtifact` (path, name), collected after the script.
-    requested_artifacts: Vec<(String, Option<String>)>,
-}
-
-impl Emitter {
-    fn origin(&self) -> Origin {
-        self.origin.clone()
-    }
-
-    async fn event(&self, ev: Event) {
-        self.outbox.send(ev.encode()).await;
-    }
-
-    async fn line(&mut self, stream: Stream, text: &str) {
-        let text = self.masker.mask(text).into_owned();
-        self.batch_bytes += text.len();
-        self.batch.push(LogLine {
-            ts: Utc::now(),
-            stream,
-            text,
-        });
-        if self.batch.len() >= BATCH_LINES || self.batch_bytes >= BATCH_BYTES {
-            self.flush().await;
-        }
-    }
-
-    async fn gantry(&mut self, text: &str) {
-        self.line(Stream::Gantry, text).await;
-    }
-
-    async fn flush(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let lines = std::mem::take(&mut self.batch);
-        let first_seq = self.next_seq;
-        self.next_seq += lines.len() as u64;
-        self.batch_bytes = 0;
-        self.event(Event::LogBatch(LogBatch {
-            origin: self.origin.clone(),
-            first_seq,
-            lines,
-        }))
-        .await;
-    }
-}
-
 /// How the script's run ended.
 enum End {
     Exited(std::process::ExitStatus),
@@ -190,15 +135,7 @@ pub async fn run(ctx: StepContext) {
     }
     if let Some(why) = &ctx.refuse {
         // Ours to end, not to run.
-        let em = Emitter {
-            origin: origin.clone(),
-            outbox: ctx.outbox.clone(),
-            masker,
-            next_seq: 0,
-            batch: Vec::new(),
-            batch_bytes: 0,
-            requested_artifacts: Vec::new(),
-        };
+        let em = Emitter::new(origin.clone(), ctx.outbox.clone(), masker);
         em.event(Event::StepFinished(StepFinished {
             origin,
             outcome: Outcome::Failed,
@@ -212,15 +149,7 @@ pub async fn run(ctx: StepContext) {
         return;
     }
     let hold = ctx.grant.mutex.as_ref().map(|m| hold_mutex(&ctx, m));
-    let mut em = Emitter {
-        origin: origin.clone(),
-        outbox: ctx.outbox.clone(),
-        masker,
-        next_seq: 0,
-        batch: Vec::new(),
-        batch_bytes: 0,
-        requested_artifacts: Vec::new(),
-    };
+    let mut em = Emitter::new(origin.clone(), ctx.outbox.clone(), masker);
     // Exclusive steps run alone on the agent: wait for the gate (and say so).
     if let Some(waiting_for) = ctx.slots.gate_wait_reason(job.exclusive, &ctx.worker_name) {
         em.event(Event::StepWaiting(StepWaiting {
@@ -577,97 +506,127 @@ async fn execute(
         .map_err(|e| format!("cannot start {}: {e}", job.syntax.as_str()))?;
     let pgid = child.id().map(|p| p as i32);
     let _lifeline = child.stdin.take();
-    let (line_tx, mut line_rx) = mpsc::channel::<(Stream, String)>(1024);
+    let (line_tx, mut line_rx) = mpsc::channel::<(Stream, Chunk)>(crate::output::QUEUE);
+    // Shared by both pipes: a flood is read only as fast as it can be stored.
+    let budget =
+        crate::output::Budget::new(crate::output::LINES_PER_SEC, crate::output::BYTES_PER_SEC);
     let readers = [
-        tokio::spawn(read_lines(
+        tokio::spawn(crate::output::read(
             child.stdout.take().expect("piped"),
             Stream::Stdout,
             line_tx.clone(),
+            budget.clone(),
         )),
-        tokio::spawn(read_lines(
+        tokio::spawn(crate::output::read(
             child.stderr.take().expect("piped"),
             Stream::Stderr,
             line_tx,
+            budget.clone(),
         )),
     ];
-    let deadline = job
-        .timeout_secs
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    // Timeout, cancel and lease loss are watched by a task of their own, which signals the
+    // process group itself: whatever the script prints, or however slowly the broker takes
+    // it, a stop is never late.
+    let grace = Duration::from_secs(
+        job.cancel_grace_secs
+            .unwrap_or(gantry_shared::process::DEFAULT_CANCEL_GRACE_SECS)
+            .min(gantry_shared::process::MAX_CANCEL_GRACE_SECS),
+    );
+    let stopper = Stopper::start(
+        pgid,
+        Signals {
+            deadline: crate::stopper::deadline(tokio::time::Instant::now(), job.timeout_secs),
+            cancel: ctx.cancel.clone(),
+            lease_lost: hold.map(|h| (h.lost.clone(), h.why.clone())),
+            grace,
+        },
+    );
     let mut fail_message: Option<String> = None;
     let mut ticker = tokio::time::interval(BATCH_DELAY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut end: Option<End> = None;
     let mut lines_open = true;
+    let mut stop_told = false;
     // Set once the script ended: output still open after it comes from a process that left
     // the step's process group (setsid) and is not waited for.
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     // Until the script has exited and both pipes are drained.
     while end.is_none() || lines_open {
         if end.is_some() && drain_deadline.is_none() {
-            drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            drain_deadline = tokio::time::Instant::now().checked_add(DRAIN_AFTER_EXIT);
         }
         tokio::select! {
             biased;
-            msg = line_rx.recv(), if lines_open => match msg {
-                Some((stream, text)) => {
-                    handle_line(ctx, em, stream, text, &mut fail_message).await;
-                }
-                None => lines_open = false,
-            },
             status = child.wait(), if end.is_none() => {
-                end = Some(match status {
-                    Ok(s) => End::Exited(s),
-                    Err(e) => return Err(format!("lost track of the script's process: {e}")),
-                });
+                let status = match status {
+                    Ok(s) => s,
+                    Err(e) => {
+                        stopper.ended();
+                        return Err(format!("lost track of the script's process: {e}"));
+                    }
+                };
                 // Whatever the script left behind in its group goes with it; this also
                 // closes pipes that background children held open.
                 if let Some(pg) = pgid {
                     let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
                 }
+                stopper.ended();
+                // What is left in the pipes is bounded by their buffers: read it at once.
+                budget.free();
+                end = Some(match stopper.reason() {
+                    Some(Reason::TimedOut) => End::TimedOut,
+                    Some(Reason::Cancelled) => End::Cancelled,
+                    Some(Reason::LockLost(why)) => End::LockLost(why),
+                    None => End::Exited(status),
+                });
             }
-            _ = sleep_until(deadline), if end.is_none() => {
-                em.gantry(&format!(
-                    "Step exceeded timeout_secs = {}; stopping its processes",
-                    job.timeout_secs.unwrap_or_default()
-                )).await;
-                stop_group(pgid, &mut child).await;
-                end = Some(End::TimedOut);
-            }
-            _ = ctx.cancel.cancelled(), if end.is_none() => {
-                em.gantry("Step cancelled; stopping its processes").await;
-                stop_group(pgid, &mut child).await;
-                end = Some(End::Cancelled);
-            }
-            _ = lost_ref(hold), if end.is_none() => {
-                // No grace: a step must not go on without its mutex.
-                if let Some(pg) = pgid {
-                    let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
+            _ = stopper.fired(), if !stop_told => {
+                stop_told = true;
+                // Output not read yet would only hold the step's end up: dropped.
+                budget.discard();
+                match stopper.reason() {
+                    Some(Reason::TimedOut) => em.gantry(&format!(
+                        "Step exceeded timeout_secs = {}; stopping its processes",
+                        job.timeout_secs.unwrap_or_default()
+                    )).await,
+                    Some(Reason::Cancelled) => em.gantry("Step cancelled; stopping its processes").await,
+                    Some(Reason::LockLost(why)) => em.gantry(&format!("Step stopped: {why}")).await,
+                    None => {}
                 }
-                let _ = child.wait().await;
-                let why = hold
-                    .and_then(|h| h.why.lock().expect("lock").clone())
-                    .unwrap_or_else(|| "its mutex lease was lost".into());
-                em.gantry(&format!("Step stopped: {why}")).await;
-                end = Some(End::LockLost(why));
             }
             _ = sleep_until(drain_deadline), if drain_deadline.is_some() => {
                 em.gantry("warning: a process outside the step's process group still holds its output open; no longer reading it").await;
                 break;
             }
             _ = ticker.tick() => {
-                if em.batch.first().is_some_and(|l| Utc::now() - l.ts >= chrono::Duration::from_std(BATCH_DELAY).expect("small")) {
+                if em.batch.first().is_some_and(|l| Utc::now() - l.ts >= chrono::Duration::milliseconds(BATCH_DELAY.as_millis() as i64)) {
                     em.flush().await;
                 }
             }
+            msg = line_rx.recv(), if lines_open => match msg {
+                Some((stream, chunk)) => {
+                    handle_chunk(ctx, em, stream, chunk, &mut fail_message).await;
+                }
+                None => lines_open = false,
+            },
         }
     }
     // Lines read before we stopped listening still belong to the log.
-    while let Ok((stream, text)) = line_rx.try_recv() {
-        handle_line(ctx, em, stream, text, &mut fail_message).await;
+    while let Ok((stream, chunk)) = line_rx.try_recv() {
+        handle_chunk(ctx, em, stream, chunk, &mut fail_message).await;
+    }
+    em.close_pieces().await;
+    if budget.dropped() > 0 {
+        em.gantry(&format!(
+            "{} bytes of output still unread when the step was stopped were dropped",
+            budget.dropped()
+        ))
+        .await;
     }
     for r in readers {
         r.abort();
     }
+    stopper.finish().await;
     Ok(match end.expect("loop ends only once the script ended") {
         End::Exited(status) => {
             let code = status.code();
@@ -810,30 +769,30 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// SIGTERM the group, then SIGKILL after [`KILL_GRACE`].
-async fn stop_group(pgid: Option<i32>, child: &mut tokio::process::Child) {
-    let Some(pg) = pgid else { return };
-    let pg = Pid::from_raw(pg);
-    let _ = killpg(pg, Signal::SIGTERM);
-    if tokio::time::timeout(KILL_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        let _ = killpg(pg, Signal::SIGKILL);
-        let _ = child.wait().await;
-    }
-    // Children that ignored SIGTERM while the leader exited.
-    let _ = killpg(pg, Signal::SIGKILL);
-}
-
-async fn handle_line(
+/// One chunk of output: a service message (stdout lines that start with `##gantry[`, whole),
+/// or a line or piece of one for the log.
+async fn handle_chunk(
     ctx: &StepContext,
     em: &mut Emitter,
     stream: Stream,
-    text: String,
+    chunk: Chunk,
     fail_message: &mut Option<String>,
 ) {
+    let (text, last) = match chunk {
+        Chunk::TooLong => {
+            em.gantry(&format!(
+                "warning: ignored a service message longer than {} bytes",
+                service_messages::MAX_MESSAGE_BYTES
+            ))
+            .await;
+            return;
+        }
+        Chunk::Part(text) => (text, false),
+        Chunk::End(text) => (text, true),
+    };
     if stream == Stream::Stdout
+        && last
+        && !em.line_open(stream)
         && let Some(parsed) = service_messages::parse_line(&text)
     {
         match parsed {
@@ -847,7 +806,7 @@ async fn handle_line(
         }
         return;
     }
-    em.line(stream, &text).await;
+    em.piece(stream, &text, last).await;
 }
 
 async fn service_message(
@@ -856,17 +815,33 @@ async fn service_message(
     msg: ServiceMessage,
     fail_message: &mut Option<String>,
 ) {
+    use gantry_shared::text::into_storable;
     match msg {
         ServiceMessage::SetVariable {
             name,
             value,
             sensitive,
         } => {
-            if sensitive {
+            let (name, value) = (into_storable(name), into_storable(value));
+            if em.masker.mask(&name) != name.as_str() {
+                // Names are shown and stored in clear: one holding a secret is refused.
+                em.gantry("warning: ignored an output variable whose name holds a sensitive value")
+                    .await;
+                return;
+            }
+            // A value that holds a known secret is as sensitive as that secret.
+            let holds_secret = !sensitive && em.masker.mask(&value) != value.as_str();
+            if sensitive || holds_secret {
                 em.masker.add(&value);
                 // Sensitive values never travel through the broker: straight to the
                 // dispatcher, which seals them.
                 match send_sensitive_output(ctx, &name, &value).await {
+                    Ok(()) if holds_secret => {
+                        em.gantry(&format!(
+                            "Output variable {name} set (sensitive: its value holds a sensitive value)"
+                        ))
+                        .await
+                    }
                     Ok(()) => {
                         em.gantry(&format!("Output variable {name} set (sensitive)"))
                             .await
@@ -891,12 +866,13 @@ async fn service_message(
             .await;
         }
         ServiceMessage::Mask { value } => {
-            em.masker.add(&value);
+            em.masker.add(&into_storable(value));
         }
         ServiceMessage::Progress {
             percentage,
             message,
         } => {
+            let message = into_storable(message);
             em.gantry(&format!("Progress {percentage}%: {message}"))
                 .await;
             let origin = em.origin.clone();
@@ -908,6 +884,7 @@ async fn service_message(
             .await;
         }
         ServiceMessage::Fail { message } => {
+            let message = into_storable(message);
             em.gantry(&format!("Step failed: {message}")).await;
             *fail_message = Some(if message.is_empty() {
                 "the script called fail_step".into()
@@ -916,6 +893,7 @@ async fn service_message(
             });
         }
         ServiceMessage::CreateArtifact { path, name } => {
+            let name = name.map(into_storable);
             let shown = match &name {
                 Some(n) if !n.is_empty() => format!("{n} ({path})"),
                 _ => path.clone(),
@@ -944,54 +922,6 @@ async fn send_sensitive_output(ctx: &StepContext, name: &str, value: &str) -> Re
             Err(e) => return Err(e.to_string()),
         }
     }
-}
-
-/// Read lines (split at [`MAX_LINE`]), decoding invalid UTF-8 lossily, until EOF.
-async fn read_lines(
-    pipe: impl AsyncRead + Unpin,
-    stream: Stream,
-    tx: mpsc::Sender<(Stream, String)>,
-) {
-    let mut reader = BufReader::with_capacity(64 * 1024, pipe);
-    let mut line: Vec<u8> = Vec::new();
-    while let Ok(available) = reader.fill_buf().await {
-        if available.is_empty() {
-            break;
-        }
-        let room = MAX_LINE - line.len();
-        let (take, complete) = match memchr(available, room) {
-            Some(i) => (i + 1, true),
-            None => (
-                available.len().min(room),
-                line.len() + available.len() >= MAX_LINE,
-            ),
-        };
-        line.extend_from_slice(&available[..take]);
-        reader.consume(take);
-        if complete && tx.send((stream, finish_line(&mut line))).await.is_err() {
-            return;
-        }
-    }
-    if !line.is_empty() {
-        let _ = tx.send((stream, finish_line(&mut line))).await;
-    }
-}
-
-fn memchr(buf: &[u8], limit: usize) -> Option<usize> {
-    buf[..buf.len().min(limit)].iter().position(|b| *b == b'\n')
-}
-
-fn finish_line(line: &mut Vec<u8>) -> String {
-    let mut end = line.len();
-    if end > 0 && line[end - 1] == b'\n' {
-        end -= 1;
-        if end > 0 && line[end - 1] == b'\r' {
-            end -= 1;
-        }
-    }
-    let s = String::from_utf8_lossy(&line[..end]).into_owned();
-    line.clear();
-    s
 }
 
 /// The agent's files in a step's working directory.
@@ -1062,26 +992,4 @@ async fn end_work_dir(
     })
     .await
     .map_err(|e| e.to_string())?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn splits_lines_and_long_output() {
-        let long = "x".repeat(MAX_LINE + 10);
-        let input = format!("a\r\nb\n{long}\nlast-without-newline");
-        let (tx, mut rx) = mpsc::channel(16);
-        read_lines(std::io::Cursor::new(input.into_bytes()), Stream::Stdout, tx).await;
-        let mut got = Vec::new();
-        while let Some((_, l)) = rx.recv().await {
-            got.push(l);
-        }
-        assert_eq!(got[0], "a");
-        assert_eq!(got[1], "b");
-        assert_eq!(got[2].len(), MAX_LINE);
-        assert_eq!(got[3], "x".repeat(10));
-        assert_eq!(got[4], "last-without-newline");
-    }
 }
