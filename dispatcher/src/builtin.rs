@@ -124,22 +124,25 @@ pub async fn start(
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),
         ip => ip.to_string(),
     };
-    let setup = Setup {
-        server: format!("http://{host}:{}", addr.port()),
-        token,
-        work_root,
-        extra_queues: vec![Topology::new(&settings.namespace).server_queue()],
-        run_as,
-        step_users: None,
-        stop: Stop::Token(cancel, SHUTDOWN_GRACE),
-        broker: BrokerLogin::Dispatcher,
-    };
+    let server = format!("http://{host}:{}", addr.port());
+    let extra_queues = vec![Topology::new(&settings.namespace).server_queue()];
     let settings = settings.clone();
     tracing::info!(worker = name, %id, "starting the built-in worker");
-    tokio::spawn(async move {
-        if let Err(e) = run_with(settings, setup).await {
-            tracing::error!(error = %e, "the built-in worker stopped");
-        }
+    // Supervised like every other loop of the node: if it ever fails, it starts again (as a
+    // restarted agent would: leftovers of its steps are swept, its queues consumed anew).
+    let stop = cancel.clone();
+    crate::supervise::spawn("builtin-worker", cancel, move || {
+        let setup = Setup {
+            server: server.clone(),
+            token: token.clone(),
+            work_root: work_root.clone(),
+            extra_queues: extra_queues.clone(),
+            run_as: run_as.clone(),
+            step_users: None,
+            stop: Stop::Token(stop.clone(), SHUTDOWN_GRACE),
+            broker: BrokerLogin::Dispatcher,
+        };
+        run_with(settings.clone(), setup)
     });
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! without its broker connection closing yet) must not leave the task `Cancelling`: this loop
 //! looks every [`CHECK_EVERY`] at the running attempts of cancelling tasks, and one still
 //! running [`ANSWER_WITHIN`] after this node first saw it so is concluded `Cancelled` by the
-//! dispatcher, so the task is `Cancelled` within 10 s of the cancel. Whatever its agent sends
+//! dispatcher, so the task is `Cancelled` within 10 s of the cancel (a step whose
+//! `cancel_grace_secs` is over 5 gets that grace plus [`REPORT_AFTER_KILL`] instead). Whatever its agent sends
 //! for it afterwards is stale (kept apart in `stale_events`). Its mutex, if it holds one, is
 //! not released: it expires with its lease (its agent can no longer renew it), so a script
 //! the agent left behind cannot overlap the next holder.
@@ -22,8 +23,19 @@ use uuid::Uuid;
 /// How often running attempts of cancelling tasks are looked at.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long an agent has to report a cancelled attempt's end before the dispatcher concludes
-/// it (counted from the first check that saw it, at most [`CHECK_EVERY`] after the cancel).
+/// it (counted from the first check that saw it, at most [`CHECK_EVERY`] after the cancel),
+/// for a step with the default `cancel_grace_secs`; see [`answer_within`].
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(7);
+/// Time for the agent to report after SIGKILL, on top of the step's `cancel_grace_secs`.
+pub const REPORT_AFTER_KILL: Duration = Duration::from_secs(2);
+
+/// How long the agent of a step with this `cancel_grace_secs` has: [`ANSWER_WITHIN`], or the
+/// grace plus [`REPORT_AFTER_KILL`] when that is longer (a live agent is still inside the
+/// step's grace between SIGTERM and SIGKILL, and must not be cut short).
+pub fn answer_within(grace_secs: i64) -> Duration {
+    let grace = Duration::from_secs(grace_secs.clamp(0, 3600) as u64);
+    ANSWER_WITHIN.max(grace.saturating_add(REPORT_AFTER_KILL))
+}
 
 /// Start the loop (supervised).
 pub fn spawn(
@@ -64,8 +76,12 @@ async fn pass(
     retry_base: Duration,
     seen: &mut HashMap<(Uuid, i32), Instant>,
 ) -> sqlx::Result<()> {
-    let running: Vec<(Uuid, i32, Option<String>)> = sqlx::query_as(
-        "SELECT a.step_run_id, a.attempt, w.name FROM attempts a
+    let running: Vec<(Uuid, i32, Option<String>, i64)> = sqlx::query_as(
+        "SELECT a.step_run_id, a.attempt, w.name,
+                CASE WHEN jsonb_typeof(s.spec->'cancel_grace_secs') = 'number'
+                     THEN GREATEST(LEAST((s.spec->>'cancel_grace_secs')::numeric, 3600), 0)::bigint
+                     ELSE 5 END
+         FROM attempts a
          JOIN step_runs s ON s.id = a.step_run_id JOIN tasks t ON t.id = s.task_id
          LEFT JOIN workers w ON w.id = a.worker_id
          WHERE t.state = 'Cancelling' AND a.state = 'Running'
@@ -74,11 +90,12 @@ async fn pass(
     .fetch_all(db)
     .await?;
     let now = Instant::now();
-    seen.retain(|k, _| running.iter().any(|(s, a, _)| (*s, *a) == *k));
+    seen.retain(|k, _| running.iter().any(|(s, a, _, _)| (*s, *a) == *k));
     let mut ended = false;
-    for (step_run, attempt, worker) in running {
+    for (step_run, attempt, worker, grace) in running {
         let first = *seen.entry((step_run, attempt)).or_insert(now);
-        if now.saturating_duration_since(first) < ANSWER_WITHIN {
+        let within = answer_within(grace);
+        if now.saturating_duration_since(first) < within {
             continue;
         }
         let why = format!(
@@ -86,7 +103,7 @@ async fn pass(
             worker
                 .map(|w| format!("worker {w}"))
                 .unwrap_or_else(|| "its worker".into()),
-            ANSWER_WITHIN.as_secs() + CHECK_EVERY.as_secs()
+            within.as_secs() + CHECK_EVERY.as_secs()
         );
         let step_run = StepRunId(step_run);
         let Ok(attempt_no) = u32::try_from(attempt) else {
@@ -116,4 +133,18 @@ async fn pass(
         locks.wake();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_grace_is_waited_for() {
+        assert_eq!(answer_within(5), ANSWER_WITHIN);
+        assert_eq!(answer_within(0), ANSWER_WITHIN);
+        assert_eq!(answer_within(60), Duration::from_secs(62));
+        assert_eq!(answer_within(i64::MAX), Duration::from_secs(3602));
+        assert_eq!(answer_within(-1), ANSWER_WITHIN);
+    }
 }
