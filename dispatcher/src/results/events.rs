@@ -1,0 +1,342 @@
+//! Storing one event in the caller's transaction, by kind: waiting and started, log batches,
+//! outputs, progress, artifact chunks, `StepFinished`; and keeping a stale event apart.
+
+use super::finish::Now;
+use super::{Handled, Release, ResultConsumer};
+use crate::artifacts;
+use crate::attempts;
+use crate::logs;
+use crate::outputs;
+use crate::quotas::Quota;
+use crate::senders::Sender;
+use gantry_shared::wire::{Event, Origin};
+use sqlx::PgConnection;
+
+impl ResultConsumer {
+    pub(super) async fn handle(
+        &self,
+        event: &Event,
+        sender: &Sender,
+    ) -> Result<Handled, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let handled = self.handle_in(&mut tx, event, sender).await?;
+        tx.commit().await?;
+        Ok(handled)
+    }
+
+    /// Store one event in the caller's transaction; what to do after the commit comes back.
+    pub(super) async fn handle_in(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        sender: &Sender,
+    ) -> Result<Handled, sqlx::Error> {
+        let origin = event.origin();
+        let stale_as = |reason: String| Stale {
+            origin,
+            kind: event.kind(),
+            reason,
+            sender: self.attribution.user_of(sender),
+        };
+        let Some(locked) = attempts::lock(&mut *tx, origin.step_run_id, origin.attempt).await?
+        else {
+            stale_as("no such attempt".into()).record(&mut *tx).await?;
+            return Ok(Handled::Done(None, None));
+        };
+        let worker = match self
+            .attribution
+            .worker(sender, origin.worker_id, || locked.claimant_builtin)
+        {
+            Ok(w) => w,
+            Err(why) => {
+                stale_as(why).record(&mut *tx).await?;
+                return Ok(Handled::Done(None, None));
+            }
+        };
+        if !locked.is_claimant(origin.job_id, worker) {
+            stale_as("not from the attempt's current claimant".into())
+                .record(&mut *tx)
+                .await?;
+            return Ok(Handled::Done(None, None));
+        }
+        let live = locked.state == "Running";
+        let mut kick = None;
+        match event {
+            Event::StepWaiting(w) => {
+                if live {
+                    let r = sqlx::query(
+                        "UPDATE step_runs SET state = 'Waiting', waiting_for = $3
+                         WHERE id = $1 AND attempt = $2 AND state = 'Running'",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(logs::storable(&w.waiting_for).as_ref())
+                    .execute(&mut *tx)
+                    .await?;
+                    if r.rows_affected() == 1 {
+                        logs::append_system(
+                            &mut *tx,
+                            locked.task(),
+                            Some((origin.step_run_id, origin.attempt)),
+                            &format!(
+                                "Step {} waiting for {}",
+                                locked.step_name,
+                                logs::storable(&w.waiting_for)
+                            ),
+                        )
+                        .await?;
+                    }
+                }
+            }
+            Event::StepStarted(e) => {
+                if live {
+                    // Both rows are locked already: one statement for the two updates (the
+                    // step was `Waiting` only if its script said so before it started). The
+                    // agent's clock is believed only between the claim and now: what decides
+                    // how long a step has run (its lease stops past its timeout) must not be
+                    // an agent's say.
+                    sqlx::query(
+                        "WITH a AS (UPDATE attempts
+                                    SET started_at = LEAST(GREATEST($3, started_at), now())
+                                    WHERE step_run_id = $1 AND attempt = $2)
+                         UPDATE step_runs SET state = 'Running', waiting_for = NULL
+                         WHERE id = $1 AND attempt = $2 AND state = 'Waiting'",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(e.started_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Event::LogBatch(b) => {
+                let first_seq = i64::try_from(b.first_seq).unwrap_or(i64::MAX);
+                let end =
+                    first_seq.saturating_add(i64::try_from(b.lines.len()).unwrap_or(i64::MAX));
+                if !live {
+                    if end > locked.lines_stored {
+                        stale_as("lines for an attempt that has ended".into())
+                            .record(&mut *tx)
+                            .await?;
+                    }
+                } else if !self.charge_log(&mut *tx, &locked, b).await? {
+                    self.over_quota(&mut *tx, &locked, origin, worker, Quota::Log)
+                        .await?;
+                    kick = Some(locked.task());
+                } else {
+                    let stored = logs::apply_batch(
+                        &mut *tx,
+                        locked.task(),
+                        origin.step_run_id,
+                        origin.attempt,
+                        locked.lines_stored,
+                        first_seq,
+                        &b.lines,
+                    )
+                    .await?;
+                    if stored != locked.lines_stored {
+                        self.metrics.observe_log_batch(
+                            stored.saturating_sub(locked.lines_stored).max(0) as u64,
+                        );
+                        sqlx::query(
+                            "UPDATE attempts SET lines_stored = $3 WHERE step_run_id = $1 AND attempt = $2",
+                        )
+                        .bind(origin.step_run_id.0)
+                        .bind(origin.attempt as i32)
+                        .bind(stored)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    if let Some(count) = locked.line_count
+                        && locked.outcome.is_some()
+                        && stored >= count
+                        && self
+                            .try_finish(&mut *tx, &locked, origin, Now::locked(&locked, stored))
+                            .await?
+                    {
+                        kick = Some(locked.task());
+                    }
+                }
+            }
+            Event::OutputVariable(o) => {
+                if let (true, false, Some(value)) = (live, o.sensitive, o.value.as_deref()) {
+                    outputs::store_plain(
+                        &mut *tx,
+                        &self.secrets,
+                        &locked,
+                        origin.step_run_id,
+                        origin.attempt,
+                        &o.name,
+                        value,
+                    )
+                    .await?;
+                } else if live {
+                    sqlx::query(
+                        "INSERT INTO output_variables (step_run_id, attempt, name, value, sensitive)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (step_run_id, attempt, name)
+                         DO UPDATE SET value = EXCLUDED.value, sensitive = EXCLUDED.sensitive",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(logs::storable(&o.name).as_ref())
+                    .bind(if o.sensitive {
+                        None
+                    } else {
+                        logs::storable_opt(o.value.as_deref())
+                    })
+                    .bind(o.sensitive)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Event::Progress(p) => {
+                if live {
+                    sqlx::query(
+                        "UPDATE attempts SET progress_percent = $3, progress_message = $4
+                         WHERE step_run_id = $1 AND attempt = $2",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(i16::from(p.percentage))
+                    .bind(logs::storable(&p.message).as_ref())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Event::ArtifactChunk(c) => {
+                if live {
+                    let announced = locked.outcome.is_some();
+                    let limit = self.limits.artifact_bytes;
+                    let stored =
+                        artifacts::store_chunk(&mut *tx, locked.task(), c, announced, limit)
+                            .await?;
+                    if stored == artifacts::Chunk::OverQuota {
+                        self.over_quota(&mut *tx, &locked, origin, worker, Quota::Artifacts)
+                            .await?;
+                        kick = Some(locked.task());
+                    } else if stored == artifacts::Chunk::New && announced {
+                        // A chunk that arrived after StepFinished (a redelivery): it may be
+                        // the last one the attempt waited for.
+                        artifacts::settle(
+                            &mut *tx,
+                            locked.task(),
+                            origin.step_run_id,
+                            origin.attempt,
+                        )
+                        .await?;
+                        let now = Now::locked(&locked, locked.lines_stored);
+                        if self.try_finish(&mut *tx, &locked, origin, now).await? {
+                            kick = Some(locked.task());
+                        }
+                    }
+                } else {
+                    let stored: Option<(i64,)> = sqlx::query_as(
+                        "SELECT 1::bigint FROM artifact_chunks k JOIN artifacts a ON a.id = k.artifact_id
+                         WHERE a.step_run_id = $1 AND a.attempt = $2 AND a.idx = $3 AND k.seq = $4",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(c.artifact as i32)
+                    .bind(i64::try_from(c.seq).unwrap_or(i64::MAX))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if stored.is_none() {
+                        stale_as("a chunk for an attempt that has ended".into())
+                            .record(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            Event::StepFinished(f) => {
+                if live && locked.outcome.is_none() {
+                    sqlx::query(
+                        "UPDATE attempts SET outcome = $3, exit_code = $4, error = $5,
+                             line_count = $6, finished_at = $7
+                         WHERE step_run_id = $1 AND attempt = $2",
+                    )
+                    .bind(origin.step_run_id.0)
+                    .bind(origin.attempt as i32)
+                    .bind(f.outcome.as_str())
+                    .bind(f.exit_code)
+                    .bind(logs::storable_opt(f.error.as_deref()))
+                    .bind(i64::try_from(f.line_count).unwrap_or(i64::MAX))
+                    .bind(f.finished_at)
+                    .execute(&mut *tx)
+                    .await?;
+                    artifacts::announce(
+                        &mut *tx,
+                        locked.task(),
+                        origin.step_run_id,
+                        origin.attempt,
+                        &f.artifacts,
+                    )
+                    .await?;
+                    // With none announced, `announce` has just removed every artifact row of
+                    // the attempt: nothing to settle, nothing pending.
+                    if !f.artifacts.is_empty() {
+                        artifacts::settle(
+                            &mut *tx,
+                            locked.task(),
+                            origin.step_run_id,
+                            origin.attempt,
+                        )
+                        .await?;
+                    }
+                    let now = Now {
+                        outcome: Some(f.outcome.as_str().to_owned()),
+                        line_count: Some(i64::try_from(f.line_count).unwrap_or(i64::MAX)),
+                        lines_stored: locked.lines_stored,
+                        exit_code: f.exit_code,
+                        error: logs::storable_opt(f.error.as_deref()).map(|e| e.into_owned()),
+                        no_artifacts: f.artifacts.is_empty(),
+                    };
+                    if self.try_finish(&mut *tx, &locked, origin, now).await? {
+                        kick = Some(locked.task());
+                    }
+                }
+            }
+        }
+        // An attempt that ended here gives its mutex back (once the caller has committed),
+        // under the token the dispatcher recorded for it.
+        let release = match (&kick, &locked.mutex, locked.mutex_token) {
+            (Some(_), Some(mutex), Some(token)) => Some(Release {
+                mutex: mutex.clone(),
+                step_run: origin.step_run_id,
+                attempt: origin.attempt,
+                token: token as u64,
+            }),
+            _ => None,
+        };
+        Ok(Handled::Done(kick, release))
+    }
+}
+
+/// An event kept apart: it changes nothing but this row.
+struct Stale<'a> {
+    origin: &'a Origin,
+    kind: &'static str,
+    reason: String,
+    /// The broker user that sent it, if it had one.
+    sender: Option<String>,
+}
+
+impl Stale<'_> {
+    async fn record(self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        let o = self.origin;
+        tracing::info!(step_run = %o.step_run_id, attempt = o.attempt, job_id = %o.job_id, worker = %o.worker_id, sender = self.sender.as_deref().unwrap_or("-"), kind = self.kind, reason = %self.reason, "keeping a stale event apart");
+        sqlx::query(
+            "INSERT INTO stale_events (step_run_id, attempt, job_id, worker_id, kind, reason, sender)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(o.step_run_id.0)
+        .bind(o.attempt as i32)
+        .bind(o.job_id.0)
+        .bind(o.worker_id.0)
+        .bind(self.kind)
+        .bind(&self.reason)
+        .bind(&self.sender)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
