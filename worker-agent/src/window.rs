@@ -158,3 +158,24 @@ async fn poll(api: Api, job: JobId, stored: watch::Sender<u64>, mut wanted: watc
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fills_by_lines_or_bytes_and_stays_shut_while_nobody_answers() {
+        // Nothing listens on port 1: every question fails to connect.
+        let api = Api::new("http://127.0.0.1:1", None, None).unwrap();
+        let mut w = Window::with_limits(api, JobId::new(), 100, 1000);
+        assert!(!w.full(0, 0));
+        assert!(!w.full(99, 10));
+        assert!(w.full(100, 10), "a window of lines");
+        assert!(w.full(10, 1000), "a window of bytes");
+        assert!(w.full(u64::MAX, u64::MAX), "huge counts: full, no overflow");
+        // The dispatcher cannot be reached: the window stays shut, pacing stays on.
+        let waited = tokio::time::timeout(Duration::from_millis(300), w.moved()).await;
+        assert!(waited.is_err());
+        assert!(w.full(100, 10) && !w.off());
+    }
+}
