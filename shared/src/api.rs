@@ -465,6 +465,13 @@ pub struct ClaimGrant {
     pub job_sha256: Option<String>,
 }
 
+/// `GET /api/jobs/{job_id}/log`: how many of the attempt's log lines the dispatcher has
+/// stored. The agent paces a step's output by it (see the agent's `window` module).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobLog {
+    pub lines_stored: u64,
+}
+
 /// `POST /api/jobs/{job_id}/lease`: the dispatcher renewed the attempt's mutex lease in Redis.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LeaseRenewed {

@@ -7,7 +7,7 @@
 //! claim carries its own id and the same claim is granted again.
 
 use gantry_shared::api::{
-    API_KEY_HEADER, AgentConfig, ClaimGrant, ClaimRequest, ErrorBody, LeaseRenewed,
+    API_KEY_HEADER, AgentConfig, ClaimGrant, ClaimRequest, ErrorBody, JobLog, LeaseRenewed,
     SensitiveOutput, WORKER_TOKEN_HEADER, WorkerRegister, WorkerRegistered,
 };
 use gantry_shared::ids::{ClaimId, JobId, WorkerId};
@@ -242,6 +242,14 @@ impl Api {
             &format!("/api/jobs/{job}/lease"),
             |r| r,
         )
+        .await
+    }
+
+    /// How many of a running job's log lines the dispatcher has stored.
+    pub async fn job_log(&self, job: JobId) -> Result<JobLog, ApiError> {
+        self.call(reqwest::Method::GET, &format!("/api/jobs/{job}/log"), |r| {
+            r.timeout(Duration::from_secs(5))
+        })
         .await
     }
 

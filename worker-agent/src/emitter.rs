@@ -26,6 +26,8 @@ pub(crate) struct Emitter {
     pub(crate) next_seq: u64,
     pub(crate) batch: Vec<LogLine>,
     batch_bytes: usize,
+    /// Bytes of text in the batches sent so far.
+    sent_bytes: u64,
     /// Unmasked text kept back from a long line's pieces, for stdout and stderr.
     carry: [String; 2],
     /// Part of the current line of stdout, stderr already went out.
@@ -50,10 +52,19 @@ impl Emitter {
             next_seq: 0,
             batch: Vec::new(),
             batch_bytes: 0,
+            sent_bytes: 0,
             carry: [String::new(), String::new()],
             open: [false, false],
             requested_artifacts: Vec::new(),
         }
+    }
+
+    /// Lines and bytes of text emitted so far, sent or still in the batch.
+    pub(crate) fn emitted(&self) -> (u64, u64) {
+        (
+            self.next_seq.saturating_add(self.batch.len() as u64),
+            self.sent_bytes.saturating_add(self.batch_bytes as u64),
+        )
     }
 
     pub(crate) fn origin(&self) -> Origin {
@@ -138,6 +149,7 @@ impl Emitter {
         let lines = std::mem::take(&mut self.batch);
         let first_seq = self.next_seq;
         self.next_seq = self.next_seq.saturating_add(lines.len() as u64);
+        self.sent_bytes = self.sent_bytes.saturating_add(self.batch_bytes as u64);
         self.batch_bytes = 0;
         self.event(Event::LogBatch(LogBatch {
             origin: self.origin.clone(),

@@ -9,7 +9,8 @@
 //! - [`slots`]: the concurrency limit, consumers and claims (`slots/probes.rs`: queue
 //!   depths, and missing queues coming back).
 //! - [`runner`]: running one step and streaming its output.
-//! - [`output`]: reading a step's pipes into lines, under a rate budget.
+//! - [`output`]: reading a step's pipes into lines.
+//! - [`window`]: pacing a step's output by what the dispatcher has stored.
 //! - [`emitter`]: masking, numbering and batching a step's lines; its events.
 //! - [`stopper`]: stopping a step on timeout, cancel or lease loss, whatever it prints.
 //! - [`artifacts`]: which files a step's artifacts are, and reading them in hashed chunks.
@@ -39,4 +40,5 @@ pub mod runner;
 pub mod slots;
 pub mod step_users;
 pub mod stopper;
+pub mod window;
 pub mod workdir;

@@ -11,34 +11,25 @@
 //!   [`Chunk::TooLong`], so no part of it is ever logged.
 //! - Invalid UTF-8 is decoded lossily and NUL becomes U+FFFD ([`gantry_shared::text`]).
 //!
-//! A step's two readers share one [`Budget`]: at most [`LINES_PER_SEC`] lines and
-//! [`BYTES_PER_SEC`] bytes a second (with a one-second burst). Past it the readers stop
-//! reading, the pipes fill, and the script blocks in its writes: a script printing as fast as
-//! it can (`yes`) never builds a backlog of megabytes in the agent, the broker or the
-//! dispatcher, so its end (a timeout, a cancel) is stored moments after it happens. Once the
-//! script has exited the budget is lifted ([`Budget::free`]: what is left is bounded by the
-//! pipes' buffers); once the step is stopped, unread output is dropped ([`Budget::discard`]).
+//! A step's two readers share one [`Budget`], which only says whether output is still wanted:
+//! once the step is stopped, unread output is dropped ([`Budget::discard`]), so its end is not
+//! queued behind it. How fast output is read is not decided here: the output loop takes no
+//! more chunks while the step's window of lines not yet stored by the dispatcher is full (see
+//! [`crate::window`]), so the queue fills, the readers wait, the pipes fill and the script
+//! blocks in its writes. There is no fixed rate cap.
 
 use gantry_shared::service_messages::{MAX_MESSAGE_BYTES, PREFIX};
 use gantry_shared::text::into_storable;
 use gantry_shared::wire::Stream;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 /// Longest log line; longer output is split into several lines.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Chunks read ahead of the output loop, at most.
 pub const QUEUE: usize = 16;
-/// Lines a step may print per second (on average, with a burst of as many) before its
-/// output is read more slowly.
-pub const LINES_PER_SEC: u64 = 2_000;
-/// Bytes a step may print per second (on average, with a burst of as many).
-pub const BYTES_PER_SEC: u64 = 1024 * 1024;
-
 /// What a reader hands to the output loop.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Chunk {
@@ -50,58 +41,23 @@ pub enum Chunk {
     TooLong,
 }
 
-/// How much a step may still print now: a token bucket shared by its readers.
+/// Whether a step's output is still wanted: shared by its readers.
+#[derive(Default)]
 pub struct Budget {
-    state: Mutex<Bucket>,
-    /// [`LIMITED`], [`FREE`] or [`DISCARD`].
-    mode: AtomicU8,
+    discard: AtomicBool,
     /// Bytes dropped since [`Budget::discard`].
     dropped: AtomicU64,
-    lines_per_sec: f64,
-    bytes_per_sec: f64,
-}
-
-/// Output is read at the budget's rate.
-const LIMITED: u8 = 0;
-/// The script has exited: what is left in its pipes is read at once.
-const FREE: u8 = 1;
-/// The step was stopped: what is left in its pipes is dropped unread.
-const DISCARD: u8 = 2;
-
-struct Bucket {
-    lines: f64,
-    bytes: f64,
-    at: Instant,
 }
 
 impl Budget {
-    pub fn new(lines_per_sec: u64, bytes_per_sec: u64) -> Arc<Self> {
-        let (l, b) = (lines_per_sec.max(1) as f64, bytes_per_sec.max(1) as f64);
-        Arc::new(Self {
-            state: Mutex::new(Bucket {
-                lines: l,
-                bytes: b,
-                at: Instant::now(),
-            }),
-            mode: AtomicU8::new(LIMITED),
-            dropped: AtomicU64::new(0),
-            lines_per_sec: l,
-            bytes_per_sec: b,
-        })
-    }
-
-    /// The script has exited: read the rest of its output without waiting (it is bounded by
-    /// the pipes' buffers).
-    pub fn free(&self) {
-        let _ = self
-            .mode
-            .compare_exchange(LIMITED, FREE, Ordering::SeqCst, Ordering::SeqCst);
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
     }
 
     /// The step was stopped: drop whatever it printed that is still unread, so its end is
     /// not queued behind it.
     pub fn discard(&self) {
-        self.mode.store(DISCARD, Ordering::SeqCst);
+        self.discard.store(true, Ordering::SeqCst);
     }
 
     /// Bytes dropped since [`Budget::discard`].
@@ -109,38 +65,13 @@ impl Budget {
         self.dropped.load(Ordering::SeqCst)
     }
 
-    /// Wait until one line of `bytes` bytes may go, and count it; false: drop it.
-    pub async fn take(&self, bytes: usize) -> bool {
-        // A line larger than a whole second's bytes needs only a full bucket.
-        let need = (bytes as f64).min(self.bytes_per_sec);
-        loop {
-            match self.mode.load(Ordering::SeqCst) {
-                LIMITED => {}
-                FREE => return true,
-                _ => {
-                    self.dropped.fetch_add(bytes as u64, Ordering::SeqCst);
-                    return false;
-                }
-            }
-            let wait = {
-                let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                let secs = now.saturating_duration_since(b.at).as_secs_f64();
-                b.at = now;
-                b.lines = (b.lines + secs * self.lines_per_sec).min(self.lines_per_sec);
-                b.bytes = (b.bytes + secs * self.bytes_per_sec).min(self.bytes_per_sec);
-                if b.lines >= 1.0 && b.bytes >= need {
-                    b.lines -= 1.0;
-                    b.bytes -= bytes as f64;
-                    return true;
-                }
-                let for_lines = (1.0 - b.lines).max(0.0) / self.lines_per_sec;
-                let for_bytes = (need - b.bytes).max(0.0) / self.bytes_per_sec;
-                Duration::from_secs_f64(for_lines.max(for_bytes).clamp(0.000_1, 1.0))
-            };
-            // Short naps, so that a change of mode is seen at once.
-            tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
+    /// Whether one line of `bytes` bytes may go; false: it is dropped (and counted).
+    pub fn take(&self, bytes: usize) -> bool {
+        if self.discard.load(Ordering::SeqCst) {
+            self.dropped.fetch_add(bytes as u64, Ordering::SeqCst);
+            return false;
         }
+        true
     }
 }
 
@@ -215,7 +146,7 @@ pub async fn read(
     }
 }
 
-/// Send one chunk once the budget allows it; false once nobody listens.
+/// Send one chunk unless the step was stopped; false once nobody listens.
 async fn send(
     tx: &mpsc::Sender<(Stream, Chunk)>,
     budget: &Budget,
@@ -226,7 +157,7 @@ async fn send(
         Chunk::End(t) | Chunk::Part(t) => t.len(),
         Chunk::TooLong => 0,
     };
-    if !budget.take(bytes).await {
+    if !budget.take(bytes) {
         // Dropped: the step was stopped. Keep reading, so the pipe drains to its end.
         return !tx.is_closed();
     }
@@ -279,7 +210,7 @@ mod tests {
 
     async fn read_all(input: Vec<u8>, stream: Stream) -> Vec<Chunk> {
         let (tx, mut rx) = mpsc::channel(1024);
-        let budget = Budget::new(u64::MAX, u64::MAX);
+        let budget = Budget::new();
         read(std::io::Cursor::new(input), stream, tx, budget).await;
         let mut got = Vec::new();
         while let Some((_, c)) = rx.recv().await {
@@ -337,17 +268,12 @@ mod tests {
         assert!(got.iter().all(|c| *c != Chunk::TooLong));
     }
 
-    #[tokio::test]
-    async fn the_budget_slows_a_flood_down() {
-        let budget = Budget::new(1000, u64::MAX);
-        let started = Instant::now();
-        for _ in 0..1500 {
-            assert!(budget.take(2).await);
-        }
-        // 1000 at once, then 500 more at 1000 a second.
-        assert!(started.elapsed() >= Duration::from_millis(400));
+    #[test]
+    fn a_stopped_step_drops_its_output() {
+        let budget = Budget::new();
+        assert!(budget.take(2));
         budget.discard();
-        assert!(!budget.take(2).await);
+        assert!(!budget.take(2));
         assert_eq!(budget.dropped(), 2);
     }
 }

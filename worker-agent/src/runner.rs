@@ -9,8 +9,8 @@
 //! after [`BATCH_DELAY`]: never one message per line, never held back until the end.
 //! `##gantry[...]` lines on stdout are service messages, handled and not logged.
 //!
-//! Its pipes are read by [`crate::output`] (under a rate budget, long lines in pieces,
-//! service messages whole) and its lines masked and batched by [`crate::emitter`].
+//! Its pipes are read by [`crate::output`] (long lines in pieces, service messages whole,
+//! paced by [`crate::window`]: at most a window of lines not yet stored by the dispatcher) and its lines masked and batched by [`crate::emitter`].
 //!
 //! The step ends when its script exits (or is killed on timeout, cancel or lease loss, by its
 //! [`crate::stopper`], which no amount of output can delay); anything it left running in its
@@ -507,9 +507,10 @@ async fn execute(
     let pgid = child.id().map(|p| p as i32);
     let _lifeline = child.stdin.take();
     let (line_tx, mut line_rx) = mpsc::channel::<(Stream, Chunk)>(crate::output::QUEUE);
-    // Shared by both pipes: a flood is read only as fast as it can be stored.
-    let budget =
-        crate::output::Budget::new(crate::output::LINES_PER_SEC, crate::output::BYTES_PER_SEC);
+    // Shared by both pipes: drops unread output once the step is stopped.
+    let budget = crate::output::Budget::new();
+    // A flood is taken only as fast as the dispatcher stores it.
+    let mut window = crate::window::Window::start(ctx.api.clone(), ctx.job.job_id);
     let readers = [
         tokio::spawn(crate::output::read(
             child.stdout.take().expect("piped"),
@@ -555,6 +556,10 @@ async fn execute(
         if end.is_some() && drain_deadline.is_none() {
             drain_deadline = tokio::time::Instant::now().checked_add(DRAIN_AFTER_EXIT);
         }
+        // Once the script exited (what is left is bounded by the pipes) or was stopped (it is
+        // dropped), the rest is taken at once.
+        let (lines, bytes) = em.emitted();
+        let paused = end.is_none() && !stop_told && window.full(lines, bytes);
         tokio::select! {
             biased;
             status = child.wait(), if end.is_none() => {
@@ -571,8 +576,6 @@ async fn execute(
                     let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
                 }
                 stopper.ended();
-                // What is left in the pipes is bounded by their buffers: read it at once.
-                budget.free();
                 end = Some(match stopper.reason() {
                     Some(Reason::TimedOut) => End::TimedOut,
                     Some(Reason::Cancelled) => End::Cancelled,
@@ -603,7 +606,8 @@ async fn execute(
                     em.flush().await;
                 }
             }
-            msg = line_rx.recv(), if lines_open => match msg {
+            _ = window.moved(), if paused => {}
+            msg = line_rx.recv(), if lines_open && !paused => match msg {
                 Some((stream, chunk)) => {
                     handle_chunk(ctx, em, stream, chunk, &mut fail_message).await;
                 }

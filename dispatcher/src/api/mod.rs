@@ -2,13 +2,14 @@
 //!
 //! JSON under `/api`, authenticated by `X-Gantry-ApiKey` (permissions `ConfigureServer`,
 //! `TaskCreate`, `TaskView`), except `GET /api/health`, and the agent-only routes
-//! (`/api/agent/config`, `/api/jobs/{id}/claim`, `.../outputs`, `.../lease`), which take a
+//! (`/api/agent/config`, `/api/jobs/{id}/claim`, `.../outputs`, `.../lease`, `.../log`), which take a
 //! worker credential (`X-Gantry-Worker-Token`). Every error is `{"error", "field"}` with a 4xx for bad input.
 
 mod artifacts;
 pub mod error;
 pub mod extract;
 mod health;
+mod job_log;
 mod jobs;
 mod keys;
 mod logs;
@@ -82,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{job_id}/claim", post(jobs::claim))
         .route("/api/jobs/{job_id}/outputs", post(jobs::sensitive_output))
         .route("/api/jobs/{job_id}/lease", post(jobs::renew_lease))
+        .route("/api/jobs/{job_id}/log", get(job_log::stored))
         .route(
             "/api/keys",
             get(keys::list)
