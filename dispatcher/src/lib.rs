@@ -61,3 +61,4 @@ pub mod senders;
 pub mod store;
 pub mod strays;
 pub mod supervise;
+pub mod transitions;

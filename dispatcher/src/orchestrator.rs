@@ -23,6 +23,8 @@
 //! the sweep re-publishes it under a new `job_id`, which voids the old one: whichever copy
 //! an agent claims first is the only one that runs.
 
+pub mod plan;
+
 use crate::attempts;
 use crate::logs;
 use crate::nodes::{self, Node};

@@ -15,6 +15,7 @@
 //! - [`process`]: the process file and its submission checks.
 //! - [`template`]: `#{Name}` substitution.
 //! - [`service_messages`]: `##gantry[...]` lines scripts print to talk back.
+//! - [`states`]: every record's states and the one table of allowed transitions.
 //! - [`mask`]: hiding sensitive values in log lines.
 //! - [`text`]: making script output storable as PostgreSQL text.
 //! - [`locks`]: the fair, leased, fenced mutex on Redis.
@@ -36,6 +37,7 @@ pub mod process;
 pub mod production;
 pub mod redis_link;
 pub mod service_messages;
+pub mod states;
 pub mod stepenv;
 pub mod telemetry;
 pub mod template;

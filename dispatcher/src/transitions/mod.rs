@@ -1,0 +1,380 @@
+//! # Transitions: the only writer of state columns
+//!
+//! Every change of a task's, step run's, attempt's or artifact's state is one of the
+//! functions below: a compare-and-set whose allowed sources come from the table in
+//! [`gantry_shared::states`] (`state = ANY(sources)`), so a transition the table does not
+//! list changes nothing here, and the database's trigger (see [`ddl`]) refuses it anyway.
+//! An attempt's step run moves in the same statement as the attempt, so the two never
+//! drift; each function returns whether the row moved.
+//!
+//! Callers hold the rows' locks in the documented order (`attempts` module): tasks →
+//! step_runs → attempts → task_log_positions → task_wakeups.
+
+pub mod ddl;
+mod tasks;
+
+pub use gantry_shared::states::{
+    ArtifactState, AttemptState, State, StepState, TaskState, WorkerHealth,
+};
+pub use tasks::{settle_artifact, task_to};
+
+use gantry_shared::ids::{JobId, StepRunId, WorkerId};
+use sqlx::PgConnection;
+use std::time::Duration;
+
+/// The strings of the states `to` may be entered from, for `state = ANY($n)`.
+pub fn sources<S: State>(to: S) -> Vec<&'static str> {
+    S::sources(to).iter().map(|s| s.as_str()).collect()
+}
+
+/// How a new attempt starts.
+pub enum Start<'a> {
+    /// To be routed and published (`Pending`; its step stays `Pending`).
+    Publish,
+    /// Waiting for its mutex before anything is published (`Waiting`, and its step says
+    /// what for).
+    Mutex(&'a str),
+    /// Run by the dispatcher itself at once (an e-mail step): `Running` under this name.
+    Dispatcher(&'a str),
+}
+
+/// Create attempt `attempt` of a step run and make it the step's current one.
+pub async fn create_attempt(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    job: JobId,
+    start: Start<'_>,
+) -> sqlx::Result<()> {
+    let (state, waiting_for, worker_name) = match start {
+        Start::Publish => (AttemptState::Pending, None, None),
+        Start::Mutex(name) => (AttemptState::Waiting, Some(format!("mutex {name}")), None),
+        Start::Dispatcher(name) => (AttemptState::Running, None, Some(name)),
+    };
+    debug_assert!(AttemptState::initial().contains(&state));
+    sqlx::query(
+        "WITH a AS (INSERT INTO attempts (step_run_id, attempt, job_id, state, worker_name,
+                                          waiting_since, started_at)
+                    VALUES ($1, $2, $3, $4, $5,
+                            CASE WHEN $4 = 'Waiting' THEN now() END,
+                            CASE WHEN $4 = 'Running' THEN now() END)
+                    RETURNING 1)
+         UPDATE step_runs SET attempt = $2, state = $6, waiting_for = $7, not_before = NULL
+         WHERE id = $1 AND EXISTS (SELECT 1 FROM a)",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(job.0)
+    .bind(state)
+    .bind(worker_name)
+    .bind(state.step_state())
+    .bind(waiting_for)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// After the broker confirmed a job: `Pending` → `Queued`, unless it was claimed or its job
+/// voided meanwhile (then nothing moves).
+pub async fn queue(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    job: JobId,
+) -> sqlx::Result<bool> {
+    attempt_to(
+        conn,
+        step_run,
+        attempt,
+        AttemptState::Queued,
+        Some(job),
+        "queued_at = now()",
+        None,
+    )
+    .await
+}
+
+/// Confirmed jobs, many at once (one statement): each `Pending` → `Queued` if it is still
+/// that job's attempt. Returns how many moved.
+pub async fn queue_many(
+    conn: &mut PgConnection,
+    jobs: &[(StepRunId, u32, JobId)],
+) -> sqlx::Result<u64> {
+    if jobs.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<uuid::Uuid> = jobs.iter().map(|j| j.0.0).collect();
+    let nums: Vec<i32> = jobs.iter().map(|j| j.1 as i32).collect();
+    let job_ids: Vec<uuid::Uuid> = jobs.iter().map(|j| j.2.0).collect();
+    // Step runs first, in id order, then their attempts: the lock order.
+    let moved: i64 = sqlx::query_scalar(
+        "WITH j AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[]) AS j(s, n, job)),
+              locked AS (SELECT s.id FROM step_runs s JOIN j ON j.s = s.id
+                         ORDER BY s.id FOR UPDATE OF s),
+              a AS (UPDATE attempts a SET state = 'Queued', queued_at = now()
+                    FROM j WHERE a.step_run_id = j.s AND a.attempt = j.n AND a.job_id = j.job
+                      AND a.state = ANY($4) AND EXISTS (SELECT 1 FROM locked)
+                    RETURNING a.step_run_id, a.attempt),
+              s AS (UPDATE step_runs s SET state = 'Queued'
+                    FROM a WHERE s.id = a.step_run_id AND s.attempt = a.attempt
+                      AND s.state = ANY($5))
+         SELECT count(*) FROM a",
+    )
+    .bind(&ids)
+    .bind(&nums)
+    .bind(&job_ids)
+    .bind(sources(AttemptState::Queued))
+    .bind(sources(StepState::Queued))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(moved as u64)
+}
+
+/// Give an unclaimed attempt a new job id, voiding the one in circulation: `Pending` or
+/// `Queued` → `Pending`.
+pub async fn void(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    new_job: JobId,
+) -> sqlx::Result<bool> {
+    let moved: i64 = sqlx::query_scalar(
+        "WITH a AS (UPDATE attempts SET job_id = $3, state = 'Pending', pending_since = now()
+                    WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($4)
+                    RETURNING 1),
+              s AS (UPDATE step_runs SET state = 'Pending'
+                    WHERE id = $1 AND attempt = $2 AND state = 'Queued'
+                      AND EXISTS (SELECT 1 FROM a))
+         SELECT count(*) FROM a",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(new_job.0)
+    // Staying `Pending` (a new job id only) or `Queued` → `Pending`.
+    .bind(AttemptState::strs(&[
+        AttemptState::Pending,
+        AttemptState::Queued,
+    ]))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(moved > 0)
+}
+
+/// A granted claim: `Pending` or `Queued` → `Running` under this worker and claim id.
+pub async fn claim(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    worker: WorkerId,
+    worker_name: &str,
+    claim_id: uuid::Uuid,
+) -> sqlx::Result<bool> {
+    let moved: i64 = sqlx::query_scalar(
+        "WITH a AS (UPDATE attempts SET state = 'Running', worker_id = $3, worker_name = $4,
+                        claim_id = $5, started_at = now()
+                    WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($6)
+                    RETURNING 1),
+              s AS (UPDATE step_runs SET state = 'Running', waiting_for = NULL
+                    WHERE id = $1 AND attempt = $2 AND state = ANY($7)
+                      AND EXISTS (SELECT 1 FROM a))
+         SELECT count(*) FROM a",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(worker.0)
+    .bind(worker_name)
+    .bind(claim_id)
+    .bind(sources(AttemptState::Running))
+    .bind(sources(StepState::Running))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(moved > 0)
+}
+
+/// Its mutex was lost before the claim: `Pending`/`Queued` → `Waiting` for it again.
+pub async fn wait_for_mutex(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    waiting_for: &str,
+) -> sqlx::Result<bool> {
+    attempt_to(
+        conn,
+        step_run,
+        attempt,
+        AttemptState::Waiting,
+        None,
+        "mutex_token = NULL, waiting_since = now()",
+        Some(waiting_for),
+    )
+    .await
+}
+
+/// Its mutex was granted under `token`: `Waiting` → `Pending`, to be published.
+pub async fn grant(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    token: i64,
+) -> sqlx::Result<bool> {
+    let moved: i64 = sqlx::query_scalar(
+        "WITH a AS (UPDATE attempts SET state = 'Pending', mutex_token = $3, pending_since = now()
+                    WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($4)
+                    RETURNING 1),
+              s AS (UPDATE step_runs SET state = 'Pending', waiting_for = NULL
+                    WHERE id = $1 AND attempt = $2 AND state = ANY($5)
+                      AND EXISTS (SELECT 1 FROM a))
+         SELECT count(*) FROM a",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(token)
+    .bind(sources(AttemptState::Pending))
+    .bind(sources(StepState::Pending))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(moved > 0)
+}
+
+/// End an attempt in a final state (its step run is settled by [`settle_step`] or
+/// [`retry_step`], which may differ: a failure with retries left). Returns whether it moved.
+pub async fn end_attempt(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    to: AttemptState,
+    error: Option<&str>,
+) -> sqlx::Result<bool> {
+    debug_assert!(to.is_final());
+    let r = sqlx::query(
+        "UPDATE attempts SET state = $3, error = COALESCE($4, error),
+             finished_at = COALESCE(finished_at, now())
+         WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($5)",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(to)
+    .bind(error)
+    .bind(sources(to))
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A step run's outcome (its current attempt ended, a skip, an approval, a cancel).
+pub async fn settle_step(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    to: StepState,
+    reason: Option<&str>,
+) -> sqlx::Result<bool> {
+    debug_assert!(to.is_final());
+    let r = sqlx::query(
+        "UPDATE step_runs SET state = $2, reason = $3, waiting_for = NULL, not_before = NULL
+         WHERE id = $1 AND state = ANY($4)",
+    )
+    .bind(step_run.0)
+    .bind(to)
+    .bind(reason)
+    .bind(sources(to))
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A failed attempt with retries left: the step is `Pending` again, due after `delay`.
+pub async fn retry_step(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    delay: Duration,
+    reason: &str,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE step_runs SET state = 'Pending', not_before = now() + $2, reason = $3,
+             waiting_for = NULL
+         WHERE id = $1 AND state = ANY($4)",
+    )
+    .bind(step_run.0)
+    .bind(delay)
+    .bind(reason)
+    .bind(sources(StepState::Pending))
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A step run waits (for a healthy worker, an approval, the agent's exclusive gate) while
+/// its attempt keeps its state; `from` narrows the sources (`None`: the table's).
+pub async fn step_waits(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    waiting_for: &str,
+    from: Option<&[StepState]>,
+) -> sqlx::Result<bool> {
+    let from: Vec<&str> = match from {
+        Some(f) => StepState::strs(f),
+        None => sources(StepState::Waiting),
+    };
+    let r = sqlx::query(
+        "UPDATE step_runs SET state = 'Waiting', waiting_for = $2, not_before = NULL
+         WHERE id = $1 AND (state = ANY($3) OR state = 'Waiting')",
+    )
+    .bind(step_run.0)
+    .bind(waiting_for)
+    .bind(from)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A waiting step run goes on as its attempt is: `Pending` (a worker is available) or
+/// `Running` (the agent's gate let it in).
+pub async fn step_resumes(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    to: StepState,
+) -> sqlx::Result<bool> {
+    debug_assert!(matches!(to, StepState::Pending | StepState::Running));
+    let r = sqlx::query(
+        "UPDATE step_runs SET state = $2, waiting_for = NULL WHERE id = $1 AND state = 'Waiting'",
+    )
+    .bind(step_run.0)
+    .bind(to)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Move one attempt (and its step, to the attempt's step state) from the table's sources to
+/// `to`, setting `extra` columns; with `job`, only while that is its current job.
+async fn attempt_to(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    to: AttemptState,
+    job: Option<JobId>,
+    extra: &'static str,
+    waiting_for: Option<&str>,
+) -> sqlx::Result<bool> {
+    let moved: i64 = sqlx::query_scalar(&format!(
+        "WITH a AS (UPDATE attempts SET state = $3, {extra}
+                    WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($4)
+                      AND ($5::uuid IS NULL OR job_id = $5)
+                    RETURNING 1),
+              s AS (UPDATE step_runs SET state = $6, waiting_for = $7
+                    WHERE id = $1 AND attempt = $2 AND state = ANY($8)
+                      AND EXISTS (SELECT 1 FROM a))
+         SELECT count(*) FROM a"
+    ))
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(to)
+    .bind(sources(to))
+    .bind(job.map(|j| j.0))
+    .bind(to.step_state())
+    .bind(waiting_for)
+    .bind(sources(to.step_state()))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(moved > 0)
+}
