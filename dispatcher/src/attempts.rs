@@ -19,20 +19,13 @@
 //! the orchestrator through `task_wakeups` instead.
 
 use crate::logs;
+use crate::transitions;
 use gantry_shared::ids::{JobId, StepRunId, TaskId, WorkerId};
 use sqlx::PgConnection;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Attempt states after which nothing changes. (`Waiting` — for a mutex — comes before
-/// `Pending`.)
-pub const FINAL_STATES: [&str; 5] = ["Success", "Failed", "TimedOut", "Cancelled", "WorkerLost"];
-/// Final states that count as a failure of the step.
-pub const FAILURE_STATES: [&str; 4] = ["Failed", "TimedOut", "Cancelled", "WorkerLost"];
-
-pub fn is_final(state: &str) -> bool {
-    FINAL_STATES.contains(&state)
-}
+pub use gantry_shared::states::AttemptState;
 
 /// Ask the orchestrator to look at a task again, durably and without locking the task row.
 pub async fn wake(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()> {
@@ -57,7 +50,7 @@ pub struct Locked {
     pub step_name: String,
     pub current_attempt: i32,
     pub retries: i32,
-    pub state: String,
+    pub state: AttemptState,
     pub job_id: Uuid,
     pub worker_id: Option<Uuid>,
     pub lines_stored: i64,
@@ -146,7 +139,7 @@ pub async fn lock_job(
 pub struct LeaseHolder {
     pub step_run_id: Uuid,
     pub attempt: i32,
-    pub state: String,
+    pub state: AttemptState,
     pub worker_id: Option<Uuid>,
     pub mutex: Option<String>,
     pub mutex_token: Option<i64>,
@@ -205,7 +198,7 @@ struct AttemptRow {
     current_attempt: i32,
     retries: i32,
     mutex: Option<String>,
-    state: String,
+    state: AttemptState,
     job_id: Uuid,
     worker_id: Option<Uuid>,
     lines_stored: i64,
@@ -258,28 +251,18 @@ pub async fn conclude(
     locked: &Locked,
     step_run: StepRunId,
     attempt: u32,
-    state: &str,
+    state: AttemptState,
     error: Option<&str>,
     retry_base: Duration,
 ) -> sqlx::Result<()> {
-    debug_assert!(is_final(state));
-    sqlx::query(
-        "UPDATE attempts SET state = $3, error = COALESCE($4, error),
-             finished_at = COALESCE(finished_at, now())
-         WHERE step_run_id = $1 AND attempt = $2",
-    )
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .bind(state)
-    .bind(error)
-    .execute(&mut *conn)
-    .await?;
+    debug_assert!(state.is_final());
+    transitions::end_attempt(conn, step_run, attempt, state, error).await?;
     let task = locked.task();
-    let what = describe(state, locked.exit_code, error.or(locked.error.as_deref()));
+    let what = state.describe(locked.exit_code, error.or(locked.error.as_deref()));
     let is_current = locked.current_attempt == attempt as i32;
     // A cancelled attempt is never retried: a cancel means stop.
-    if state != "Success"
-        && state != "Cancelled"
+    if state != AttemptState::Success
+        && state != AttemptState::Cancelled
         && is_current
         && (attempt as i32) <= locked.retries
     {
@@ -290,15 +273,7 @@ pub async fn conclude(
             locked.retries + 1,
             delay.as_secs_f64()
         );
-        sqlx::query(
-            "UPDATE step_runs SET state = 'Pending', not_before = now() + $2, reason = $3
-             WHERE id = $1",
-        )
-        .bind(step_run.0)
-        .bind(delay)
-        .bind(&reason)
-        .execute(&mut *conn)
-        .await?;
+        transitions::retry_step(conn, step_run, delay, &reason).await?;
         logs::append_system(
             conn,
             task,
@@ -307,17 +282,9 @@ pub async fn conclude(
         )
         .await?;
     } else if is_current {
-        let reason = (state != "Success").then(|| what.clone());
-        sqlx::query(
-            "UPDATE step_runs SET state = $2, reason = $3, waiting_for = NULL, not_before = NULL
-             WHERE id = $1",
-        )
-        .bind(step_run.0)
-        .bind(state)
-        .bind(&reason)
-        .execute(&mut *conn)
-        .await?;
-        if state != "Success" {
+        let reason = (state != AttemptState::Success).then(|| what.clone());
+        transitions::settle_step(conn, step_run, state.step_state(), reason.as_deref()).await?;
+        if state != AttemptState::Success {
             logs::append_system(
                 conn,
                 task,
@@ -330,56 +297,6 @@ pub async fn conclude(
     wake(conn, task).await
 }
 
-/// "failed with exit code 3", "timed out", ...
-pub fn describe(state: &str, exit_code: Option<i32>, error: Option<&str>) -> String {
-    let base = match state {
-        "Success" => "succeeded".to_owned(),
-        "Failed" => match exit_code {
-            Some(code) => format!("failed with exit code {code}"),
-            None => "failed".to_owned(),
-        },
-        "TimedOut" => "timed out".to_owned(),
-        "Cancelled" => "was cancelled".to_owned(),
-        "WorkerLost" => "lost its worker".to_owned(),
-        other => other.to_lowercase(),
-    };
-    match error {
-        Some(e) if !e.is_empty() => format!("{base}: {e}"),
-        _ => base,
-    }
-}
-
-/// After the broker confirmed a job: `Pending` → `Queued`, unless it was claimed (or its job
-/// voided) meanwhile.
-pub async fn mark_queued(
-    conn: &mut PgConnection,
-    step_run: StepRunId,
-    attempt: u32,
-    job: JobId,
-) -> sqlx::Result<bool> {
-    sqlx::query("SELECT 1 FROM step_runs WHERE id = $1 FOR UPDATE")
-        .bind(step_run.0)
-        .execute(&mut *conn)
-        .await?;
-    // The step follows only if the attempt did (the step run's row is locked above, so the
-    // lock order holds).
-    let queued: i64 = sqlx::query_scalar(
-        "WITH a AS (UPDATE attempts SET state = 'Queued', queued_at = now()
-                    WHERE step_run_id = $1 AND attempt = $2 AND job_id = $3 AND state = 'Pending'
-                    RETURNING 1),
-              s AS (UPDATE step_runs SET state = 'Queued'
-                    WHERE id = $1 AND attempt = $2 AND state = 'Pending'
-                      AND EXISTS (SELECT 1 FROM a))
-         SELECT count(*) FROM a",
-    )
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .bind(job.0)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(queued > 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,14 +307,5 @@ mod tests {
         assert_eq!(backoff(b, 1), Duration::from_millis(500));
         assert_eq!(backoff(b, 3), Duration::from_secs(2));
         assert_eq!(backoff(b, 30), Duration::from_secs(60));
-    }
-
-    #[test]
-    fn descriptions() {
-        assert_eq!(describe("Failed", Some(3), None), "failed with exit code 3");
-        assert_eq!(
-            describe("TimedOut", None, Some("after 5s")),
-            "timed out: after 5s"
-        );
     }
 }

@@ -118,7 +118,7 @@ async fn pass(
                 &locked,
                 step_run,
                 attempt_no,
-                "Cancelled",
+                crate::transitions::AttemptState::Cancelled,
                 Some(&why),
                 retry_base,
             )

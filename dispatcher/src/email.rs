@@ -141,7 +141,13 @@ async fn record(
             )
             .await?;
             attempts::conclude(
-                &mut tx, &locked, m.step_run, m.attempt, "Success", None, retry_base,
+                &mut tx,
+                &locked,
+                m.step_run,
+                m.attempt,
+                crate::transitions::AttemptState::Success,
+                None,
+                retry_base,
             )
             .await?;
         }
@@ -151,7 +157,7 @@ async fn record(
                 &locked,
                 m.step_run,
                 m.attempt,
-                "Failed",
+                crate::transitions::AttemptState::Failed,
                 Some(&format!("could not send the e-mail: {e}")),
                 retry_base,
             )

@@ -246,7 +246,7 @@ pub fn spawn_dead_letters(
                             &locked,
                             job.step_run_id,
                             job.attempt,
-                            "Failed",
+                            crate::transitions::AttemptState::Failed,
                             Some(&why),
                             retry_base,
                         )
@@ -488,7 +488,7 @@ async fn lose(
                     &locked,
                     step_run,
                     attempt as u32,
-                    "WorkerLost",
+                    crate::transitions::AttemptState::WorkerLost,
                     Some(&why),
                     retry_base,
                 )

@@ -230,8 +230,12 @@ pub async fn take_for_advance(
 /// For `advance`, with the task's `owner_node` and state read under its row lock: may this
 /// node act on the task? True if it owns it (see [`take_for_advance`]); a task that has ended
 /// needs no owner.
-pub fn owns(node: &Node, owner: Option<Uuid>, task_state: &str) -> bool {
-    crate::store::tasks::is_terminal(task_state) || owner == Some(node.id)
+pub fn owns(
+    node: &Node,
+    owner: Option<Uuid>,
+    task_state: gantry_shared::states::TaskState,
+) -> bool {
+    task_state.is_terminal() || owner == Some(node.id)
 }
 
 async fn log_takeover(

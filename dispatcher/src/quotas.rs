@@ -110,7 +110,7 @@ pub async fn fail_attempt(
         locked,
         step_run,
         attempt,
-        "Failed",
+        crate::transitions::AttemptState::Failed,
         Some(why.as_str()),
         retry_base,
     )

@@ -166,7 +166,7 @@ pub async fn claim(
                     &locked,
                     step_run,
                     attempt as u32,
-                    "Failed",
+                    crate::transitions::AttemptState::Failed,
                     Some(&why),
                     s.retry_base,
                 )
@@ -234,7 +234,7 @@ pub async fn claim(
                     &locked,
                     step_run,
                     attempt as u32,
-                    "Failed",
+                    crate::transitions::AttemptState::Failed,
                     Some(&why),
                     s.retry_base,
                 )
@@ -281,7 +281,7 @@ pub async fn claim(
                         &locked,
                         step_run,
                         attempt as u32,
-                        "Failed",
+                        crate::transitions::AttemptState::Failed,
                         Some(&why),
                         s.retry_base,
                     )

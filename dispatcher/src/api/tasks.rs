@@ -218,7 +218,7 @@ pub async fn cancel(
                 &locked,
                 step_run,
                 attempt,
-                "Cancelled",
+                crate::transitions::AttemptState::Cancelled,
                 Some("cancelled before it started"),
                 s.retry_base,
             )

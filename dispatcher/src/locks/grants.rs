@@ -172,7 +172,7 @@ async fn serve_one(
                 &locked,
                 step_run,
                 attempt,
-                "Failed",
+                crate::transitions::AttemptState::Failed,
                 Some(&why),
                 inner.retry_base,
             )

@@ -86,12 +86,19 @@ impl ResultConsumer {
             let secs = (chrono::Utc::now() - started).num_milliseconds().max(0) as f64 / 1000.0;
             self.metrics.observe_step_duration(secs);
         }
+        // The agent's outcome as stored (`Success`, `Failed`, `TimedOut`, `Cancelled`); anything
+        // else would be no final state, and counts as a failure.
+        let state = outcome
+            .parse::<attempts::AttemptState>()
+            .ok()
+            .filter(|s| s.is_final())
+            .unwrap_or(attempts::AttemptState::Failed);
         attempts::conclude(
             conn,
             locked,
             step_run,
             attempt,
-            outcome,
+            state,
             error,
             self.retry_base,
         )

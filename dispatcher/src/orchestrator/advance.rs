@@ -1,0 +1,151 @@
+//! One advance of a task: load its rows under the task's lock, plan, apply, commit.
+
+use super::plan::{self, StepRow};
+use super::{Inner, Outgoing, apply};
+use crate::nodes;
+use chrono::{DateTime, Utc};
+use gantry_shared::ids::TaskId;
+use gantry_shared::process::StepSpec;
+use gantry_shared::states::{AttemptState, StepState, TaskState};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// A step run as the orchestrator loads it.
+#[derive(sqlx::FromRow, Clone)]
+pub(super) struct StepRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub spec: Json<StepSpec>,
+    pub state: StepState,
+    pub attempt: i32,
+    pub not_before: Option<DateTime<Utc>>,
+    pub pool_id: Option<Uuid>,
+    pub pool_slug: Option<String>,
+    pub pool_name: Option<String>,
+    pub pool_is_default: Option<bool>,
+    pub attempt_state: Option<AttemptState>,
+    pub reason: Option<String>,
+}
+
+impl StepRecord {
+    fn row(&self) -> StepRow {
+        let spec = &self.spec.0;
+        StepRow {
+            name: self.name.clone(),
+            kind: spec.kind,
+            parallel: spec.parallel,
+            condition: spec.condition,
+            has_mutex: spec.mutex.is_some(),
+            state: self.state,
+            attempt: self.attempt.max(0) as u32,
+            attempt_state: self.attempt_state,
+            not_before: self.not_before,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// The columns of [`StepRecord`], for `FROM step_runs s LEFT JOIN pools p`.
+///
+/// The attempt is a correlated lookup, not a join: a prepared statement's generic plan, made
+/// while the tables were small, would otherwise hash-join a sequential scan of every attempt
+/// into each advance, and with a deep backlog that was the dispatcher's main cost.
+pub(super) const STEP_COLUMNS: &str =
+    "s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
+     s.pool_id, p.slug AS pool_slug, p.name AS pool_name, p.is_default AS pool_is_default,
+     (SELECT a.state FROM attempts a
+      WHERE a.step_run_id = s.id AND a.attempt = s.attempt) AS attempt_state";
+
+/// The task being advanced, its row locked.
+pub(super) struct TaskRecord {
+    pub id: TaskId,
+    pub name: String,
+    pub state: TaskState,
+    pub variables: serde_json::Value,
+}
+
+/// name, state, variables, owner node, wake-up bump.
+type TaskRow = (
+    String,
+    TaskState,
+    serde_json::Value,
+    Option<Uuid>,
+    Option<i64>,
+);
+
+/// One decision step for a task (see the module docs). Returns the jobs to publish.
+pub(super) async fn advance(
+    inner: &Arc<Inner>,
+    task: TaskId,
+    if_woken: bool,
+) -> anyhow::Result<Vec<Outgoing>> {
+    if !nodes::take_for_advance(&inner.db, &inner.node, task, if_woken).await? {
+        return Ok(Vec::new());
+    }
+    let mut tx = inner.db.begin().await?;
+    let row: Option<TaskRow> = sqlx::query_as(
+        "SELECT t.name, t.state, t.variables, t.owner_node,
+                    (SELECT bump FROM task_wakeups w WHERE w.task_id = t.id)
+             FROM tasks t WHERE t.id = $1 FOR UPDATE OF t",
+    )
+    .bind(task.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((name, state, variables, owner, bump)) = row else {
+        return Ok(Vec::new());
+    };
+    if !nodes::owns(&inner.node, owner, state) {
+        // Another node's task, or a free one this node had no room to take: its wake-up
+        // stays for the owner.
+        return Ok(Vec::new());
+    }
+    let record = TaskRecord {
+        id: task,
+        name,
+        state,
+        variables,
+    };
+    let mut done = apply::Applied::default();
+    if !state.is_terminal() {
+        done = decide(inner, &mut tx, &record).await?;
+    }
+    if let Some(bump) = bump {
+        sqlx::query("DELETE FROM task_wakeups WHERE task_id = $1 AND bump = $2")
+            .bind(task.0)
+            .bind(bump)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Err(e) = tx.commit().await {
+        for o in &done.outgoing {
+            inner
+                .publishing
+                .lock()
+                .expect("lock")
+                .remove(&(o.job.step_run_id, o.job.attempt));
+        }
+        return Err(e.into());
+    }
+    Ok(done.after_commit(inner))
+}
+
+/// Load the task's step runs, plan and apply, in the caller's transaction (which holds the
+/// task's row lock).
+async fn decide(
+    inner: &Arc<Inner>,
+    tx: &mut PgConnection,
+    task: &TaskRecord,
+) -> anyhow::Result<apply::Applied> {
+    let steps: Vec<StepRecord> = sqlx::query_as(&format!(
+        "SELECT {STEP_COLUMNS} FROM step_runs s LEFT JOIN pools p ON p.id = s.pool_id
+         WHERE s.task_id = $1 ORDER BY s.idx"
+    ))
+    .bind(task.id.0)
+    .fetch_all(&mut *tx)
+    .await?;
+    let rows: Vec<StepRow> = steps.iter().map(StepRecord::row).collect();
+    let decided = plan::plan(task.state, &rows, Utc::now());
+    apply::apply(inner, tx, task, &steps, decided).await
+}

@@ -1,0 +1,273 @@
+//! Jobs out: building them, publishing with confirms, re-publishing unclaimed ones under a
+//! new job id, and cancel messages to agents.
+
+use super::advance::{STEP_COLUMNS, StepRecord, TaskRecord};
+use super::{Inner, Outgoing, dispatch, schedule};
+use crate::transitions;
+use anyhow::Context;
+use gantry_shared::amqp::{PublishError, json_properties};
+use gantry_shared::ids::{JobId, StepRunId, TaskId, WorkerId};
+use gantry_shared::states::TaskState;
+use gantry_shared::topology::Topology;
+use gantry_shared::wire::{Control, Job};
+use sqlx::PgConnection;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Every value a step may reference that may travel in clear (task variables, earlier steps'
+/// outputs, `Gantry.*`), and the names of the sensitive ones, which never do.
+pub(super) async fn visible_values(
+    conn: &mut PgConnection,
+    task: &TaskRecord,
+    step_name: &str,
+    attempt: u32,
+) -> sqlx::Result<(BTreeMap<String, String>, Vec<String>)> {
+    let mut variables: BTreeMap<String, String> = task
+        .variables
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Outputs of earlier steps and the task's sensitive names, in one statement.
+    let rows: Vec<(Option<String>, String, Option<String>, bool)> = sqlx::query_as(
+        "SELECT s.name, o.name, o.value, o.sensitive FROM output_variables o
+         JOIN step_runs s ON s.id = o.step_run_id AND o.attempt = s.attempt
+         WHERE s.task_id = $1
+         UNION ALL
+         SELECT NULL, name, NULL, true FROM task_secrets WHERE task_id = $1",
+    )
+    .bind(task.id.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut secrets: Vec<String> = Vec::new();
+    let mut sensitive_outputs: Vec<String> = Vec::new();
+    for (step, name, value, sensitive) in rows {
+        match step {
+            None => secrets.push(name),
+            Some(step) => {
+                let key = format!("Steps.{step}.Output.{name}");
+                if sensitive {
+                    sensitive_outputs.push(key);
+                } else {
+                    variables.insert(key, value.unwrap_or_default());
+                }
+            }
+        }
+    }
+    secrets.sort();
+    secrets.extend(sensitive_outputs);
+    variables.insert("Gantry.Task.Id".into(), task.id.to_string());
+    variables.insert("Gantry.Task.Name".into(), task.name.clone());
+    variables.insert("Gantry.Step.Name".into(), step_name.to_owned());
+    variables.insert("Gantry.Step.Attempt".into(), attempt.to_string());
+    Ok((variables, secrets))
+}
+
+/// The job for an attempt: the step's script and every non-sensitive value it may reference.
+pub(super) async fn build_job(
+    conn: &mut PgConnection,
+    task: &TaskRecord,
+    step: &StepRecord,
+    attempt: u32,
+    job_id: JobId,
+) -> sqlx::Result<Outgoing> {
+    let spec = &step.spec.0;
+    let (mut variables, sensitive_names) = visible_values(conn, task, &step.name, attempt).await?;
+    if let Some(pool) = &step.pool_name {
+        variables.insert("Gantry.WorkerPool.Name".into(), pool.clone());
+    }
+    let job = Job {
+        job_id,
+        task_id: task.id,
+        task_name: task.name.clone(),
+        step_run_id: StepRunId(step.id),
+        step_name: step.name.clone(),
+        attempt,
+        syntax: spec.syntax,
+        script: spec.script.clone().unwrap_or_default(),
+        variables,
+        sensitive_names,
+        timeout_secs: spec.timeout_secs,
+        cancel_grace_secs: spec.cancel_grace_secs,
+        pool_name: step.pool_name.clone(),
+        exclusive: spec.exclusive,
+        mutex: spec.mutex.clone(),
+        artifacts: spec.artifacts.clone(),
+    };
+    let slug = step.pool_slug.clone();
+    Ok(Outgoing {
+        body: Vec::new(),
+        routing_key: slug
+            .as_deref()
+            .map(Topology::pool_routing_key)
+            .unwrap_or_else(|| Topology::SERVER_ROUTING_KEY.to_owned()),
+        pool_slug: slug,
+        job,
+    })
+}
+
+/// Publish jobs together (their confirms awaited together), then mark the confirmed ones
+/// `Queued` in one transaction.
+pub(super) async fn publish_all(inner: &Arc<Inner>, outgoing: Vec<Outgoing>) {
+    if outgoing.is_empty() {
+        return;
+    }
+    let sent = futures::future::join_all(outgoing.into_iter().map(|o| send(inner, o))).await;
+    let confirmed: Vec<(StepRunId, u32, JobId)> = sent.iter().flatten().copied().collect();
+    if !confirmed.is_empty() {
+        let r = async {
+            let mut tx = inner.db.begin().await?;
+            transitions::queue_many(&mut tx, &confirmed).await?;
+            tx.commit().await
+        }
+        .await;
+        if let Err(e) = r {
+            // The jobs are on their way; the claim accepts Pending too, so this only delays
+            // the Queued mark, which the next claim or sweep supersedes.
+            tracing::warn!(error = %e, "could not mark attempts Queued");
+        }
+    }
+    let mut publishing = inner.publishing.lock().expect("lock");
+    for (step_run, attempt, _) in confirmed {
+        publishing.remove(&(step_run, attempt));
+    }
+}
+
+/// Publish one job and wait for its confirm: `Some` once confirmed. A failure leaves the
+/// attempt `Pending` for the sweep to re-publish (and no longer this node's to publish).
+async fn send(inner: &Arc<Inner>, out: Outgoing) -> Option<(StepRunId, u32, JobId)> {
+    let key = (out.job.step_run_id, out.job.attempt);
+    let exchange = inner.topology.jobs_exchange();
+    let props = json_properties().with_message_id(out.job.job_id.to_string().into());
+    let mut result = inner
+        .publisher
+        .publish(&exchange, &out.routing_key, &out.body, props.clone())
+        .await;
+    if let (Err(PublishError::Returned(_)), Some(slug)) = (&result, &out.pool_slug) {
+        // The pool's queue is missing (deleted by hand, or the pool was created while the
+        // broker was away): declare it and try once more.
+        if let Some(conn) = inner.broker.current()
+            && let Ok(ch) = conn.create_channel().await
+        {
+            let _ = inner.topology.declare_pool(&ch, slug).await;
+            let _ = ch.close(200, "declared".into()).await;
+        }
+        result = inner
+            .publisher
+            .publish(&exchange, &out.routing_key, &out.body, props)
+            .await;
+    }
+    match result {
+        Ok(()) => Some((key.0, key.1, out.job.job_id)),
+        Err(e) => {
+            tracing::warn!(error = %e, step_run = %key.0, attempt = key.1, "publishing a job failed; the sweep will publish it again");
+            inner.publishing.lock().expect("lock").remove(&key);
+            None
+        }
+    }
+}
+
+/// Give an unclaimed attempt a new job id (voiding the old one) and publish it.
+pub(super) async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
+    let key = (step_run, attempt);
+    if !inner.publishing.lock().expect("lock").insert(key) {
+        return;
+    }
+    let built = async {
+        let mut tx = inner.db.begin().await?;
+        let task: Option<(Uuid, String, TaskState, serde_json::Value)> = sqlx::query_as(
+            "SELECT t.id, t.name, t.state, t.variables FROM tasks t
+             JOIN step_runs s ON s.task_id = t.id WHERE s.id = $1",
+        )
+        .bind(step_run.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((task_id, name, state, variables)) = task else {
+            return Ok::<_, anyhow::Error>(None);
+        };
+        let task = TaskRecord {
+            id: TaskId(task_id),
+            name,
+            state,
+            variables,
+        };
+        let step: StepRecord = sqlx::query_as(&format!(
+            "SELECT {STEP_COLUMNS} FROM step_runs s LEFT JOIN pools p ON p.id = s.pool_id
+             WHERE s.id = $1 FOR UPDATE OF s"
+        ))
+        .bind(step_run.0)
+        .fetch_one(&mut *tx)
+        .await
+        .context("loading step for re-publication")?;
+        let job_id = JobId::new();
+        if step.attempt != attempt as i32
+            || !transitions::void(&mut tx, step_run, attempt, job_id).await?
+        {
+            return Ok(None);
+        }
+        let out = dispatch::dispatch_or_wait(inner, &mut tx, &task, &step, attempt, job_id).await?;
+        tx.commit().await?;
+        if out.is_none() {
+            // Waiting for a worker (the sweep looks again), or failed (the task moves on).
+            schedule::kick(inner, task.id);
+        }
+        Ok(out)
+    }
+    .await;
+    match built {
+        Ok(Some(out)) => {
+            tracing::info!(step_run = %step_run, attempt, job_id = %out.job.job_id, "publishing the attempt's job under a new job id (first publication after a mutex grant, or replacing an unclaimed one)");
+            publish_all(inner, vec![out]).await;
+        }
+        Ok(None) => {
+            inner.publishing.lock().expect("lock").remove(&key);
+        }
+        Err(e) => {
+            inner.publishing.lock().expect("lock").remove(&key);
+            tracing::warn!(error = %e, step_run = %step_run, "re-publishing failed; the sweep will retry");
+        }
+    }
+}
+
+/// Ask an agent to stop a running attempt (SIGTERM to its process group, SIGKILL after a
+/// grace).
+pub(super) async fn send_cancel(
+    inner: &Inner,
+    worker: WorkerId,
+    step_run: StepRunId,
+    attempt: u32,
+) {
+    let msg = Control::CancelAttempt {
+        step_run_id: step_run,
+        attempt,
+        reason: "the task was cancelled".into(),
+    };
+    if let Err(e) = inner
+        .publisher
+        .publish(
+            &inner.topology.control_exchange(),
+            &worker.to_string(),
+            &msg.encode(),
+            json_properties(),
+        )
+        .await
+    {
+        tracing::debug!(error = %e, %worker, "cancel not delivered (agent not connected?); will retry");
+    }
+}
+
+/// Give an unclaimed attempt a new job id, voiding the one in circulation (whose message an
+/// agent acked without running it), so the sweep or [`super::Orchestrator::republish`] sends
+/// it out again. The caller holds the step run's row lock.
+pub async fn void_job(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+) -> sqlx::Result<()> {
+    transitions::void(conn, step_run, attempt, JobId::new()).await?;
+    Ok(())
+}
