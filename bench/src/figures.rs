@@ -73,6 +73,8 @@ pub struct ScenarioResult {
     pub series: Vec<(String, Vec<(f64, f64)>)>,
     pub elapsed: Duration,
     pub notes: Vec<String>,
+    /// What each measured window cost per unit of work (commits, statements, CPU).
+    pub costs: Vec<crate::costs::Costs>,
 }
 
 /// The outcome of one scenario: measured, or failed with the reason.

@@ -20,8 +20,11 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub mod costs;
+mod cpu;
 mod figures;
 pub mod measure;
+pub mod meter;
 pub mod plot;
 mod references;
 pub mod report;
@@ -59,7 +62,9 @@ pub struct Counts {
     pub amqp_round_trips: usize,
     pub spawns: usize,
     pub throughput_tasks: usize,
-    pub dispatch_rate: u32,
+    /// Tasks of the dispatch scenario's first phase, which measures the maximum rate.
+    pub dispatch_max_tasks: usize,
+    /// How long the dispatch scenario submits at half that rate.
     pub dispatch_secs: u32,
     pub sequential_steps: usize,
     pub lines: usize,
@@ -78,7 +83,7 @@ impl Counts {
             amqp_round_trips: s(5_000),
             spawns: s(4_000),
             throughput_tasks: s(20_000),
-            dispatch_rate: 100,
+            dispatch_max_tasks: s(4_000),
             dispatch_secs: (60.0 * scale).round().max(2.0) as u32,
             sequential_steps: 50,
             lines: s(1_000_000),
@@ -95,7 +100,7 @@ impl Counts {
             amqp_round_trips: 50,
             spawns: 40,
             throughput_tasks: 24,
-            dispatch_rate: 20,
+            dispatch_max_tasks: 24,
             dispatch_secs: 1,
             sequential_steps: 5,
             lines: 5_000,
@@ -135,9 +140,15 @@ impl Opts {
         self.root.join("docs").join("bench")
     }
 
-    /// A scenario's time limit: generous, but finite.
+    /// How long PostgreSQL may take to publish a backend's counters: an idle backend's wait
+    /// up to 10 s. The quick mode waits less and may miss a few transactions.
+    pub fn settle(&self) -> Duration {
+        Duration::from_secs(if self.quick { 2 } else { 11 })
+    }
+
+    /// A scenario's time limit: generous, but finite (a measured window's settles included).
     fn limit(&self, work: Duration) -> Duration {
-        Duration::from_secs(if self.quick { 60 } else { 120 }) + work
+        Duration::from_secs(if self.quick { 60 } else { 120 }) + self.settle() * 4 + work
     }
 }
 
@@ -167,7 +178,10 @@ pub async fn run(names: &[&str], opts: &Opts) -> Vec<Outcome> {
                 r.elapsed = started.elapsed();
                 eprintln!("gantry-bench: {name} done in {:.1?}", r.elapsed);
                 for f in &r.figures {
-                    eprintln!("    {} = {:.3} {}", f.name, f.value, f.unit);
+                    eprintln!("    {}", report::figure_line(f));
+                }
+                for c in &r.costs {
+                    eprintln!("    {}", report::costs_line(c));
                 }
                 Ok(r)
             }
@@ -213,7 +227,10 @@ async fn run_one(name: &str, opts: &Opts, refs: &mut References) -> Result<Scena
             )
         }
         "dispatch" => (
-            opts.limit(Duration::from_secs(c.dispatch_secs as u64 * 4)),
+            opts.limit(
+                Duration::from_millis(c.dispatch_max_tasks as u64 * 100)
+                    + Duration::from_secs(c.dispatch_secs as u64 * 4),
+            ),
             Box::pin(dispatch(opts)),
         ),
         "sequential" => (

@@ -4,7 +4,6 @@ use crate::SLOTS;
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use gantry_tests::{AgentOpts, Stack};
-use sqlx::PgPool;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -97,33 +96,91 @@ pub(crate) async fn post_task(
     Ok((created.id.0, latency))
 }
 
-/// Submit `n` copies of `body` from `clients` concurrent clients; every latency, in order
-/// of completion, with the number of tasks already accepted when it completed.
+/// Submit `n` copies of `body` from `clients` concurrent clients (closed loop); each task's
+/// id and its POST's latency, in order of completion.
 pub(crate) async fn submit_many(
     stack: &Stack,
     body: &serde_json::Value,
     n: usize,
     clients: usize,
-) -> Result<Vec<(usize, Duration)>> {
+) -> Result<Vec<(uuid::Uuid, Duration)>> {
     let mut stream = futures::stream::iter(0..n)
         .map(|_| post_task(stack, body))
         .buffer_unordered(clients);
     let mut out = Vec::with_capacity(n);
     while let Some(r) = stream.next().await {
-        let (_, latency) = r?;
-        out.push((out.len() + 1, latency));
+        out.push(r?);
     }
     Ok(out)
 }
 
-/// Wait until every task in the stack's database has ended, then check they all succeeded.
-pub(crate) async fn wait_all_success(db: &PgPool, n: usize, limit: Duration) -> Result<()> {
+/// Submit `n` copies of `body` at `rate` a second on a fixed schedule, whatever the answers
+/// (open loop: a slow answer delays no later submission); each task's id and its POST's
+/// latency, and the seconds from the first submission to the last answer.
+pub(crate) async fn submit_paced(
+    stack: &Stack,
+    body: &serde_json::Value,
+    rate: f64,
+    n: usize,
+) -> Result<(Vec<(uuid::Uuid, Duration)>, f64)> {
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut out = Vec::with_capacity(n);
+    let mut sent = 0;
+    while sent < n {
+        tokio::select! {
+            _ = ticker.tick() => {
+                in_flight.push(post_task(stack, body));
+                sent += 1;
+            }
+            Some(r) = in_flight.next() => out.push(r?),
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        out.push(r?);
+    }
+    Ok((out, started.elapsed().as_secs_f64()))
+}
+
+/// The harness's own connection to the stack's database for the waits inside a measured
+/// window: plain queries (the simple protocol: one statement, one transaction each),
+/// counted, so that the meter can take them out of the stack's counts.
+pub struct Watcher {
+    conn: sqlx::PgConnection,
+    /// Transactions this connection ran in the stack's database.
+    pub transactions: u64,
+}
+
+impl Watcher {
+    pub(crate) async fn connect(stack: &Stack) -> Result<Self> {
+        use sqlx::Connection as _;
+        Ok(Self {
+            conn: sqlx::PgConnection::connect(&stack.db_url).await?,
+            transactions: 0,
+        })
+    }
+
+    /// `SELECT state, count(*) FROM tasks GROUP BY state`.
+    async fn task_states(&mut self) -> Result<Vec<(String, i64)>> {
+        use sqlx::Row as _;
+        let rows = sqlx::raw_sql("SELECT state, count(*) FROM tasks GROUP BY state")
+            .fetch_all(&mut self.conn)
+            .await?;
+        self.transactions += 1;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+}
+
+/// Wait until `n` tasks are in the stack's database and all have ended, then check they all
+/// succeeded.
+pub(crate) async fn wait_all_success(watch: &mut Watcher, n: usize, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
-                .fetch_all(db)
-                .await?;
+        let rows = watch.task_states().await?;
         let total: i64 = rows.iter().map(|r| r.1).sum();
         let ended: i64 = rows
             .iter()
@@ -138,7 +195,7 @@ pub(crate) async fn wait_all_success(db: &PgPool, n: usize, limit: Duration) -> 
                      LEFT JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
                      WHERE s.state NOT IN ('Success', 'Skipped') LIMIT 3",
                 )
-                .fetch_all(db)
+                .fetch_all(&mut watch.conn)
                 .await?;
                 bail!("LOST WORK: {success}/{n} tasks Success; states: {rows:?}; {why:?}");
             }

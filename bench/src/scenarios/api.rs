@@ -1,33 +1,39 @@
 //! `POST /api/tasks` latency from concurrent clients.
 
-use crate::measure::*;
-use crate::stack::*;
+use super::throughput::post_ms;
+use crate::measure::{percentile, write_csv};
+use crate::meter::Meter;
+use crate::stack::{Watcher, stack_with_agents, submit_many, true_process, wait_all_success};
 use crate::{AGENTS, CLIENTS, Figure, Opts, ScenarioResult};
 use anyhow::Result;
 use std::time::Duration;
 
-/// API `POST /api/tasks` latency from 20 concurrent clients.
+/// API `POST /api/tasks` latency from 20 concurrent clients; the CPU while they were
+/// answered, and what each task cost until all of them ran.
 pub(crate) async fn api(opts: &Opts) -> Result<ScenarioResult> {
     let (n, steps) = (opts.counts.api_tasks, opts.counts.api_steps);
     let stack = stack_with_agents(AGENTS, &[]).await?;
-    let db = stack.db().await;
+    let mut watch = Watcher::connect(&stack).await?;
+    let meter = Meter::new(&stack, opts).await?;
     let body = true_process("bench-api", steps, None)?;
-    let usage = Usage::sample(&stack, &db).await?;
+    let window = meter.start(&stack, &watch).await?;
+    let before = meter.cpu_mark(&stack, &watch).await?;
     let samples = submit_many(&stack, &body, n, CLIENTS).await?;
-    let profile = format!(
+    let posts = format!(
         "While the {n} POSTs were answered: {}",
-        usage.note(&Usage::sample(&stack, &db).await?, n, "POST")
+        before.note(&meter.cpu_mark(&stack, &watch).await?, n, "POST")
     );
-    wait_all_success(
-        &db,
-        n,
-        opts.limit(Duration::from_millis((n * steps) as u64 * 200)),
-    )
-    .await?;
-    let ms: Vec<f64> = samples.iter().map(|s| s.1.as_secs_f64() * 1000.0).collect();
-    let rows: Vec<String> = samples
+    let limit = opts.limit(Duration::from_millis((n * steps) as u64 * 200));
+    wait_all_success(&mut watch, n, limit).await?;
+    let label = format!("tasks of {steps} steps from {CLIENTS} clients, submitted and run");
+    let costs = meter
+        .finish(&stack, &watch, window, &label, n, "task")
+        .await?;
+    let ms = post_ms(&samples);
+    let rows: Vec<String> = ms
         .iter()
-        .map(|(k, d)| format!("{k},{:.3}", d.as_secs_f64() * 1000.0))
+        .enumerate()
+        .map(|(i, ms)| format!("{},{ms:.3}", i + 1))
         .collect();
     Ok(ScenarioResult {
         name: "api".into(),
@@ -44,12 +50,13 @@ pub(crate) async fn api(opts: &Opts) -> Result<ScenarioResult> {
         samples: Some(write_csv(opts, "api.csv", "accepted,latency_ms", &rows)?),
         series: vec![(
             "POST /api/tasks latency (ms) vs tasks accepted".into(),
-            samples
-                .iter()
-                .map(|(k, d)| (*k as f64, d.as_secs_f64() * 1000.0))
+            ms.iter()
+                .enumerate()
+                .map(|(i, ms)| ((i + 1) as f64, *ms))
                 .collect(),
         )],
-        notes: vec![profile],
+        notes: vec![posts, costs.note()],
+        costs: vec![costs],
         ..Default::default()
     })
 }

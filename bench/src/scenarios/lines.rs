@@ -1,7 +1,8 @@
 //! Log lines: persisted per second against direct `COPY`, and peak RSS meanwhile.
 
-use crate::measure::*;
-use crate::stack::*;
+use crate::measure::{mib, proc_kib};
+use crate::meter::Meter;
+use crate::stack::{Watcher, dispatcher_pid, post_task, stack_with_agents, wait_all_success};
 use crate::{AGENTS, Figure, Opts, ScenarioResult};
 use anyhow::{Context, Result, ensure};
 use std::time::Duration;
@@ -25,10 +26,15 @@ awk 'BEGIN {{ p = sprintf("%71s", ""); gsub(/ /, "x", p); for (i = 0; i < {n}; i
     );
     let body =
         gantry_tests::gantry_dispatcher::cli::process_json(&toml).map_err(anyhow::Error::msg)?;
-    let usage = Usage::sample(&stack, &db).await?;
+    let mut watch = Watcher::connect(&stack).await?;
+    let meter = Meter::new(&stack, opts).await?;
+    let window = meter.start(&stack, &watch).await?;
     let (task, _) = post_task(&stack, &body).await?;
-    wait_all_success(&db, 1, opts.limit(Duration::from_millis(n as u64))).await?;
-    let profile = usage.note(&Usage::sample(&stack, &db).await?, n, "line");
+    wait_all_success(&mut watch, 1, opts.limit(Duration::from_millis(n as u64))).await?;
+    let label = "lines of one step";
+    let costs = meter
+        .finish(&stack, &watch, window, label, n, "line")
+        .await?;
     // From submission to the task's Success, which needs every line stored (the attempt's
     // own finished_at is the script's end, on the agent's clock, before the lines are in).
     let secs: f64 = sqlx::query_scalar(
@@ -86,8 +92,9 @@ awk 'BEGIN {{ p = sprintf("%71s", ""); gsub(/ /, "x", p); for (i = 0; i < {n}; i
         notes: vec![
             "Peak RSS counts the dispatcher and both agent processes, not the step's guard or awk."
                 .into(),
-            profile,
+            costs.note(),
         ],
+        costs: vec![costs],
         ..Default::default()
     })
 }

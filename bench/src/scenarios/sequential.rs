@@ -1,7 +1,8 @@
 //! Sequential steps in one task: the gap between one step's end and the next's start.
 
-use crate::measure::*;
-use crate::stack::*;
+use crate::measure::{percentile, write_csv};
+use crate::meter::Meter;
+use crate::stack::{Watcher, post_task, stack_with_agents, true_process, wait_all_success};
 use crate::{AGENTS, Figure, Opts, ScenarioResult};
 use anyhow::{Result, ensure};
 use std::time::Duration;
@@ -11,9 +12,17 @@ pub(crate) async fn sequential(opts: &Opts) -> Result<ScenarioResult> {
     let steps = opts.counts.sequential_steps;
     let stack = stack_with_agents(AGENTS, &[]).await?;
     let db = stack.db().await;
+    let mut watch = Watcher::connect(&stack).await?;
+    let meter = Meter::new(&stack, opts).await?;
     let body = true_process("bench-sequential", steps, None)?;
+    let window = meter.start(&stack, &watch).await?;
     post_task(&stack, &body).await?;
-    wait_all_success(&db, 1, opts.limit(Duration::from_secs(steps as u64))).await?;
+    let limit = opts.limit(Duration::from_secs(steps as u64));
+    wait_all_success(&mut watch, 1, limit).await?;
+    let label = "steps of one sequential task";
+    let costs = meter
+        .finish(&stack, &watch, window, label, steps, "step")
+        .await?;
     type At = chrono::DateTime<chrono::Utc>;
     // started_at and finished_at are the agent's clock; created_at (the advance's
     // transaction) and queued_at (the confirm's) are PostgreSQL's, on the same machine.
@@ -81,6 +90,8 @@ pub(crate) async fn sequential(opts: &Opts) -> Result<ScenarioResult> {
         ],
         checked: format!("{steps}/{steps} steps Success, in order"),
         samples: Some(write_csv(opts, "sequential.csv", "step,gap_ms", &rows)?),
+        notes: vec![costs.note()],
+        costs: vec![costs],
         ..Default::default()
     })
 }
