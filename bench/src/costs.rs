@@ -68,7 +68,7 @@ pub struct Costs {
     /// `pg_stat_statements` calls (BEGIN and COMMIT included), where it is loaded.
     pub statements: Option<f64>,
     /// The idle stack's commits per second, measured before the window.
-    pub background_commits_per_sec: f64,
+    pub background_commits_per_sec: Option<f64>,
     /// PostgreSQL WAL written, cluster-wide.
     pub wal_bytes: f64,
     /// CPU seconds by group, as [`CPU_GROUPS`].
@@ -107,8 +107,9 @@ impl Costs {
     }
 
     /// The commits of the run that the idle stack would have made anyway, per unit.
-    pub fn background_per_unit(&self) -> f64 {
-        self.per(self.background_commits_per_sec * self.secs)
+    pub fn background_per_unit(&self) -> Option<f64> {
+        self.background_commits_per_sec
+            .map(|b| self.per(b * self.secs))
     }
 
     /// Figures for the report's table: commits per `what` (with its target, if any), and
@@ -133,14 +134,19 @@ impl Costs {
     /// One sentence for the report: where the counts come from, and the background in them.
     pub fn note(&self) -> String {
         let u = &self.unit;
+        let background = match (self.background_per_unit(), self.background_commits_per_sec) {
+            (Some(per), Some(rate)) => format!(
+                "{} would have happened on the idle stack anyway ({rate:.1} commits/s of sweeps, heartbeats and leases)",
+                num(per)
+            ),
+            _ => "the idle stack's background is not measured (quick mode: rough counts)".into(),
+        };
         format!(
-            "Costs of the {} ({} {u}s over {:.1} s; per {u} in the cost table): of the {} commits per {u}, {} would have happened on the idle stack anyway ({:.1} commits/s of sweeps, heartbeats and leases); {:.0} rollbacks; {} bytes of WAL per {u} (cluster-wide); the harness's own {} queries of the stack's database are taken out.",
+            "Costs of the {} ({} {u}s over {:.1} s; per {u} in the cost table): of the {} commits per {u}, {background}; {:.0} rollbacks; {} bytes of WAL per {u} (cluster-wide); the harness's own {} queries of the stack's database are taken out.",
             self.label,
             self.units,
             self.secs,
             num(self.commits_per_unit()),
-            num(self.background_per_unit()),
-            self.background_commits_per_sec,
             self.db.rollbacks,
             num(self.per(self.wal_bytes)),
             self.polls,

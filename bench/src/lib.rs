@@ -177,6 +177,7 @@ pub async fn run(names: &[&str], opts: &Opts) -> Vec<Outcome> {
             Ok(mut r) => {
                 r.elapsed = started.elapsed();
                 eprintln!("gantry-bench: {name} done in {:.1?}", r.elapsed);
+                eprintln!("    checked: {}", r.checked);
                 for f in &r.figures {
                     eprintln!("    {}", report::figure_line(f));
                 }

@@ -5,7 +5,9 @@
 //! most once a second; an idle backend's last counts can wait up to 10 s. So a window starts
 //! after the stack has been idle for [`Opts::settle`] (the stack's start-up is published by
 //! then), measures the idle background over a second settle, and its counters are read a
-//! settle after the work ended, less that background over the settle. CPU is read at the
+//! settle after the work ended, less that background over the settle. In quick mode the
+//! settles are short and the background is neither measured nor taken out: its counts are
+//! rough (and higher). CPU is read at the
 //! window's edges themselves. Every read goes through a connection to the `postgres`
 //! database, so none counts in the stack's; the harness's own polls of the stack's database
 //! (one transaction each, [`Watcher`]) are subtracted.
@@ -37,8 +39,9 @@ struct Reading {
 pub struct Window {
     start: Reading,
     db: DbCounters,
-    /// The idle stack's counts per second (sweeps, heartbeats, leases).
-    background: DbCounters,
+    /// The idle stack's counts per second (sweeps, heartbeats, leases); not measured in
+    /// quick mode.
+    background: Option<DbCounters>,
 }
 
 /// Reads the counters of one stack's database and the CPU of its processes.
@@ -49,6 +52,9 @@ pub struct Meter {
     /// Why statements are not counted, if they are not.
     pub statements_missing: Option<String>,
     settle: Duration,
+    /// Whether to measure the idle background (not in quick mode: a 2 s settle is shorter
+    /// than PostgreSQL's delay, so the estimate would be mostly noise).
+    background: bool,
 }
 
 impl Meter {
@@ -70,6 +76,7 @@ impl Meter {
             db_oid,
             statements_missing,
             settle: opts.settle(),
+            background: !opts.quick,
         })
     }
 
@@ -157,14 +164,16 @@ impl Meter {
     /// background over one settle, then read the start.
     pub async fn start(&self, stack: &Stack, watch: &Watcher) -> Result<Window> {
         tokio::time::sleep(self.settle).await;
-        let idle_db = self.db_counters().await?;
-        let idle_at = Instant::now();
-        tokio::time::sleep(self.settle).await;
+        let mut idle = None;
+        if self.background {
+            idle = Some((self.db_counters().await?, Instant::now()));
+            tokio::time::sleep(self.settle).await;
+        }
         let start = self.read(stack, watch).await?;
         let db = self.db_counters().await?;
-        let idle_secs = idle_at.elapsed().as_secs_f64();
+        let background = idle.map(|(c, at)| db.minus(c).scaled(1.0 / at.elapsed().as_secs_f64()));
         Ok(Window {
-            background: db.minus(idle_db).scaled(1.0 / idle_secs),
+            background,
             start,
             db,
         })
@@ -186,11 +195,10 @@ impl Meter {
         let settled_for = end.at.elapsed().as_secs_f64();
         let polls = end.polls - w.start.polls;
         // The counters read a settle late hold the idle background of that settle too.
-        let mut db = self
-            .db_counters()
-            .await?
-            .minus(w.db)
-            .minus(w.background.scaled(settled_for));
+        let mut db = self.db_counters().await?.minus(w.db);
+        if let Some(b) = w.background {
+            db = db.minus(b.scaled(settled_for));
+        }
         db.commits -= polls as f64;
         // pg_stat_statements has no delay: its end is the window's end.
         let statements = end
@@ -221,7 +229,7 @@ impl Meter {
             secs,
             db,
             statements,
-            background_commits_per_sec: w.background.commits,
+            background_commits_per_sec: w.background.map(|b| b.commits),
             wal_bytes: end.wal - w.start.wal,
             cpu,
             machine_total: end.machine.1 - w.start.machine.1,

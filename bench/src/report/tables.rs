@@ -55,7 +55,7 @@ pub(super) fn costs_section(s: &mut String, outcomes: &[Outcome]) {
         "Per unit of work, over each scenario's measured window. **Commits** and **rows** are \
          `pg_stat_database`'s for the stack's own database (the harness's own queries taken \
          out; read once PostgreSQL has published every backend's counts, which can take 10 s, \
-         less the idle stack's background over that wait). **Statements** are \
+         less the idle stack's background over that wait, except in quick mode). **Statements** are \
          `pg_stat_statements` calls in that database, BEGIN and COMMIT included. **CPU** is \
          utime + stime from `/proc/<pid>/stat`: the dispatcher process, the agent processes, \
          the **steps** (every process below an agent or a dispatcher: guards and scripts, \
@@ -150,7 +150,7 @@ pub(super) fn costs_csv(outcomes: &[Outcome]) -> String {
             let p = |x: f64| format!("{:.6}", c.per_unit(x));
             let _ = write!(
                 s,
-                "{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{:.3}",
+                "{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{}",
                 o.name,
                 csv(&c.label),
                 c.unit,
@@ -165,7 +165,8 @@ pub(super) fn costs_csv(outcomes: &[Outcome]) -> String {
                 p(c.db.rows_deleted),
                 p(c.db.rows_fetched),
                 p(c.wal_bytes),
-                c.background_commits_per_sec,
+                c.background_commits_per_sec
+                    .map_or(String::new(), |b| format!("{b:.3}")),
             );
             for g in CPU_GROUPS {
                 let _ = write!(

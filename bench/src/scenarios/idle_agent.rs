@@ -1,7 +1,7 @@
 //! Memory of idle agents, one and many.
 
-use crate::measure::*;
-use crate::stack::*;
+use crate::measure::{mib, proc_kib, rollup_kib};
+use crate::stack::{dispatcher_pid, stack_with_agents};
 use crate::{Figure, Opts, SLOTS, ScenarioResult};
 use anyhow::{Context, Result, ensure};
 use gantry_tests::{AgentOpts, Stack};

@@ -1,7 +1,7 @@
 //! Dispatcher memory with many queued steps and no agent.
 
-use crate::measure::*;
-use crate::stack::*;
+use crate::measure::{mib, proc_kib, write_csv};
+use crate::stack::{dispatcher_pid, stack_with, submit_many, true_process};
 use crate::{CLIENTS, Figure, Opts, ScenarioResult};
 use anyhow::{Result, bail};
 use std::time::{Duration, Instant};
