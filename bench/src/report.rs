@@ -1,9 +1,14 @@
 //! `docs/BENCHMARKS.md`: the machine, every figure with its reference, ratio and target, and
 //! the command that runs each scenario alone.
 
-use crate::{Opts, Outcome};
+use crate::{Figure, Opts, Outcome};
 use anyhow::Result;
 use std::fmt::Write as _;
+
+mod tables;
+
+pub use tables::costs_line;
+use tables::{costs_csv, costs_section, figures_csv};
 
 /// The first line of a command's output, or why there is none.
 fn version(cmd: &str, args: &[&str]) -> String {
@@ -50,6 +55,8 @@ fn cpu_model() -> String {
 pub fn num(v: f64) -> String {
     if !v.is_finite() {
         "n/a".into()
+    } else if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.1e}")
     } else if v.abs() >= 1000.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -57,6 +64,24 @@ pub fn num(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+/// A figure as `gantry-bench` prints it: the value, then its target and whether it is met.
+pub fn figure_line(f: &Figure) -> String {
+    let mut line = format!("{} = {} {}", f.name, num(f.value), f.unit);
+    if let Some(ratio) = f.ratio() {
+        let _ = write!(
+            line,
+            " ({:.0} % of {})",
+            ratio * 100.0,
+            f.reference.as_ref().map_or("", |r| r.0.as_str())
+        );
+    }
+    if let Some(met) = f.met {
+        let verdict = if met { "met" } else { "NOT MET" };
+        let _ = write!(line, "  [target {}: {verdict}]", f.target);
+    }
+    line
 }
 
 /// The Markdown document. `analysis` is appended as written (what bounds each missed target).
@@ -149,6 +174,7 @@ pub fn markdown(outcomes: &[Outcome], opts: &Opts, plot: Option<&str>, analysis:
             }
         }
     }
+    costs_section(&mut s, outcomes);
     let _ = writeln!(s, "\n## What each scenario checked\n");
     for o in outcomes {
         match &o.result {
@@ -216,5 +242,10 @@ pub fn write(outcomes: &[Outcome], opts: &Opts) -> Result<()> {
         std::fs::read_to_string(opts.samples_dir().join("analysis.md")).unwrap_or_default();
     let doc = markdown(outcomes, opts, plot, &analysis);
     std::fs::write(opts.root.join("docs").join("BENCHMARKS.md"), doc)?;
+    std::fs::write(
+        opts.samples_dir().join("figures.csv"),
+        figures_csv(outcomes),
+    )?;
+    std::fs::write(opts.samples_dir().join("costs.csv"), costs_csv(outcomes))?;
     Ok(())
 }

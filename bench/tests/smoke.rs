@@ -1,7 +1,11 @@
 //! The harness's smoke mode: every scenario at small counts, against the local services,
-//! completes with nothing lost. No timing is asserted.
+//! completes with nothing lost, and reports what its work cost. No timing is asserted.
 
+use gantry_bench::costs::CPU_GROUPS;
 use gantry_bench::{Opts, SCENARIOS, run};
+
+/// The scenarios that measure what a unit of work costs.
+const COSTED: &[&str] = &["throughput", "dispatch", "sequential", "lines", "api"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_quick_mode_completes_every_scenario_with_nothing_lost() {
@@ -29,7 +33,47 @@ async fn bench_quick_mode_completes_every_scenario_with_nothing_lost() {
             o.name,
             r.figures
         );
+        // The counters are there and sane: every costed scenario committed something in its
+        // own database, and its CPU figures are numbers, none negative where they only grow.
+        assert_eq!(
+            !r.costs.is_empty(),
+            COSTED.contains(&o.name.as_str()),
+            "{}: costs {:?}",
+            o.name,
+            r.costs
+        );
+        for c in &r.costs {
+            let commits = c.commits_per_unit();
+            assert!(commits.is_finite() && commits > 0.0, "{}: {c:?}", o.name);
+            match c.statements_per_unit() {
+                Some(s) => assert!(s.is_finite() && s > 0.0, "{}: {c:?}", o.name),
+                None => assert!(c.statements_missing.is_some(), "{}: {c:?}", o.name),
+            }
+            for g in CPU_GROUPS {
+                let ms = c.cpu_ms_per_unit(g).unwrap();
+                assert!(ms.is_finite(), "{}: CPU of {g}: {c:?}", o.name);
+            }
+            for g in ["dispatcher", "agents", "machine busy"] {
+                assert!(
+                    c.cpu_ms_per_unit(g).unwrap() > 0.0,
+                    "{}: CPU of {g}: {c:?}",
+                    o.name
+                );
+            }
+        }
     }
+    let throughput = outcomes[SCENARIOS.iter().position(|n| *n == "throughput").unwrap()]
+        .result
+        .as_ref()
+        .unwrap();
+    assert!(
+        throughput
+            .figures
+            .iter()
+            .any(|f| f.name.starts_with("commits per one-step task") && f.met.is_some()),
+        "{:?}",
+        throughput.figures
+    );
     let doc = std::fs::read_to_string(root.path().join("docs/BENCHMARKS.md")).unwrap();
     for name in SCENARIOS {
         assert!(
@@ -38,5 +82,10 @@ async fn bench_quick_mode_completes_every_scenario_with_nothing_lost() {
         );
     }
     assert!(!doc.contains("FAILED"));
+    assert!(doc.contains("## What each unit of work cost"));
     assert!(root.path().join("docs/bench/latency-rss.svg").exists());
+    let costs = std::fs::read_to_string(root.path().join("docs/bench/costs.csv")).unwrap();
+    assert_eq!(costs.lines().count(), 1 + COSTED.len(), "{costs}");
+    let figures = std::fs::read_to_string(root.path().join("docs/bench/figures.csv")).unwrap();
+    assert!(figures.lines().count() > SCENARIOS.len(), "{figures}");
 }

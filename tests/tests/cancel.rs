@@ -1,15 +1,8 @@
 //! Cancelling a task: nothing not yet started ever starts, running process trees are killed
 //! within seconds, and mutexes are handed on at once.
 
-use gantry_tests::{API_KEY, AgentOpts, Stack, bin, eventually};
+use gantry_tests::{API_KEY, AgentOpts, Stack, bin, eventually, process_running};
 use std::time::{Duration, Instant};
-
-fn alive(pid: i32) -> bool {
-    // A zombie has exited; only a process that still runs counts.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.split_whitespace().nth(2).is_none_or(|state| state != "Z"))
-        .unwrap_or(false)
-}
 
 #[tokio::test]
 async fn cancelling_stops_the_whole_process_tree_and_hands_the_mutex_on() {
@@ -55,7 +48,7 @@ async fn cancelling_stops_the_whole_process_tree_and_hands_the_mutex_on() {
     })
     .await
     .unwrap();
-    assert!(pid_list.iter().all(|p| alive(*p)));
+    assert!(pid_list.iter().all(|p| process_running(*p)));
 
     // Act
     let cancelled_at = Instant::now();
@@ -82,7 +75,7 @@ async fn cancelling_stops_the_whole_process_tree_and_hands_the_mutex_on() {
     eventually(
         Duration::from_secs(5),
         "script and grandchild gone",
-        || async { pid_list.iter().all(|p| !alive(*p)).then_some(()) },
+        || async { pid_list.iter().all(|p| !process_running(*p)).then_some(()) },
     )
     .await
     .unwrap();
@@ -175,20 +168,7 @@ async fn steps_not_yet_started_never_start_even_with_their_job_in_a_queue() {
     stack.start_agent(idx).await.unwrap();
     let queue = stack.topology().pool_queue("later");
     eventually(Duration::from_secs(20), "queued job consumed", || async {
-        let conn = stack.amqp().await;
-        let ch = conn.create_channel().await.ok()?;
-        let q = ch
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        (q.message_count() == 0).then_some(())
+        (stack.queue_depth(&queue).await.ok()? == 0).then_some(())
     })
     .await
     .unwrap();

@@ -1,18 +1,14 @@
 //! Every number in a request has a range: a huge, zero or negative one is a 400 naming the
 //! field, and the dispatcher goes on serving (no program panics on it).
 
-use gantry_tests::{API_KEY, Stack};
+use gantry_tests::{API_KEY, Stack, script_step};
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::time::Duration;
 
 /// A one-step process whose step carries `extra` besides a name and a script.
 fn process(extra: Value) -> Value {
-    let mut s = json!({ "name": "s", "script": "echo ranged" });
-    for (k, v) in extra.as_object().unwrap() {
-        s[k] = v.clone();
-    }
-    json!({ "name": "p", "steps": [s] })
+    json!({ "name": "p", "steps": [script_step("echo ranged", extra)] })
 }
 
 /// The raw JSON text of a one-step process, for numbers serde_json cannot hold.
@@ -21,21 +17,12 @@ fn raw_process(extra: &str) -> String {
 }
 
 async fn send_raw(stack: &Stack, method: Method, path: &str, body: &str) -> (u16, Value) {
-    let resp = stack
-        .http
-        .request(method, format!("{}{path}", stack.url))
-        .header("X-Gantry-ApiKey", API_KEY)
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
+    let json = [("content-type", "application/json")];
+    let (status, _, answer) = stack
+        .send_bytes(method, path, &json, body.into())
         .await
         .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    (status, answer)
 }
 
 fn field(body: &Value) -> Option<&str> {
@@ -208,14 +195,7 @@ async fn worker_settings_and_paging_numbers_are_a_400_naming_the_field() {
     ];
 
     // Act
-    let mut answers = Vec::new();
-    for (method, path, body, want) in &json_cases {
-        let (status, answer) = stack
-            .request(method.clone(), path, Some(API_KEY), Some(body.clone()))
-            .await
-            .unwrap();
-        answers.push((format!("{method} {path} {body}"), *want, status, answer));
-    }
+    let mut answers = stack.send_cases(&json_cases).await.unwrap();
     for limit in ["0", "1001", "-1", "99999999999999999999999", "ten"] {
         let (status, answer) = stack
             .request(

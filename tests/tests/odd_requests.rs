@@ -2,17 +2,9 @@
 //! 500), and every error, a 413, a bad path, a 404, a 405 or bad JSON, is a JSON
 //! `{"error", "field"}` body.
 
-use gantry_tests::{API_KEY, Stack};
+use gantry_tests::{API_KEY, Stack, script_step};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-fn script_step(extra: Value) -> Value {
-    let mut s = json!({ "name": "s", "script": "echo hi" });
-    for (k, v) in extra.as_object().unwrap() {
-        s[k] = v.clone();
-    }
-    s
-}
 
 /// Send `body` as it is, with an API key, and read the answer as JSON if it is JSON.
 async fn send(
@@ -22,26 +14,7 @@ async fn send(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> (u16, Option<String>, Value) {
-    let mut req = stack
-        .http
-        .request(method, format!("{}{path}", stack.url))
-        .header("X-Gantry-ApiKey", API_KEY);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.body(body).send().await.unwrap();
-    let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        content_type,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    stack.send_bytes(method, path, headers, body).await.unwrap()
 }
 
 #[tokio::test]
@@ -65,32 +38,41 @@ async fn a_nul_in_any_string_field_is_a_400_naming_the_field() {
         (
             Method::POST,
             "/api/tasks".into(),
-            json!({ "name": nul, "steps": [script_step(json!({}))] }),
+            json!({ "name": nul, "steps": [script_step("echo hi", json!({}))] }),
             "name",
         ),
         (
             Method::POST,
             "/api/tasks".into(),
-            task(vec![script_step(json!({ "script": nul }))], json!({})),
+            task(
+                vec![script_step("echo hi", json!({ "script": nul }))],
+                json!({}),
+            ),
             "steps[0].script",
         ),
         (
             Method::POST,
             "/api/tasks".into(),
-            task(vec![script_step(json!({ "name": nul }))], json!({})),
+            task(
+                vec![script_step("echo hi", json!({ "name": nul }))],
+                json!({}),
+            ),
             "steps[0].name",
         ),
         (
             Method::POST,
             "/api/tasks".into(),
-            task(vec![script_step(json!({}))], json!({ "Plain": nul })),
+            task(
+                vec![script_step("echo hi", json!({}))],
+                json!({ "Plain": nul }),
+            ),
             "variables.Plain",
         ),
         (
             Method::POST,
             "/api/tasks".into(),
             task(
-                vec![script_step(json!({}))],
+                vec![script_step("echo hi", json!({}))],
                 json!({ "Pw": { "value": format!("long-{nul}"), "sensitive": true } }),
             ),
             "variables.Pw.value",
@@ -98,14 +80,17 @@ async fn a_nul_in_any_string_field_is_a_400_naming_the_field() {
         (
             Method::POST,
             "/api/tasks".into(),
-            task(vec![script_step(json!({}))], json!({ nul: "v" })),
+            task(vec![script_step("echo hi", json!({}))], json!({ nul: "v" })),
             "variables.a\\u0000b",
         ),
         (
             Method::POST,
             "/api/tasks".into(),
             task(
-                vec![script_step(json!({ "artifacts": ["ok/*", nul] }))],
+                vec![script_step(
+                    "echo hi",
+                    json!({ "artifacts": ["ok/*", nul] }),
+                )],
                 json!({}),
             ),
             "steps[0].artifacts[1]",
@@ -113,13 +98,19 @@ async fn a_nul_in_any_string_field_is_a_400_naming_the_field() {
         (
             Method::POST,
             "/api/tasks".into(),
-            task(vec![script_step(json!({ "pool": nul }))], json!({})),
+            task(
+                vec![script_step("echo hi", json!({ "pool": nul }))],
+                json!({}),
+            ),
             "steps[0].pool",
         ),
         (
             Method::POST,
             "/api/tasks".into(),
-            task(vec![script_step(json!({ "mutex": nul }))], json!({})),
+            task(
+                vec![script_step("echo hi", json!({ "mutex": nul }))],
+                json!({}),
+            ),
             "steps[0].mutex",
         ),
         (
@@ -176,14 +167,7 @@ async fn a_nul_in_any_string_field_is_a_400_naming_the_field() {
     ];
 
     // Act
-    let mut answers = Vec::new();
-    for (method, path, body, want) in &cases {
-        let (status, answer) = stack
-            .request(method.clone(), path, Some(API_KEY), Some(body.clone()))
-            .await
-            .unwrap();
-        answers.push((format!("{method} {path} {body}"), *want, status, answer));
-    }
+    let mut answers = stack.send_cases(&cases).await.unwrap();
     // A worker's own request: a sensitive output whose name holds a NUL.
     let (status, content_type, answer) = send(
         &stack,

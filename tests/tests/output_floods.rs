@@ -3,23 +3,11 @@
 //! lease; a timeout too large for any clock does not hurt the agent.
 
 use gantry_tests::gantry_shared::api::Task;
-use gantry_tests::{API_KEY, AgentOpts, Stack, eventually};
+use gantry_tests::{API_KEY, AgentOpts, Stack, eventually, process_running};
 use std::time::{Duration, Instant};
 
-fn alive(pid: i32) -> bool {
-    // A zombie has exited; only a process that still runs counts.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.split_whitespace().nth(2).is_none_or(|state| state != "Z"))
-        .unwrap_or(false)
-}
-
 async fn running(stack: &Stack, task: gantry_tests::gantry_shared::ids::TaskId) -> Task {
-    stack
-        .wait_task_until(task, Duration::from_secs(30), |t| {
-            t.steps[0].state == "Running"
-        })
-        .await
-        .unwrap()
+    stack.wait_running(task).await.unwrap()
 }
 
 #[tokio::test]
@@ -160,7 +148,10 @@ async fn a_flooding_mutex_holder_is_killed_within_a_second_of_losing_its_lease()
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(alive(pid), "the flood runs while the lease is renewed");
+    assert!(
+        process_running(pid),
+        "the flood runs while the lease is renewed"
+    );
 
     // Act: the lease disappears from Redis.
     let client = redis::Client::open(gantry_tests::REDIS_URL).unwrap();
@@ -171,7 +162,7 @@ async fn a_flooding_mutex_holder_is_killed_within_a_second_of_losing_its_lease()
         .query_async(&mut c)
         .await
         .unwrap();
-    while alive(pid) && lost_at.elapsed() < Duration::from_secs(10) {
+    while process_running(pid) && lost_at.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let killed_after = lost_at.elapsed();
@@ -243,7 +234,7 @@ async fn a_timeout_too_large_for_any_clock_leaves_the_agent_serving() {
     assert_eq!(after.summary.state, "Success", "{after:?}");
     assert_eq!(after.steps[0].worker.as_deref(), Some("a"));
     assert!(
-        stack.agent(agent).pid().is_some_and(alive),
+        stack.agent(agent).pid().is_some_and(process_running),
         "the agent lives"
     );
     assert!(!stack.agent(agent).log_text().contains("panicked"));

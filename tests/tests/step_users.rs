@@ -4,16 +4,9 @@
 //! refuses both settings when it is not root, a bad range, and a range narrower than its
 //! concurrency.
 
-use gantry_shared::ids::TaskId;
-use gantry_tests::{AgentOpts, Stack, bin, eventually};
+use gantry_tests::{AgentOpts, Stack, bin};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
-
-/// Let the step users pass through the stack's directory (a 0700 tempdir) to the agents'
-/// work roots; listing it stays refused.
-fn open_stack_dir(stack: &Stack) {
-    std::fs::set_permissions(stack.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-}
 
 fn opts(env: &[(&str, &str)]) -> AgentOpts {
     AgentOpts {
@@ -23,31 +16,6 @@ fn opts(env: &[(&str, &str)]) -> AgentOpts {
             .collect(),
         ..AgentOpts::default()
     }
-}
-
-async fn log_text(stack: &Stack, task: TaskId) -> String {
-    stack
-        .log(task)
-        .await
-        .unwrap()
-        .iter()
-        .map(|l| l.text.clone())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// The first line of the task's log that starts with `prefix`, without it.
-async fn wait_line(stack: &Stack, task: TaskId, prefix: &str) -> String {
-    eventually(Duration::from_secs(30), prefix, || async {
-        stack
-            .log(task)
-            .await
-            .ok()?
-            .iter()
-            .find_map(|l| l.text.strip_prefix(prefix).map(str::to_owned))
-    })
-    .await
-    .unwrap()
 }
 
 /// The probe a second step runs: try to read each path, print `<label>: denied` or
@@ -72,7 +40,7 @@ echo "environs: $n"
 async fn concurrent_steps_with_uids_of_their_own_cannot_read_each_other() {
     // Arrange: one agent, a uid of its own for each running step.
     let mut stack = Stack::start().await.unwrap();
-    open_stack_dir(&stack);
+    stack.open_dir_for_step_users();
     stack
         .add_agent(
             "uids",
@@ -98,7 +66,7 @@ sleep 30
         ))
         .await
         .unwrap();
-    let holder = wait_line(&stack, first, "HOLDER ").await;
+    let holder = stack.wait_task_line(first, "HOLDER ").await.unwrap();
     let field = |k: &str| {
         holder
             .split_whitespace()
@@ -132,13 +100,15 @@ echo "PROBER uid=$(id -u)"
         .await
         .unwrap();
     let still_running = stack.task(first).await.unwrap();
-    let log = log_text(&stack, second).await;
+    let log = stack.task_log_text(second).await.unwrap();
 
     // Assert: it ran while the holder ran, as another uid from the range, and read nothing.
     assert_eq!(done.summary.state, "Success", "{log}");
     assert_eq!(still_running.steps[0].state, "Running", "{still_running:?}");
-    let prober_uid: u32 = wait_line(&stack, second, "PROBER uid=")
+    let prober_uid: u32 = stack
+        .wait_task_line(second, "PROBER uid=")
         .await
+        .unwrap()
         .parse()
         .unwrap();
     let holder_uid: u32 = holder_uid.parse().unwrap();
@@ -158,7 +128,7 @@ echo "PROBER uid=$(id -u)"
 async fn identity_is_out_of_reach(env: (&str, &str)) {
     // Arrange
     let mut stack = Stack::start().await.unwrap();
-    open_stack_dir(&stack);
+    stack.open_dir_for_step_users();
     let idx = stack.add_agent("ident", opts(&[env])).await.unwrap();
     let home = stack.agents[idx].home.clone();
     // Only the file's own mode may protect it: the home is open to all here.
@@ -194,7 +164,7 @@ done
         .wait_task(task, Duration::from_secs(60))
         .await
         .unwrap();
-    let log = log_text(&stack, task).await;
+    let log = stack.task_log_text(task).await.unwrap();
 
     // Assert
     assert_eq!(done.summary.state, "Success", "{log}");
@@ -232,7 +202,7 @@ async fn a_step_with_a_uid_from_the_range_cannot_read_the_agents_identity() {
 async fn bad_step_user_settings_stop_the_agent_with_exit_64() {
     // Arrange: a registered agent, started by hand with each bad setting.
     let mut stack = Stack::start().await.unwrap();
-    open_stack_dir(&stack);
+    stack.open_dir_for_step_users();
     let idx = stack.add_agent("bad", AgentOpts::default()).await.unwrap();
     stack.kill_agent(idx).await;
     let home = stack.agents[idx].home.clone();

@@ -2,35 +2,10 @@
 //! the start, gone after the step; and after a SIGKILL of the agent mid-step no secret is
 //! left on its disk once it has started again.
 
-use gantry_shared::ids::TaskId;
-use gantry_tests::{AgentOpts, Stack, eventually};
+use gantry_tests::{AgentOpts, Stack};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-async fn log_text(stack: &Stack, task: TaskId) -> String {
-    stack
-        .log(task)
-        .await
-        .unwrap()
-        .iter()
-        .map(|l| l.text.clone())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-async fn wait_line(stack: &Stack, task: TaskId, prefix: &str) -> String {
-    eventually(Duration::from_secs(30), prefix, || async {
-        stack
-            .log(task)
-            .await
-            .ok()?
-            .iter()
-            .find_map(|l| l.text.strip_prefix(prefix).map(str::to_owned))
-    })
-    .await
-    .unwrap()
-}
 
 /// Every file below `dir` (not following links) whose bytes contain `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
@@ -56,7 +31,7 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 /// The modes the step saw, the step's uid and directory, for one agent.
 async fn modes_seen(env: Vec<(String, String)>) -> (String, u32, PathBuf, Stack) {
     let mut stack = Stack::start().await.unwrap();
-    std::fs::set_permissions(stack.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    stack.open_dir_for_step_users();
     stack
         .add_agent(
             "dirs",
@@ -95,14 +70,19 @@ print("PYMODES", os.getuid(), " ".join("%o:%d" % (os.stat(p).st_mode & 0o777, os
         .wait_task(task, Duration::from_secs(60))
         .await
         .unwrap();
-    let log = log_text(&stack, task).await;
+    let log = stack.task_log_text(task).await.unwrap();
     assert_eq!(done.summary.state, "Success", "{log}");
-    let uid: u32 = wait_line(&stack, task, "UID ").await.parse().unwrap();
-    let dir = PathBuf::from(wait_line(&stack, task, "DIR ").await);
+    let uid: u32 = stack
+        .wait_task_line(task, "UID ")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dir = PathBuf::from(stack.wait_task_line(task, "DIR ").await.unwrap());
     let modes = format!(
         "{} {}",
-        wait_line(&stack, task, "MODES ").await.trim(),
-        wait_line(&stack, task, "PYMODES ").await.trim()
+        stack.wait_task_line(task, "MODES ").await.unwrap().trim(),
+        stack.wait_task_line(task, "PYMODES ").await.unwrap().trim()
     );
     (modes, uid, dir, stack)
 }
@@ -184,7 +164,7 @@ sleep 60
         ))
         .await
         .unwrap();
-    let dir = PathBuf::from(wait_line(&stack, task, "HOLDING ").await);
+    let dir = PathBuf::from(stack.wait_task_line(task, "HOLDING ").await.unwrap());
     assert!(
         !files_containing(&home, secret.as_bytes()).is_empty(),
         "the secret should be on disk while the step runs"

@@ -25,19 +25,7 @@ async fn a_job_body_altered_in_the_queue_runs_nothing_and_says_why() {
         .unwrap();
     let release = stack.dir.path().join("release");
     let pwned = stack.dir.path().join("pwned");
-    let blocker = stack
-        .submit(&format!(
-            "name = \"blocker\"\n[[steps]]\nname = \"b\"\nscript = \"while [ ! -e '{}' ]; do sleep 0.05; done\"\n",
-            release.display()
-        ))
-        .await
-        .unwrap();
-    stack
-        .wait_task_until(blocker, Duration::from_secs(30), |t| {
-            t.steps[0].state == "Running"
-        })
-        .await
-        .unwrap();
+    stack.start_blocker(None, &release).await.unwrap();
     let target = stack
         .submit(
             "name = \"target\"\n[variables]\nToken = { value = \"s3cr3t-value\", sensitive = true }\n[[steps]]\nname = \"real\"\nretries = 1\nscript = \"echo the real step\"\n",

@@ -3,14 +3,24 @@
 //! trace, so an outsider cannot void a job (and give it a new job id) again and again; and
 //! the sha256 must be a sha256.
 
-use gantry_tests::gantry_shared::api::WORKER_TOKEN_HEADER;
+use gantry_tests::gantry_shared::api::{WORKER_TOKEN_HEADER, WorkerRegistered};
+use gantry_tests::gantry_shared::ids::{JobId, TaskId};
 use gantry_tests::{AgentOpts, Stack};
+use std::path::PathBuf;
 use std::time::Duration;
 
-#[tokio::test]
-async fn a_claim_from_outside_the_pool_is_refused_whatever_sha_it_sends() {
-    // Arrange: the only prod agent has one slot, busy with a blocker, so the target's job
-    // waits Queued; mallory serves dev and knows the job's id.
+/// The only prod agent has one slot, busy with a blocker until `release` is written, so the
+/// target's job (its step with `extra` lines) waits Queued; mallory serves dev and knows the
+/// job's id.
+struct Scene {
+    stack: Stack,
+    mallory: WorkerRegistered,
+    release: PathBuf,
+    task: TaskId,
+    job: JobId,
+}
+
+async fn queued_behind_a_blocker(extra: &str) -> Scene {
     let mut stack = Stack::start().await.unwrap();
     stack.add_pool("prod").await.unwrap();
     stack.add_pool("dev").await.unwrap();
@@ -27,24 +37,14 @@ async fn a_claim_from_outside_the_pool_is_refused_whatever_sha_it_sends() {
         .unwrap();
     let mallory = stack.register_worker("mallory", &["dev"]).await.unwrap();
     let release = stack.dir.path().join("release");
-    let blocker = stack
+    stack.start_blocker(Some("prod"), &release).await.unwrap();
+    let task = stack
         .submit(&format!(
-            "name = \"blocker\"\n[[steps]]\nname = \"b\"\npool = \"prod\"\nscript = \"while [ ! -e '{}' ]; do sleep 0.05; done\"\n",
-            release.display()
+            "name = \"target\"\n[[steps]]\nname = \"s\"\npool = \"prod\"\n{extra}script = \"echo done\"\n"
         ))
         .await
         .unwrap();
-    stack
-        .wait_task_until(blocker, Duration::from_secs(30), |t| {
-            t.steps[0].state == "Running"
-        })
-        .await
-        .unwrap();
-    let task = stack
-        .submit("name = \"target\"\n[[steps]]\nname = \"s\"\npool = \"prod\"\nretries = 1\nscript = \"echo done\"\n")
-        .await
-        .unwrap();
-    let t = stack
+    let queued = stack
         .wait_task_until(task, Duration::from_secs(30), |t| {
             t.steps[0]
                 .attempts
@@ -53,7 +53,27 @@ async fn a_claim_from_outside_the_pool_is_refused_whatever_sha_it_sends() {
         })
         .await
         .unwrap();
-    let job = t.steps[0].attempts[0].job_id;
+    let job = queued.steps[0].attempts[0].job_id;
+    Scene {
+        stack,
+        mallory,
+        release,
+        task,
+        job,
+    }
+}
+
+#[tokio::test]
+async fn a_claim_from_outside_the_pool_is_refused_whatever_sha_it_sends() {
+    // Arrange: the only prod agent has one slot, busy with a blocker, so the target's job
+    // waits Queued; mallory serves dev and knows the job's id.
+    let Scene {
+        stack,
+        mallory,
+        release,
+        task,
+        job,
+    } = queued_behind_a_blocker("retries = 1\n").await;
     let claim = |sha: String| {
         let (stack, token) = (&stack, mallory.token.clone());
         async move {
@@ -98,52 +118,13 @@ async fn a_claim_from_outside_the_pool_is_refused_whatever_sha_it_sends() {
 async fn refused_claims_from_outside_the_pool_leave_the_job_id_and_attempt_unchanged() {
     // Arrange: as above: the target's job waits Queued behind a blocker on the only prod
     // agent, and mallory (pool dev) knows its id.
-    let mut stack = Stack::start().await.unwrap();
-    stack.add_pool("prod").await.unwrap();
-    stack.add_pool("dev").await.unwrap();
-    stack
-        .add_agent(
-            "victim",
-            AgentOpts {
-                pools: vec!["prod".into()],
-                max_concurrent_steps: 1,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let mallory = stack.register_worker("mallory", &["dev"]).await.unwrap();
-    let release = stack.dir.path().join("release");
-    let blocker = stack
-        .submit(&format!(
-            "name = \"blocker\"\n[[steps]]\nname = \"b\"\npool = \"prod\"\nscript = \"while [ ! -e '{}' ]; do sleep 0.05; done\"\n",
-            release.display()
-        ))
-        .await
-        .unwrap();
-    stack
-        .wait_task_until(blocker, Duration::from_secs(30), |t| {
-            t.steps[0].state == "Running"
-        })
-        .await
-        .unwrap();
-    let task = stack
-        .submit(
-            "name = \"target\"\n[[steps]]\nname = \"s\"\npool = \"prod\"\nscript = \"echo done\"\n",
-        )
-        .await
-        .unwrap();
-    let queued = stack
-        .wait_task_until(task, Duration::from_secs(30), |t| {
-            t.steps[0]
-                .attempts
-                .first()
-                .is_some_and(|a| a.state == "Queued")
-        })
-        .await
-        .unwrap();
-    let job = queued.steps[0].attempts[0].job_id;
-
+    let Scene {
+        stack,
+        mallory,
+        release,
+        task,
+        job,
+    } = queued_behind_a_blocker("").await;
     // Act: ten refused claims, each with a fresh claim id, without and with a sha256.
     let mut answers = Vec::new();
     for i in 0..10 {

@@ -4,7 +4,6 @@ use gantry_tests::gantry_shared::api::{BrokerCredentials, Task, WorkerRegistered
 use gantry_tests::gantry_shared::ids::TaskId;
 use gantry_tests::{AgentOpts, Stack};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// A stack in which the agent `victim` serves pool `prod`, and a second worker, `mallory`,
 /// registered in its own pool `dev` (no agent process: the test acts for it).
@@ -81,12 +80,7 @@ pub fn gated_process(name: &str, gate: &Path, script: &str) -> String {
 
 /// Wait until the task's first step is running, and return the task as then.
 pub async fn running(stack: &Stack, task: TaskId) -> Task {
-    stack
-        .wait_task_until(task, Duration::from_secs(30), |t| {
-            t.steps[0].state == "Running"
-        })
-        .await
-        .unwrap()
+    stack.wait_running(task).await.unwrap()
 }
 
 /// Stale events recorded so far: (kind, reason, sender).

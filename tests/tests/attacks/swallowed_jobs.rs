@@ -2,14 +2,15 @@
 //! it, or purge the queue. Nothing runs then; the dispatcher notices the jobs are gone and
 //! publishes them again.
 
+use gantry_tests::gantry_shared::api::BrokerCredentials;
 use gantry_tests::{AgentOpts, Stack, eventually};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use std::path::PathBuf;
 use std::time::Duration;
 
-#[tokio::test]
-async fn jobs_swallowed_or_purged_by_a_pool_member_are_published_again_and_run_once() {
-    // Arrange: the honest agent has one slot, busy with a blocker, so the next jobs wait in
-    // the pool's queue; mallory is a member of the same pool.
+/// The honest agent has one slot, busy with a blocker until `release` is written, so the next
+/// jobs wait in pool prod's queue; mallory is a member of the same pool (its broker user).
+async fn busy_pool_with_mallory() -> (Stack, BrokerCredentials, PathBuf) {
     let mut stack = Stack::start().await.unwrap();
     stack.add_pool("prod").await.unwrap();
     stack
@@ -26,20 +27,16 @@ async fn jobs_swallowed_or_purged_by_a_pool_member_are_published_again_and_run_o
     let mallory = stack.register_worker("mallory", &["prod"]).await.unwrap();
     let creds = mallory.broker.clone().unwrap();
     let release = stack.dir.path().join("release");
+    stack.start_blocker(Some("prod"), &release).await.unwrap();
+    (stack, creds, release)
+}
+
+#[tokio::test]
+async fn jobs_swallowed_or_purged_by_a_pool_member_are_published_again_and_run_once() {
+    // Arrange: the honest agent has one slot, busy with a blocker, so the next jobs wait in
+    // the pool's queue; mallory is a member of the same pool.
+    let (stack, creds, release) = busy_pool_with_mallory().await;
     let runs = stack.dir.path().join("runs");
-    let blocker = stack
-        .submit(&format!(
-            "name = \"blocker\"\n[[steps]]\nname = \"b\"\npool = \"prod\"\nscript = \"while [ ! -e '{}' ]; do sleep 0.05; done\"\n",
-            release.display()
-        ))
-        .await
-        .unwrap();
-    stack
-        .wait_task_until(blocker, Duration::from_secs(30), |t| {
-            t.steps[0].state == "Running"
-        })
-        .await
-        .unwrap();
     let process = |name: &str| {
         format!(
             "name = \"{name}\"\n[[steps]]\nname = \"s\"\npool = \"prod\"\nscript = \"echo {name} >> '{}'\"\n",
@@ -106,35 +103,7 @@ async fn jobs_swallowed_or_purged_by_a_pool_member_are_published_again_and_run_o
 async fn idle_consumers_do_not_hide_a_swallowed_job() {
     // Arrange: as above, the honest agent is busy; mallory swallows the job, then keeps three
     // consumers open on the now empty queue (what used to count as three jobs in hand).
-    let mut stack = Stack::start().await.unwrap();
-    stack.add_pool("prod").await.unwrap();
-    stack
-        .add_agent(
-            "honest",
-            AgentOpts {
-                pools: vec!["prod".into()],
-                max_concurrent_steps: 1,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let mallory = stack.register_worker("mallory", &["prod"]).await.unwrap();
-    let creds = mallory.broker.clone().unwrap();
-    let release = stack.dir.path().join("release");
-    let blocker = stack
-        .submit(&format!(
-            "name = \"blocker\"\n[[steps]]\nname = \"b\"\npool = \"prod\"\nscript = \"while [ ! -e '{}' ]; do sleep 0.05; done\"\n",
-            release.display()
-        ))
-        .await
-        .unwrap();
-    stack
-        .wait_task_until(blocker, Duration::from_secs(30), |t| {
-            t.steps[0].state == "Running"
-        })
-        .await
-        .unwrap();
+    let (stack, creds, release) = busy_pool_with_mallory().await;
     let queue = stack.topology().pool_queue("prod");
     let conn = stack.amqp_as(&creds.user, &creds.password).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
