@@ -161,8 +161,11 @@ impl Dispatcher {
             cancel.clone(),
         );
         let db_handle = db.clone();
+        let credentials = Arc::new(crate::credentials::Credentials::default());
+        crate::credentials::spawn_listener(db.clone(), credentials.clone(), cancel.clone());
         let state = AppState {
             notifier: Notifier::start(db.clone(), cancel.clone()),
+            credentials,
             redis,
             locks: locks.clone(),
             control: Arc::new(Publisher::new(broker.clone())),

@@ -26,6 +26,7 @@
 //! - [`quotas`]: per-task storage quotas (`limits.*`).
 //! - [`outputs`]: non-sensitive outputs that carry a secret, stored sealed.
 //! - [`auth`]: API keys and worker credentials.
+//! - [`credentials`]: looked-up credentials remembered until PostgreSQL says they changed.
 //! - [`broker_users`]: one RabbitMQ user per worker, through the management API.
 //! - [`senders`]: attributing events and heartbeats to workers by their broker user.
 //! - [`strays`]: jobs that left their queue without a claim, published again.
@@ -43,6 +44,7 @@ pub mod broker_users;
 pub mod builtin;
 pub mod cancels;
 pub mod cli;
+pub mod credentials;
 pub mod db;
 pub mod email;
 pub mod heartbeats;

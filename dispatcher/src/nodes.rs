@@ -183,6 +183,25 @@ async fn count_owned(db: &PgPool, node: &Node) -> sqlx::Result<i64> {
         .await
 }
 
+/// Room for one more task on this node, reserved for a task being created here (which then
+/// starts owned by this node, so its first advance can run in its creating transaction).
+/// False at the cap. A reservation whose transaction fails is corrected by the next count.
+pub async fn reserve(db: &PgPool, node: &Node) -> bool {
+    let mut owned = node.owned.lock().await;
+    if *owned >= i64::from(node.task_cap) {
+        // Tasks that ended since the last count no longer count.
+        match count_owned(db, node).await {
+            Ok(n) => *owned = n,
+            Err(_) => return false,
+        }
+        if *owned >= i64::from(node.task_cap) {
+            return false;
+        }
+    }
+    *owned += 1;
+    true
+}
+
 /// Before `advance` locks a task: false if another node holds a live lease on it (so
 /// `advance` need not wait for the task's row lock only to find it is not ours), or if
 /// `if_woken` and the task has no wake-up row (whoever deleted it decided on everything its

@@ -311,9 +311,16 @@ async fn a_bad_configuration_value_exits_64_naming_the_key() {
         (
             "gantry-dispatcher",
             vec!["migrate"],
-            // The first of production's refusals; a missing secrets.key is refused by `serve`
-            // (tests/tests/secrets_at_rest.rs).
-            vec![("GANTRY__PRODUCTION", "true")],
+            // The first of production's refusals once a key is given (without one, whether
+            // the default key file exists on this machine would decide; a missing key is
+            // tested in tests/tests/secrets_at_rest.rs).
+            vec![
+                ("GANTRY__PRODUCTION", "true"),
+                (
+                    "GANTRY__SECRETS__KEY",
+                    "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+                ),
+            ],
             "amqp.management_url",
         ),
         (

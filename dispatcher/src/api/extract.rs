@@ -120,20 +120,41 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::Unauthorized)?;
         let hash = auth::hash_secret(key);
-        let row: Option<(uuid::Uuid, Vec<String>)> =
-            sqlx::query_as("SELECT id, permissions FROM api_keys WHERE key_hash = $1")
-                .bind(&hash)
-                .fetch_optional(&state.db)
-                .await?;
-        let (id, perms) = row.ok_or(ApiError::Unauthorized)?;
-        // Record use at most once a minute, so reads do not each write a row.
-        let _ = sqlx::query(
-            "UPDATE api_keys SET last_used_at = now()
-             WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
-        )
-        .bind(id)
-        .execute(&state.db)
-        .await;
+        let creds = &state.credentials;
+        let entry = match creds.key(&hash) {
+            Some(e) => e,
+            None => {
+                let seen = creds.generation();
+                let row: Option<(uuid::Uuid, Vec<String>)> =
+                    sqlx::query_as("SELECT id, permissions FROM api_keys WHERE key_hash = $1")
+                        .bind(&hash)
+                        .fetch_optional(&state.db)
+                        .await?;
+                let (id, permissions) = row.ok_or(ApiError::Unauthorized)?;
+                let entry = crate::credentials::KeyEntry {
+                    id,
+                    permissions,
+                    touched: None,
+                };
+                creds.remember_key(&hash, entry.clone(), seen);
+                entry
+            }
+        };
+        let (id, perms) = (entry.id, entry.permissions);
+        if creds.touch_due(&hash) {
+            // Record use at most once a minute per node, so requests do not each write a row;
+            // in the background, so no request waits for it.
+            let db = state.db.clone();
+            tokio::spawn(async move {
+                let _ = sqlx::query(
+                    "UPDATE api_keys SET last_used_at = now()
+                     WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+                )
+                .bind(id)
+                .execute(&db)
+                .await;
+            });
+        }
         Ok(Caller {
             key_id: ApiKeyId(id),
             permissions: perms.iter().filter_map(|p| Permission::parse(p)).collect(),
@@ -165,15 +186,42 @@ impl FromRequestParts<AppState> for WorkerCaller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::WorkerUnauthorized)?;
-        let row: Option<(uuid::Uuid, String, bool, String, Option<String>, bool)> = sqlx::query_as(
-            "SELECT id, name, enabled, health, health_reason, builtin FROM workers
-                 WHERE token_hash = $1",
-        )
-        .bind(auth::hash_secret(token))
-        .fetch_optional(&state.db)
-        .await?;
-        let (id, name, enabled, health, health_reason, builtin) =
-            row.ok_or(ApiError::WorkerUnauthorized)?;
+        let hash = auth::hash_secret(token);
+        let creds = &state.credentials;
+        let w = match creds.worker(&hash) {
+            Some(w) => w,
+            None => {
+                let seen = creds.generation();
+                let row: Option<(uuid::Uuid, String, bool, String, Option<String>, bool)> =
+                    sqlx::query_as(
+                        "SELECT id, name, enabled, health, health_reason, builtin FROM workers
+                         WHERE token_hash = $1",
+                    )
+                    .bind(&hash)
+                    .fetch_optional(&state.db)
+                    .await?;
+                let (id, name, enabled, health, health_reason, builtin) =
+                    row.ok_or(ApiError::WorkerUnauthorized)?;
+                let w = crate::credentials::WorkerEntry {
+                    id,
+                    name,
+                    enabled,
+                    health,
+                    health_reason,
+                    builtin,
+                };
+                creds.remember_worker(&hash, w.clone(), seen);
+                w
+            }
+        };
+        let crate::credentials::WorkerEntry {
+            id,
+            name,
+            enabled,
+            health,
+            health_reason,
+            builtin,
+        } = w;
         Ok(WorkerCaller {
             worker_id: WorkerId(id),
             name,

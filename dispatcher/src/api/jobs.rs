@@ -23,6 +23,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{AppJson, WorkerCaller, parse_id};
 use crate::attempts;
 use crate::store::workers;
+use crate::transitions::{self, AttemptState};
 use axum::Json;
 use axum::extract::{Path, State};
 use gantry_shared::api::{
@@ -145,9 +146,11 @@ pub async fn claim(
                 .bind(worker.worker_id.0)
                 .execute(&mut *tx)
                 .await?;
-                crate::orchestrator::void_job(&mut tx, step_run, attempt as u32).await?;
+                let job = crate::orchestrator::void_job(&mut tx, step_run, attempt as u32).await?;
                 tx.commit().await?;
-                s.orchestrator.republish(step_run, attempt as u32).await;
+                s.orchestrator
+                    .publish_voided(step_run, attempt as u32, job)
+                    .await;
                 return Err(ApiError::Conflict(why));
             }
             // Checked only for a worker that may run the step: the body it holds must be the
@@ -204,21 +207,18 @@ pub async fn claim(
             )));
         }
     }
-    let mut sealed: Vec<(String, Vec<u8>)> =
-        sqlx::query_as("SELECT name, value FROM task_secrets WHERE task_id = $1")
-            .bind(task)
-            .fetch_all(&mut *tx)
-            .await?;
-    // Sensitive outputs of earlier steps, named as the script references them.
-    let outputs: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT 'Steps.' || s.name || '.Output.' || o.name, o.sealed FROM output_variables o
+    // The task's sealed secrets and earlier steps' sensitive outputs (named as the script
+    // references them), in one statement.
+    let sealed: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT name, value FROM task_secrets WHERE task_id = $1
+         UNION ALL
+         SELECT 'Steps.' || s.name || '.Output.' || o.name, o.sealed FROM output_variables o
          JOIN step_runs s ON s.id = o.step_run_id AND o.attempt = s.attempt
          WHERE s.task_id = $1 AND o.sensitive AND o.sealed IS NOT NULL",
     )
     .bind(task)
     .fetch_all(&mut *tx)
     .await?;
-    sealed.extend(outputs);
     let mut sensitive_variables = BTreeMap::new();
     for (name, value) in sealed {
         match s.secrets.open(task, &name, &value) {
@@ -307,23 +307,17 @@ pub async fn claim(
         }
         _ => None,
     };
-    if locked.state != "Running" {
-        sqlx::query(
-            "UPDATE attempts SET state = 'Running', worker_id = $3, worker_name = $4,
-                 claim_id = $5, started_at = now()
-             WHERE step_run_id = $1 AND attempt = $2",
+    if locked.state != AttemptState::Running {
+        // The claim is the start: `started_at` is the dispatcher's clock, never the agent's.
+        transitions::claim(
+            &mut tx,
+            step_run,
+            attempt as u32,
+            worker.worker_id,
+            &worker.name,
+            req.claim_id.0,
         )
-        .bind(step_run.0)
-        .bind(attempt)
-        .bind(worker.worker_id.0)
-        .bind(&worker.name)
-        .bind(req.claim_id.0)
-        .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE step_runs SET state = 'Running', waiting_for = NULL WHERE id = $1")
-            .bind(step_run.0)
-            .execute(&mut *tx)
-            .await?;
         if !worker.builtin {
             // The first step of a task in a pool chooses the task's worker there; its later
             // steps in that pool go to the same worker while it stays healthy.

@@ -42,6 +42,8 @@ pub struct AppState {
     pub broker: Broker,
     pub orchestrator: Orchestrator,
     pub notifier: Notifier,
+    /// API keys and worker tokens this node has looked up (see `credentials`).
+    pub credentials: Arc<crate::credentials::Credentials>,
     pub secrets: SecretBox,
     pub metrics: Arc<Metrics>,
     pub redis: Arc<gantry_shared::redis_link::RedisLink>,

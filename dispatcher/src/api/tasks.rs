@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use gantry_shared::api::{Permission, Task, TaskCreated, TaskSummary};
 use gantry_shared::ids::{PoolId, StepRunId, TaskId, WorkerId};
 use gantry_shared::process::{Location, Process};
+use gantry_shared::states::TaskState;
 
 const STATES: [&str; 7] = [
     "Queued",
@@ -29,13 +30,84 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<TaskCreated>)> {
     caller.require(Permission::TaskCreate)?;
     process.validate()?;
-    let default_pool = pools::default_pool(&s.db).await?;
+    // One transaction for everything a submission reads and writes, its first advance
+    // included: one commit per task.
+    let mut tx = s.db.begin().await?;
+    let step_pools = resolve_pools(&s, &mut tx, &process).await?;
+    let owned = s.orchestrator.reserve_new().await;
+    let owner = owned.then(|| s.orchestrator.node().id);
+    let (id, variables) = tasks::create(
+        &mut tx,
+        &s.secrets,
+        &process,
+        &step_pools,
+        caller.key_id,
+        owner,
+    )
+    .await?;
+    let advanced = if owned {
+        // In a savepoint: should the advance fail, the task is still created, and the sweep
+        // starts it.
+        let mut sp = sqlx::Connection::begin(&mut *tx).await?;
+        let record = crate::orchestrator::TaskRecord {
+            id,
+            name: process.name.clone(),
+            state: TaskState::Queued,
+            variables,
+        };
+        match s.orchestrator.advance_in(&mut sp, record).await {
+            Ok(done) => {
+                sp.commit().await?;
+                Some(done)
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "could not start the task at once; the sweep will");
+                drop(sp);
+                tasks::wake_new(&mut tx, id).await?;
+                None
+            }
+        }
+    } else {
+        None
+    };
+    match tx.commit().await {
+        Ok(()) => {
+            if let Some(done) = advanced {
+                s.orchestrator.committed(done);
+            }
+        }
+        Err(e) => {
+            if let Some(done) = advanced {
+                s.orchestrator.rolled_back(done);
+            }
+            return Err(e.into());
+        }
+    }
+    tracing::info!(task = %id, name = %process.name, steps = process.steps.len(), "task created");
+    Ok((
+        StatusCode::CREATED,
+        Json(TaskCreated {
+            id,
+            name: process.name,
+            state: TaskState::Queued.as_str().into(),
+        }),
+    ))
+}
+
+/// The pool of each step (`None`: it runs on the server), or a 400 naming the step whose
+/// pool does not exist or cannot run it. Reads in the submission's transaction.
+async fn resolve_pools(
+    s: &AppState,
+    tx: &mut sqlx::PgConnection,
+    process: &Process,
+) -> ApiResult<Vec<Option<PoolId>>> {
+    let default_pool = pools::default_pool(&mut *tx).await?;
     // Read only if a step could need the built-in worker: most submissions never ask.
     let mut builtin_enabled: Option<bool> = None;
-    let mut builtin = async |db: &sqlx::PgPool| -> ApiResult<bool> {
+    let mut builtin = async |tx: &mut sqlx::PgConnection| -> ApiResult<bool> {
         if builtin_enabled.is_none() {
             builtin_enabled = Some(
-                crate::store::settings::get(db)
+                crate::store::settings::get(&mut *tx)
                     .await?
                     .builtin_worker_enabled,
             );
@@ -66,7 +138,7 @@ pub async fn create(
                         ),
                     ));
                 }
-                if !builtin(&s.db).await? {
+                if !builtin(&mut *tx).await? {
                     return Err(ApiError::bad(
                         format!("steps[{i}].location"),
                         format!(
@@ -78,7 +150,7 @@ pub async fn create(
                 None
             }
             (Some(reference), Location::Pool) => Some(
-                pools::find(&s.db, reference)
+                pools::find(&mut *tx, reference)
                     .await?
                     .ok_or_else(|| {
                         ApiError::bad(
@@ -91,8 +163,8 @@ pub async fn create(
             (None, Location::Pool) => Some(default_pool.id),
         };
         if pool == Some(default_pool.id)
-            && !(s.builtin_runs_code && builtin(&s.db).await?)
-            && !pools::has_registered_workers(&s.db, default_pool.id).await?
+            && !(s.builtin_runs_code && builtin(&mut *tx).await?)
+            && !pools::has_registered_workers(&mut *tx, default_pool.id).await?
         {
             return Err(ApiError::bad(
                 format!("steps[{i}].pool"),
@@ -104,17 +176,7 @@ pub async fn create(
         }
         step_pools.push(pool);
     }
-    let id = tasks::create(&s.db, &s.secrets, &process, &step_pools, caller.key_id).await?;
-    s.orchestrator.kick(id);
-    tracing::info!(task = %id, name = %process.name, steps = process.steps.len(), "task created");
-    Ok((
-        StatusCode::CREATED,
-        Json(TaskCreated {
-            id,
-            name: process.name,
-            state: "Queued".into(),
-        }),
-    ))
+    Ok(step_pools)
 }
 
 pub async fn list(

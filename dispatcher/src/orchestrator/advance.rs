@@ -59,7 +59,7 @@ pub(super) const STEP_COLUMNS: &str =
       WHERE a.step_run_id = s.id AND a.attempt = s.attempt) AS attempt_state";
 
 /// The task being advanced, its row locked.
-pub(super) struct TaskRecord {
+pub struct TaskRecord {
     pub id: TaskId,
     pub name: String,
     pub state: TaskState,
@@ -133,7 +133,7 @@ pub(super) async fn advance(
 
 /// Load the task's step runs, plan and apply, in the caller's transaction (which holds the
 /// task's row lock).
-async fn decide(
+pub(super) async fn decide(
     inner: &Arc<Inner>,
     tx: &mut PgConnection,
     task: &TaskRecord,

@@ -83,6 +83,12 @@ struct Inner {
     builtin_runs_code: bool,
 }
 
+/// An advance made in another transaction, waiting for its commit.
+#[must_use = "pass it to Orchestrator::committed or rolled_back"]
+pub struct Advanced(apply::Applied);
+
+pub use advance::TaskRecord;
+
 /// A job ready to go out.
 struct Outgoing {
     job: Job,
@@ -156,10 +162,57 @@ impl Orchestrator {
         publish::send_cancel(&self.inner, worker, step_run, attempt).await
     }
 
+    /// Reserve room on this node for a task being created here: it is then created owned by
+    /// this node and advanced in its creating transaction ([`Orchestrator::advance_in`]).
+    pub async fn reserve_new(&self) -> bool {
+        nodes::reserve(&self.inner.db, &self.inner.node).await
+    }
+
+    /// Advance a task this node owns inside the caller's transaction, which holds the task's
+    /// row lock (or created the task). Pass the result to [`Orchestrator::committed`] after
+    /// the commit, or to [`Orchestrator::rolled_back`].
+    pub async fn advance_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        task: advance::TaskRecord,
+    ) -> anyhow::Result<Advanced> {
+        Ok(Advanced(advance::decide(&self.inner, tx, &task).await?))
+    }
+
+    /// After the commit of an [`Orchestrator::advance_in`]: publish its jobs (in the
+    /// background), send its e-mails, wake the mutex loop.
+    pub fn committed(&self, done: Advanced) {
+        let outgoing = done.0.after_commit(&self.inner);
+        if !outgoing.is_empty() {
+            let inner = self.inner.clone();
+            tokio::spawn(async move { publish::publish_all(&inner, outgoing).await });
+        }
+    }
+
+    /// The transaction of an [`Orchestrator::advance_in`] did not commit: nothing of it
+    /// happened.
+    pub fn rolled_back(&self, done: Advanced) {
+        let mut publishing = self.inner.publishing.lock().expect("lock");
+        for o in &done.0.outgoing {
+            publishing.remove(&(o.job.step_run_id, o.job.attempt));
+        }
+    }
+
     /// Void an unclaimed attempt's job and publish it again (a refused claim that should run
     /// elsewhere, a returned message).
     pub async fn republish(&self, step_run: StepRunId, attempt: u32) {
-        publish::republish(&self.inner, step_run, attempt).await
+        publish::republish(&self.inner, step_run, attempt, None).await
+    }
+
+    /// Publish an attempt whose job the caller voided and committed ([`void_job`]) under
+    /// that new job id, without voiding it again.
+    pub async fn publish_voided(
+        &self,
+        step_run: StepRunId,
+        attempt: u32,
+        job: gantry_shared::ids::JobId,
+    ) {
+        publish::republish(&self.inner, step_run, attempt, Some(job)).await
     }
 }
 

@@ -171,8 +171,15 @@ async fn send(inner: &Arc<Inner>, out: Outgoing) -> Option<(StepRunId, u32, JobI
     }
 }
 
-/// Give an unclaimed attempt a new job id (voiding the old one) and publish it.
-pub(super) async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: u32) {
+/// Give an unclaimed attempt a new job id (voiding the old one) and publish it; with
+/// `voided`, the caller already gave it that job id (and committed), so it is published
+/// under it while it is still the attempt's.
+pub(super) async fn republish(
+    inner: &Arc<Inner>,
+    step_run: StepRunId,
+    attempt: u32,
+    voided: Option<JobId>,
+) {
     let key = (step_run, attempt);
     if !inner.publishing.lock().expect("lock").insert(key) {
         return;
@@ -203,10 +210,22 @@ pub(super) async fn republish(inner: &Arc<Inner>, step_run: StepRunId, attempt: 
         .fetch_one(&mut *tx)
         .await
         .context("loading step for re-publication")?;
-        let job_id = JobId::new();
-        if step.attempt != attempt as i32
-            || !transitions::void(&mut tx, step_run, attempt, job_id).await?
-        {
+        let job_id = voided.unwrap_or_default();
+        let current =
+            match voided {
+                // Still `Pending` under the job id the caller gave it (nobody voided it since).
+                Some(job) => sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM attempts WHERE step_run_id = $1 AND attempt = $2
+                                AND job_id = $3 AND state = 'Pending')",
+                )
+                .bind(step_run.0)
+                .bind(attempt as i32)
+                .bind(job.0)
+                .fetch_one(&mut *tx)
+                .await?,
+                None => transitions::void(&mut tx, step_run, attempt, job_id).await?,
+            };
+        if step.attempt != attempt as i32 || !current {
             return Ok(None);
         }
         let out = dispatch::dispatch_or_wait(inner, &mut tx, &task, &step, attempt, job_id).await?;
@@ -267,7 +286,8 @@ pub async fn void_job(
     conn: &mut PgConnection,
     step_run: StepRunId,
     attempt: u32,
-) -> sqlx::Result<()> {
-    transitions::void(conn, step_run, attempt, JobId::new()).await?;
-    Ok(())
+) -> sqlx::Result<JobId> {
+    let job = JobId::new();
+    transitions::void(conn, step_run, attempt, job).await?;
+    Ok(job)
 }

@@ -112,7 +112,7 @@ pub(super) async fn sweep_once(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> 
         if inner.publishing.lock().expect("lock").contains(&key) {
             continue;
         }
-        publish::republish(inner, key.0, key.1).await;
+        publish::republish(inner, key.0, key.1, None).await;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use crate::logs;
 use crate::outputs;
 use crate::quotas::Quota;
 use crate::senders::Sender;
+use crate::transitions::{self, StepState};
 use gantry_shared::wire::{Event, Origin};
 use sqlx::PgConnection;
 
@@ -63,50 +64,32 @@ impl ResultConsumer {
         let mut kick = None;
         match event {
             Event::StepWaiting(w) => {
-                if live {
-                    let r = sqlx::query(
-                        "UPDATE step_runs SET state = 'Waiting', waiting_for = $3
-                         WHERE id = $1 AND attempt = $2 AND state = 'Running'",
+                let why = logs::storable(&w.waiting_for);
+                if live
+                    && transitions::step_waits(
+                        &mut *tx,
+                        origin.step_run_id,
+                        &why,
+                        Some(&[StepState::Running]),
                     )
-                    .bind(origin.step_run_id.0)
-                    .bind(origin.attempt as i32)
-                    .bind(logs::storable(&w.waiting_for).as_ref())
-                    .execute(&mut *tx)
+                    .await?
+                {
+                    logs::append_system(
+                        &mut *tx,
+                        locked.task(),
+                        Some((origin.step_run_id, origin.attempt)),
+                        &format!("Step {} waiting for {why}", locked.step_name),
+                    )
                     .await?;
-                    if r.rows_affected() == 1 {
-                        logs::append_system(
-                            &mut *tx,
-                            locked.task(),
-                            Some((origin.step_run_id, origin.attempt)),
-                            &format!(
-                                "Step {} waiting for {}",
-                                locked.step_name,
-                                logs::storable(&w.waiting_for)
-                            ),
-                        )
-                        .await?;
-                    }
                 }
             }
-            Event::StepStarted(e) => {
+            Event::StepStarted(_) => {
                 if live {
-                    // Both rows are locked already: one statement for the two updates (the
-                    // step was `Waiting` only if its script said so before it started). The
-                    // agent's clock is believed only between the claim and now: what decides
-                    // how long a step has run (its lease stops past its timeout) must not be
-                    // an agent's say.
-                    sqlx::query(
-                        "WITH a AS (UPDATE attempts
-                                    SET started_at = LEAST(GREATEST($3, started_at), now())
-                                    WHERE step_run_id = $1 AND attempt = $2)
-                         UPDATE step_runs SET state = 'Running', waiting_for = NULL
-                         WHERE id = $1 AND attempt = $2 AND state = 'Waiting'",
-                    )
-                    .bind(origin.step_run_id.0)
-                    .bind(origin.attempt as i32)
-                    .bind(e.started_at)
-                    .execute(&mut *tx)
-                    .await?;
+                    // The claim started the attempt (its `started_at` is the dispatcher's
+                    // clock); this only ends a wait the agent announced (exclusive access),
+                    // and agents send it only then.
+                    transitions::step_resumes(&mut *tx, origin.step_run_id, StepState::Running)
+                        .await?;
                 }
             }
             Event::LogBatch(b) => {

@@ -7,7 +7,7 @@ use gantry_shared::api::{Approval, Attempt, StepRun, Task, TaskSummary};
 use gantry_shared::ids::{ApiKeyId, JobId, PoolId, StepRunId, TaskId, WorkerId};
 use gantry_shared::mask::MASK;
 use gantry_shared::process::Process;
-use sqlx::{FromRow, PgPool};
+use sqlx::{FromRow, PgConnection, PgPool};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -20,13 +20,17 @@ pub fn is_terminal(state: &str) -> bool {
 
 /// Store a validated process as a new task. `pools[i]` is the pool of step `i` (`None`: it
 /// runs on the server).
+/// Insert a task, its step runs, its sealed secrets and its log position row in the caller's
+/// transaction. With `owner`, the task starts owned by that node (which advances it in the
+/// same transaction); without, a wake-up row asks whichever node takes it to start it.
 pub async fn create(
-    db: &PgPool,
+    tx: &mut PgConnection,
     secrets: &SecretBox,
     process: &Process,
     pools: &[Option<PoolId>],
     caller: ApiKeyId,
-) -> ApiResult<TaskId> {
+    owner: Option<Uuid>,
+) -> ApiResult<(TaskId, serde_json::Value)> {
     let id = TaskId::new();
     let mut variables = BTreeMap::new();
     let mut sealed: Vec<(String, Vec<u8>)> = Vec::new();
@@ -44,16 +48,17 @@ pub async fn create(
             vars.insert(name.clone(), serde_json::json!({ "sensitive": true }));
         }
     }
-    let mut tx = db.begin().await?;
+    let variables = serde_json::to_value(&variables).map_err(anyhow::Error::from)?;
     sqlx::query(
-        "INSERT INTO tasks (id, name, state, process, variables, created_by)
-         VALUES ($1, $2, 'Queued', $3, $4, $5)",
+        "INSERT INTO tasks (id, name, state, process, variables, created_by, owner_node)
+         VALUES ($1, $2, 'Queued', $3, $4, $5, $6)",
     )
     .bind(id.0)
     .bind(&process.name)
     .bind(&stored)
-    .bind(serde_json::to_value(&variables).map_err(anyhow::Error::from)?)
+    .bind(&variables)
     .bind(caller.0)
+    .bind(owner)
     .execute(&mut *tx)
     .await?;
     let n = process.steps.len();
@@ -81,24 +86,40 @@ pub async fn create(
     .bind(&pool_ids)
     .execute(&mut *tx)
     .await?;
-    for (name, value) in &sealed {
-        sqlx::query("INSERT INTO task_secrets (task_id, name, value) VALUES ($1, $2, $3)")
-            .bind(id.0)
-            .bind(name)
-            .bind(value)
-            .execute(&mut *tx)
-            .await?;
+    if !sealed.is_empty() {
+        let (names, values): (Vec<&str>, Vec<&[u8]>) = sealed
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO task_secrets (task_id, name, value)
+             SELECT $1, u.name, u.value FROM unnest($2::text[], $3::bytea[]) AS u(name, value)",
+        )
+        .bind(id.0)
+        .bind(&names)
+        .bind(&values)
+        .execute(&mut *tx)
+        .await?;
     }
-    sqlx::query("INSERT INTO task_log_positions (task_id) VALUES ($1)")
-        .bind(id.0)
-        .execute(&mut *tx)
+    // The log position row, and a wake-up unless the creating node advances it at once.
+    sqlx::query(
+        "WITH w AS (INSERT INTO task_wakeups (task_id) SELECT $1 WHERE $2 RETURNING 1)
+         INSERT INTO task_log_positions (task_id) VALUES ($1)",
+    )
+    .bind(id.0)
+    .bind(owner.is_none())
+    .execute(&mut *tx)
+    .await?;
+    Ok((id, variables))
+}
+
+/// Woken for its first advance after all (the creating node's advance did not go through).
+pub async fn wake_new(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO task_wakeups (task_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(task.0)
+        .execute(conn)
         .await?;
-    sqlx::query("INSERT INTO task_wakeups (task_id) VALUES ($1)")
-        .bind(id.0)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(id)
+    Ok(())
 }
 
 #[derive(FromRow)]

@@ -304,7 +304,8 @@ pub async fn retry_step(
 }
 
 /// A step run waits (for a healthy worker, an approval, the agent's exclusive gate) while
-/// its attempt keeps its state; `from` narrows the sources (`None`: the table's).
+/// its attempt keeps its state; `from` narrows the sources (`None`: the table's). A step
+/// already waiting gets the new reason. Returns whether it started waiting now.
 pub async fn step_waits(
     conn: &mut PgConnection,
     step_run: StepRunId,
@@ -315,16 +316,18 @@ pub async fn step_waits(
         Some(f) => StepState::strs(f),
         None => sources(StepState::Waiting),
     };
-    let r = sqlx::query(
-        "UPDATE step_runs SET state = 'Waiting', waiting_for = $2, not_before = NULL
-         WHERE id = $1 AND (state = ANY($3) OR state = 'Waiting')",
+    let started: Option<bool> = sqlx::query_scalar(
+        "WITH before AS (SELECT state FROM step_runs WHERE id = $1)
+         UPDATE step_runs SET state = 'Waiting', waiting_for = $2, not_before = NULL
+         WHERE id = $1 AND (state = ANY($3) OR state = 'Waiting')
+         RETURNING (SELECT state FROM before) <> 'Waiting'",
     )
     .bind(step_run.0)
     .bind(waiting_for)
     .bind(from)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(started == Some(true))
 }
 
 /// A waiting step run goes on as its attempt is: `Pending` (a worker is available) or
