@@ -14,10 +14,5 @@ CREATE TRIGGER workers_deleted AFTER DELETE ON workers
 
 CREATE TRIGGER workers_changed AFTER UPDATE ON workers
     FOR EACH ROW
-    WHEN (OLD.token_hash IS DISTINCT FROM NEW.token_hash
-          OR OLD.name IS DISTINCT FROM NEW.name
-          OR OLD.enabled IS DISTINCT FROM NEW.enabled
-          OR OLD.health IS DISTINCT FROM NEW.health
-          OR OLD.health_reason IS DISTINCT FROM NEW.health_reason
-          OR OLD.builtin IS DISTINCT FROM NEW.builtin)
+    WHEN (OLD.token_hash IS DISTINCT FROM NEW.token_hash)
     EXECUTE FUNCTION gantry_credentials_changed();

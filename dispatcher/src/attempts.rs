@@ -255,6 +255,21 @@ pub async fn conclude(
     error: Option<&str>,
     retry_base: Duration,
 ) -> sqlx::Result<()> {
+    conclude_quietly(conn, locked, step_run, attempt, state, error, retry_base).await?;
+    wake(conn, locked.task()).await
+}
+
+/// [`conclude`] without the wake-up: for a caller that advances the task itself in the same
+/// transaction (or wakes it), so a conclusion wakes its task one way only.
+pub async fn conclude_quietly(
+    conn: &mut PgConnection,
+    locked: &Locked,
+    step_run: StepRunId,
+    attempt: u32,
+    state: AttemptState,
+    error: Option<&str>,
+    retry_base: Duration,
+) -> sqlx::Result<()> {
     debug_assert!(state.is_final());
     transitions::end_attempt(conn, step_run, attempt, state, error).await?;
     let task = locked.task();
@@ -294,7 +309,7 @@ pub async fn conclude(
             .await?;
         }
     }
-    wake(conn, task).await
+    Ok(())
 }
 
 #[cfg(test)]

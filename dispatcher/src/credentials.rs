@@ -4,9 +4,12 @@
 //! transaction, a commit) of its own on every call. This node remembers what it has looked up,
 //! keyed by the credential's hash, and forgets everything at once whenever PostgreSQL says a
 //! credential may have changed: triggers on `api_keys` and `workers` (migration
-//! `20261201000004`) send `NOTIFY gantry_credentials` for any deletion, any new hash or
-//! permission, and any change of a worker's name, `enabled`, health or health reason. So a
-//! revoked key or a disabled worker is refused as soon as the notification arrives.
+//! `20261201000004`) send `NOTIFY gantry_credentials` for any deletion and any new hash or
+//! permission, so a revoked key or a deregistered worker is refused as soon as the
+//! notification arrives (on the node that made the change, at once: it forgets before it
+//! answers). Only what does not change under a credential is remembered: a key's id and
+//! permissions, a token's worker; a worker's `enabled` and health are read fresh where they
+//! decide anything (the claim reads them in its own transaction).
 //!
 //! The memory is trusted only while the `LISTEN` connection has been up without a break
 //! since the entry was stored (a generation number, bumped on every notification and every
@@ -44,15 +47,11 @@ pub struct KeyEntry {
     pub touched: Option<Instant>,
 }
 
-/// A worker as looked up by its token.
+/// A worker as looked up by its token: only who it is. What may change (enabled, health) is
+/// never remembered: the claim reads it in its own transaction.
 #[derive(Clone, Debug)]
 pub struct WorkerEntry {
     pub id: uuid::Uuid,
-    pub name: String,
-    pub enabled: bool,
-    pub health: String,
-    pub health_reason: Option<String>,
-    pub builtin: bool,
 }
 
 /// Read before a database lookup; [`Credentials::remember_key`] stores the result only if

@@ -8,8 +8,16 @@ use std::time::Duration;
 async fn sigterm_lets_the_running_step_finish_and_the_agent_exits_zero() {
     // Arrange
     let mut stack = Stack::start().await.unwrap();
+    // One slot: the later task waits in the queue while the first runs, whatever the timing
+    // of its publication and of the signal.
     let idx = stack
-        .add_agent("drainer", AgentOpts::default())
+        .add_agent(
+            "drainer",
+            AgentOpts {
+                max_concurrent_steps: 1,
+                ..AgentOpts::default()
+            },
+        )
         .await
         .unwrap();
     let task = stack

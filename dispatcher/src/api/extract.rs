@@ -186,44 +186,80 @@ impl FromRequestParts<AppState> for WorkerCaller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::WorkerUnauthorized)?;
-        let hash = auth::hash_secret(token);
-        let creds = &state.credentials;
-        let w = match creds.worker(&hash) {
-            Some(w) => w,
-            None => {
-                let seen = creds.generation();
-                let row: Option<(uuid::Uuid, String, bool, String, Option<String>, bool)> =
-                    sqlx::query_as(
-                        "SELECT id, name, enabled, health, health_reason, builtin FROM workers
-                         WHERE token_hash = $1",
-                    )
-                    .bind(&hash)
-                    .fetch_optional(&state.db)
-                    .await?;
-                let (id, name, enabled, health, health_reason, builtin) =
-                    row.ok_or(ApiError::WorkerUnauthorized)?;
-                let w = crate::credentials::WorkerEntry {
-                    id,
-                    name,
-                    enabled,
-                    health,
-                    health_reason,
-                    builtin,
-                };
-                creds.remember_worker(&hash, w.clone(), seen);
-                w
-            }
-        };
-        let crate::credentials::WorkerEntry {
-            id,
+        let row: Option<(uuid::Uuid, String, bool, String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT id, name, enabled, health, health_reason, builtin FROM workers
+                 WHERE token_hash = $1",
+        )
+        .bind(auth::hash_secret(token))
+        .fetch_optional(&state.db)
+        .await?;
+        let (id, name, enabled, health, health_reason, builtin) =
+            row.ok_or(ApiError::WorkerUnauthorized)?;
+        Ok(WorkerCaller {
+            worker_id: WorkerId(id),
             name,
             enabled,
             health,
             health_reason,
             builtin,
-        } = w;
-        Ok(WorkerCaller {
+        })
+    }
+}
+
+/// A worker agent, authenticated like [`WorkerCaller`] but only by who it is: the token's
+/// worker is remembered (`credentials`), and what may change (enabled, health) is read in
+/// the handler's own transaction with [`WorkerIdentity::fresh`]. For the claim, which runs
+/// once per step.
+#[derive(Clone, Debug)]
+pub struct WorkerIdentity {
+    pub worker_id: WorkerId,
+}
+
+impl FromRequestParts<AppState> for WorkerIdentity {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(WORKER_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(ApiError::WorkerUnauthorized)?;
+        let hash = auth::hash_secret(token);
+        let creds = &state.credentials;
+        if let Some(w) = creds.worker(&hash) {
+            return Ok(WorkerIdentity {
+                worker_id: WorkerId(w.id),
+            });
+        }
+        let seen = creds.generation();
+        let id: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT id FROM workers WHERE token_hash = $1")
+                .bind(&hash)
+                .fetch_optional(&state.db)
+                .await?;
+        let id = id.ok_or(ApiError::WorkerUnauthorized)?;
+        creds.remember_worker(&hash, crate::credentials::WorkerEntry { id }, seen);
+        Ok(WorkerIdentity {
             worker_id: WorkerId(id),
+        })
+    }
+}
+
+impl WorkerIdentity {
+    /// The worker as it is now, read in the caller's transaction; 401 if it is gone.
+    pub async fn fresh(&self, conn: &mut sqlx::PgConnection) -> Result<WorkerCaller, ApiError> {
+        let row: Option<(String, bool, String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT name, enabled, health, health_reason, builtin FROM workers WHERE id = $1",
+        )
+        .bind(self.worker_id.0)
+        .fetch_optional(conn)
+        .await?;
+        let (name, enabled, health, health_reason, builtin) =
+            row.ok_or(ApiError::WorkerUnauthorized)?;
+        Ok(WorkerCaller {
+            worker_id: self.worker_id,
             name,
             enabled,
             health,

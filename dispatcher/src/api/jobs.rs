@@ -20,7 +20,7 @@
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
-use super::extract::{AppJson, WorkerCaller, parse_id};
+use super::extract::{AppJson, WorkerCaller, WorkerIdentity, parse_id};
 use crate::attempts;
 use crate::store::workers;
 use crate::transitions::{self, AttemptState};
@@ -59,7 +59,7 @@ pub async fn agent_config(
 
 pub async fn claim(
     State(s): State<AppState>,
-    worker: WorkerCaller,
+    identity: WorkerIdentity,
     Path(job_id): Path<String>,
     AppJson(req): AppJson<ClaimRequest>,
 ) -> ApiResult<Json<ClaimGrant>> {
@@ -81,6 +81,8 @@ pub async fn claim(
             "job {job_id} is unknown: never published, or superseded by a newer publication of its attempt"
         )));
     };
+    // Whether it is enabled and healthy is read here, in the claim's transaction.
+    let worker = identity.fresh(&mut tx).await?;
     let task = locked.task_id;
     let attempt = attempt as i32;
     match locked.state.as_str() {

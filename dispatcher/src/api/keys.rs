@@ -30,6 +30,8 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     caller.require(Permission::ConfigureServer)?;
     keys::delete(&s.db, parse_id(&id, "API key")?).await?;
+    // This node forgets at once; the others when the notification arrives.
+    s.credentials.invalidate();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -41,5 +43,6 @@ pub async fn delete_by_body(
 ) -> ApiResult<StatusCode> {
     caller.require(Permission::ConfigureServer)?;
     keys::delete(&s.db, req.id).await?;
+    s.credentials.invalidate();
     Ok(StatusCode::NO_CONTENT)
 }

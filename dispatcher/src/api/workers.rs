@@ -228,6 +228,8 @@ pub async fn delete(
         users.remove(id).await?;
     }
     tx.commit().await?;
+    // This node forgets the worker's token at once; the others when the notification arrives.
+    s.credentials.invalidate();
     let topology = s.topology.clone();
     with_channel(&s, |ch| async move {
         for q in [topology.worker_queue(id), topology.control_queue(id)] {

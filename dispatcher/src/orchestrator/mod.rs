@@ -81,7 +81,17 @@ struct Inner {
     node: Node,
     /// Whether the built-in worker may run user code (see `builtin::runs_user_code`).
     builtin_runs_code: bool,
+    /// Confirmed jobs on their way to their `Queued` mark (`publish::flush_confirmed`).
+    confirmed_tx: mpsc::UnboundedSender<Confirmed>,
 }
+
+/// A confirmed job: its attempt, its job id, when the broker confirmed it.
+type Confirmed = (
+    StepRunId,
+    u32,
+    gantry_shared::ids::JobId,
+    chrono::DateTime<chrono::Utc>,
+);
 
 /// An advance made in another transaction, waiting for its commit.
 #[must_use = "pass it to Orchestrator::committed or rolled_back"]
@@ -113,7 +123,9 @@ impl Orchestrator {
         cancel: CancellationToken,
     ) -> Self {
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+        let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
+            confirmed_tx,
             publisher: Publisher::new(broker.clone()),
             db,
             topology,
@@ -135,6 +147,15 @@ impl Orchestrator {
             },
             cancel.clone(),
         );
+        let confirmed_rx = Arc::new(tokio::sync::Mutex::new(confirmed_rx));
+        let flushing = inner.clone();
+        crate::supervise::spawn("queued-marks", cancel.clone(), move || {
+            let (inner, rx) = (flushing.clone(), confirmed_rx.clone());
+            async move {
+                publish::flush_confirmed(inner, &mut *rx.lock().await).await;
+                Ok(())
+            }
+        });
         let kick_rx = Arc::new(tokio::sync::Mutex::new(kick_rx));
         let looping = inner.clone();
         crate::supervise::spawn("orchestrator", cancel.clone(), move || {

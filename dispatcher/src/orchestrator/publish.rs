@@ -110,30 +110,60 @@ pub(super) async fn build_job(
     })
 }
 
-/// Publish jobs together (their confirms awaited together), then mark the confirmed ones
-/// `Queued` in one transaction.
+/// Publish jobs together (their confirms awaited together); the confirmed ones are marked
+/// `Queued` by [`flush_confirmed`], many tasks' at once.
 pub(super) async fn publish_all(inner: &Arc<Inner>, outgoing: Vec<Outgoing>) {
     if outgoing.is_empty() {
         return;
     }
     let sent = futures::future::join_all(outgoing.into_iter().map(|o| send(inner, o))).await;
-    let confirmed: Vec<(StepRunId, u32, JobId)> = sent.iter().flatten().copied().collect();
-    if !confirmed.is_empty() {
+    let at = chrono::Utc::now();
+    for (step_run, attempt, job) in sent.into_iter().flatten() {
+        // Still this node's to publish until the mark is stored (the sweep leaves it alone).
+        let _ = inner.confirmed_tx.send((step_run, attempt, job, at));
+    }
+}
+
+/// How long confirmed jobs gather before their `Queued` marks are stored together. Nothing
+/// waits for the mark (a claim accepts `Pending`), so this only trades a few milliseconds
+/// of its timing for one commit per window instead of one per job.
+const QUEUED_WINDOW: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Store the `Queued` marks of confirmed jobs: one transaction per [`QUEUED_WINDOW`] (more
+/// often only when over 1,000 jobs gather).
+pub(super) async fn flush_confirmed(
+    inner: Arc<Inner>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(
+        StepRunId,
+        u32,
+        JobId,
+        chrono::DateTime<chrono::Utc>,
+    )>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + QUEUED_WINDOW;
+        while batch.len() < 1000 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(c)) => batch.push(c),
+                Ok(None) | Err(_) => break,
+            }
+        }
         let r = async {
             let mut tx = inner.db.begin().await?;
-            transitions::queue_many(&mut tx, &confirmed).await?;
+            transitions::queue_many(&mut tx, &batch).await?;
             tx.commit().await
         }
         .await;
         if let Err(e) = r {
-            // The jobs are on their way; the claim accepts Pending too, so this only delays
-            // the Queued mark, which the next claim or sweep supersedes.
-            tracing::warn!(error = %e, "could not mark attempts Queued");
+            // The jobs are on their way; the claim accepts Pending too, so this only loses
+            // the Queued marks, which the claims supersede.
+            tracing::warn!(error = %e, jobs = batch.len(), "could not mark attempts Queued");
         }
-    }
-    let mut publishing = inner.publishing.lock().expect("lock");
-    for (step_run, attempt, _) in confirmed {
-        publishing.remove(&(step_run, attempt));
+        let mut publishing = inner.publishing.lock().expect("lock");
+        for (step_run, attempt, _, _) in batch {
+            publishing.remove(&(step_run, attempt));
+        }
     }
 }
 

@@ -14,17 +14,6 @@ use gantry_shared::wire::{Event, Origin};
 use sqlx::PgConnection;
 
 impl ResultConsumer {
-    pub(super) async fn handle(
-        &self,
-        event: &Event,
-        sender: &Sender,
-    ) -> Result<Handled, sqlx::Error> {
-        let mut tx = self.db.begin().await?;
-        let handled = self.handle_in(&mut tx, event, sender).await?;
-        tx.commit().await?;
-        Ok(handled)
-    }
-
     /// Store one event in the caller's transaction; what to do after the commit comes back.
     pub(super) async fn handle_in(
         &self,

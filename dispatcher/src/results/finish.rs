@@ -93,7 +93,8 @@ impl ResultConsumer {
             .ok()
             .filter(|s| s.is_final())
             .unwrap_or(attempts::AttemptState::Failed);
-        attempts::conclude(
+        // Quietly: the batch this is part of advances the task, or wakes it (`store`).
+        attempts::conclude_quietly(
             conn,
             locked,
             step_run,

@@ -33,25 +33,28 @@ mod unstorable;
 
 use unstorable::unstorable_reason;
 
+use crate::attempts;
 use crate::metrics::Metrics;
-use crate::orchestrator::Orchestrator;
+use crate::orchestrator::{Orchestrator, TaskRecord};
 use crate::senders::{Attribution, Sender};
 use futures::{FutureExt, StreamExt};
 use gantry_shared::amqp::Broker;
 use gantry_shared::ids::{StepRunId, TaskId};
+use gantry_shared::states::TaskState;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::Event;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Unacked result deliveries held at once.
 const PREFETCH: u16 = 256;
-/// Events of one attempt stored in one transaction at most.
-const GROUP: usize = 64;
+/// Events stored in one transaction at most.
+const BATCH: usize = 64;
 
 /// A delivery, its body decoded once, and who sent it.
 struct Received {
@@ -147,44 +150,26 @@ impl ResultConsumer {
                     continue;
                 }
             };
-            // A delivery read ahead that did not belong to the group before it.
-            let mut ahead: Option<Received> = None;
             let mut broken = false;
             while !broken {
-                let first = match ahead.take() {
-                    Some(d) => d,
-                    None => {
-                        let next = tokio::select! {
-                            n = consumer.next() => n,
-                            _ = cancel.cancelled() => return,
-                        };
-                        match next {
-                            Some(Ok(d)) => Received::new(d, &self.attribution),
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "result consumer interrupted; re-consuming");
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
+                let next = tokio::select! {
+                    n = consumer.next() => n,
+                    _ = cancel.cancelled() => return,
                 };
-                // Events of the same attempt that have already arrived behind it (a step's
-                // last log batch and its StepFinished, a stream of log batches) are stored
-                // in one transaction: the same rows locked as for one event, so no new lock
-                // order, and one commit instead of several.
-                let mut group = vec![first];
-                let attempt = group[0].attempt();
-                while attempt.is_some() && group.len() < GROUP {
+                let first = match next {
+                    Some(Ok(d)) => Received::new(d, &self.attribution),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "result consumer interrupted; re-consuming");
+                        break;
+                    }
+                    None => break,
+                };
+                // Whatever has already arrived behind it, of any attempt, is stored in the
+                // same transaction: one commit for many events.
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
                     match consumer.next().now_or_never() {
-                        Some(Some(Ok(d))) => {
-                            let d = Received::new(d, &self.attribution);
-                            if d.attempt() == attempt {
-                                group.push(d);
-                            } else {
-                                ahead = Some(d);
-                                break;
-                            }
-                        }
+                        Some(Some(Ok(d))) => batch.push(Received::new(d, &self.attribution)),
                         Some(_) => {
                             broken = true;
                             break;
@@ -192,79 +177,143 @@ impl ResultConsumer {
                         None => break,
                     }
                 }
-                if !self.process_group(&group, &cancel).await {
+                if !self.process_batch(batch, &cancel).await {
                     return;
                 }
             }
             // Deliveries of a broken channel are redelivered; handling them again changes
             // nothing.
-            drop(ahead);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    /// Store a group of deliveries of one attempt in one transaction, then ack them. If one
-    /// of them cannot be stored (a malformed body, an error that is not transient), each is
-    /// handled on its own instead, so that only that one is dead-lettered. Returns false on
-    /// shutdown.
-    async fn process_group(&self, group: &[Received], cancel: &CancellationToken) -> bool {
-        if group.len() == 1 {
-            return self.process(&group[0], cancel).await;
-        }
-        // Only events reach a group of several (see `run`).
-        let events: Vec<(&Event, &Sender)> = group
-            .iter()
-            .filter_map(|r| r.event.as_ref().ok().map(|e| (e, &r.sender)))
-            .collect();
-        let mut delay = Duration::from_millis(100);
-        let done = loop {
-            let r = async {
-                let mut tx = self.db.begin().await?;
-                let mut done = Vec::with_capacity(events.len());
-                for (ev, sender) in &events {
-                    done.push(self.handle_in(&mut tx, ev, sender).await?);
-                }
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(done)
+    /// Store a batch of deliveries in one transaction, then ack them. A malformed body is
+    /// dead-lettered at once; if one event cannot be stored (an error that is not
+    /// transient), each is stored on its own instead, so that only that one is
+    /// dead-lettered. Returns false on shutdown.
+    async fn process_batch(&self, batch: Vec<Received>, cancel: &CancellationToken) -> bool {
+        let (mut good, bad): (Vec<Received>, Vec<Received>) =
+            batch.into_iter().partition(|r| r.event.is_ok());
+        for r in bad {
+            if let Err(e) = &r.event {
+                tracing::warn!(error = %e, "dead-lettering a malformed result message");
             }
-            .await;
-            match r {
-                Ok(done) => break done,
+            let _ = r
+                .delivery
+                .reject(BasicRejectOptions { requeue: false })
+                .await;
+        }
+        if good.is_empty() {
+            return true;
+        }
+        // The lock order: attempts in (step run, attempt) order; a stable sort keeps each
+        // attempt's events in the order they arrived.
+        good.sort_by_key(|r| r.attempt());
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.store(&good).await {
+                Ok(stored) => {
+                    self.settle(&good, stored).await;
+                    return true;
+                }
                 Err(e) if crate::db::is_transient(&e) => {
                     if !hold(&mut delay, &e, cancel).await {
                         return false;
                     }
                 }
-                Err(_) => return self.process_each(group, cancel).await,
-            }
-        };
-        for (r, handled) in group.iter().zip(done) {
-            self.after_commit(&r.delivery, handled).await;
-        }
-        true
-    }
-
-    async fn process_each(&self, group: &[Received], cancel: &CancellationToken) -> bool {
-        for d in group {
-            if !self.process(d, cancel).await {
-                return false;
+                Err(_) if good.len() > 1 => {
+                    for r in good {
+                        if !Box::pin(self.process_batch(vec![r], cancel)).await {
+                            return false;
+                        }
+                    }
+                    return true;
+                }
+                Err(e) => return self.unstorable(&good[0], &e, cancel).await,
             }
         }
-        true
     }
 
-    /// Once an event's transaction committed: give its mutex back, ack it, wake its task.
-    async fn after_commit(&self, delivery: &lapin::message::Delivery, handled: Handled) {
-        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-            // Redelivered later; handling it again changes nothing.
-            tracing::debug!(error = %e, "ack failed");
+    /// Store events in one transaction: the tasks this node owns first (their rows locked,
+    /// in id order), then each event; a task whose attempt ended is advanced in the same
+    /// transaction when this node owns it, and woken for its owner otherwise.
+    async fn store(&self, batch: &[Received]) -> Result<Stored, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let step_runs: Vec<uuid::Uuid> = batch
+            .iter()
+            .filter_map(|r| r.attempt().map(|(s, _)| s.0))
+            .collect();
+        let mut owned = lock_owned_tasks(&mut tx, &step_runs, self.orchestrator.node().id).await?;
+        let mut handled = Vec::with_capacity(batch.len());
+        let mut ended: Vec<TaskId> = Vec::new();
+        for r in batch {
+            let (Ok(event), sender) = (&r.event, &r.sender) else {
+                continue;
+            };
+            let h = self.handle_in(&mut tx, event, sender).await?;
+            let Handled::Done(kick, _) = &h;
+            if let Some(t) = kick
+                && !ended.contains(t)
+            {
+                ended.push(*t);
+            }
+            handled.push(h);
         }
-        self.follow_up(handled);
+        let mut advanced = Vec::new();
+        for task in ended {
+            let Some(record) = owned.remove(&task) else {
+                attempts::wake(&mut tx, task).await?;
+                continue;
+            };
+            // In a savepoint: should the advance fail, the events are stored all the same
+            // and the task is woken instead.
+            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
+            match self.orchestrator.advance_in(&mut sp, record).await {
+                Ok(done) => {
+                    sp.commit().await?;
+                    advanced.push(done);
+                }
+                Err(e) => {
+                    drop(sp);
+                    tracing::warn!(%task, error = %e, "could not advance a task after its attempt ended; waking it instead");
+                    attempts::wake(&mut tx, task).await?;
+                }
+            }
+        }
+        if let Err(e) = tx.commit().await {
+            for done in advanced {
+                self.orchestrator.rolled_back(done);
+            }
+            return Err(e);
+        }
+        Ok(Stored { handled, advanced })
     }
 
-    /// What a committed change asks for: its mutex given back, its task woken.
+    /// After the commit: ack the deliveries, publish what the advances started, give back
+    /// mutexes.
+    async fn settle(&self, batch: &[Received], stored: Stored) {
+        // Every earlier delivery on this channel was settled before this batch began, so
+        // acking the last one with `multiple` acks the whole batch (a batch of one is acked
+        // alone: it may be one of a failed batch's, stored one by one out of tag order).
+        let last = batch.iter().max_by_key(|r| r.delivery.delivery_tag);
+        if let Some(r) = last {
+            let multiple = batch.len() > 1;
+            if let Err(e) = r.delivery.ack(BasicAckOptions { multiple }).await {
+                // Redelivered later; handling them again changes nothing.
+                tracing::debug!(error = %e, "ack failed");
+            }
+        }
+        for done in stored.advanced {
+            self.orchestrator.committed(done);
+        }
+        for h in stored.handled {
+            self.follow_up(h);
+        }
+    }
+
+    /// What a committed change asks for beyond its task: its mutex given back.
     fn follow_up(&self, handled: Handled) {
-        let Handled::Done(kick, release) = handled;
+        let Handled::Done(_, release) = handled;
         if let Some(r) = release {
             // The agent released it already when its step ended; this covers an agent that
             // could not (the lease would expire anyway). Either way the next waiter may go
@@ -277,28 +326,29 @@ impl ResultConsumer {
                 locks.wake();
             });
         }
-        if let Some(task) = kick {
-            self.orchestrator.kick(task);
-        }
     }
 
-    /// Handle one delivery until it is stored or dead-lettered. Returns false on shutdown.
-    async fn process(&self, received: &Received, cancel: &CancellationToken) -> bool {
-        let delivery = &received.delivery;
-        let event = match &received.event {
-            Ok(ev) => ev,
-            Err(e) => {
-                tracing::warn!(error = %e, "dead-lettering a malformed result message");
-                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-                return true;
-            }
+    /// An event that can never be stored (an error that is not transient: a value PostgreSQL
+    /// refuses, such as a data exception of class 22): waiting for it would leave its attempt
+    /// running for ever and the events after it stuck, so the attempt fails with the reason,
+    /// and the delivery is dead-lettered. Returns false on shutdown.
+    async fn unstorable(
+        &self,
+        received: &Received,
+        e: &sqlx::Error,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let Ok(event) = &received.event else {
+            return true;
         };
+        let reason = unstorable_reason(event.kind(), e);
+        tracing::error!(error = %e, kind = event.kind(), step_run = %event.origin().step_run_id, attempt = event.origin().attempt, "cannot store a result event; failing its attempt and dead-lettering it");
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.handle(event, &received.sender).await {
+            match self.fail_unstorable(event, &received.sender, &reason).await {
                 Ok(handled) => {
-                    self.after_commit(delivery, handled).await;
-                    return true;
+                    self.follow_up(handled);
+                    break;
                 }
                 Err(e) if crate::db::is_transient(&e) => {
                     if !hold(&mut delay, &e, cancel).await {
@@ -306,37 +356,57 @@ impl ResultConsumer {
                     }
                 }
                 Err(e) => {
-                    // It can never be stored (an error that is not transient: a value
-                    // PostgreSQL refuses, such as a data exception of class 22): waiting for
-                    // it would leave its attempt running for ever and the events after it
-                    // stuck, so the attempt fails with the reason, and the delivery is
-                    // dead-lettered.
-                    let reason = unstorable_reason(event.kind(), &e);
-                    tracing::error!(error = %e, kind = event.kind(), step_run = %event.origin().step_run_id, attempt = event.origin().attempt, "cannot store a result event; failing its attempt and dead-lettering it");
-                    let mut delay = Duration::from_millis(100);
-                    loop {
-                        match self.fail_unstorable(event, &received.sender, &reason).await {
-                            Ok(handled) => {
-                                self.follow_up(handled);
-                                break;
-                            }
-                            Err(e) if crate::db::is_transient(&e) => {
-                                if !hold(&mut delay, &e, cancel).await {
-                                    return false;
-                                }
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "could not fail the attempt of an event that cannot be stored");
-                                break;
-                            }
-                        }
-                    }
-                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-                    return true;
+                    tracing::error!(error = %e, "could not fail the attempt of an event that cannot be stored");
+                    break;
                 }
             }
         }
+        let _ = received
+            .delivery
+            .reject(BasicRejectOptions { requeue: false })
+            .await;
+        true
     }
+}
+
+/// What a batch's transaction did.
+struct Stored {
+    handled: Vec<Handled>,
+    advanced: Vec<crate::orchestrator::Advanced>,
+}
+
+/// Lock the tasks of these step runs that this node owns, in id order (the first locks of
+/// the lock order), and return them for an advance.
+async fn lock_owned_tasks(
+    tx: &mut sqlx::PgConnection,
+    step_runs: &[uuid::Uuid],
+    node: uuid::Uuid,
+) -> sqlx::Result<HashMap<TaskId, TaskRecord>> {
+    let rows: Vec<(uuid::Uuid, String, TaskState, serde_json::Value)> = sqlx::query_as(
+        "SELECT t.id, t.name, t.state, t.variables FROM tasks t
+         WHERE t.id IN (SELECT s.task_id FROM step_runs s WHERE s.id = ANY($1))
+           AND t.owner_node = $2
+         ORDER BY t.id FOR UPDATE OF t",
+    )
+    .bind(step_runs)
+    .bind(node)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, name, state, variables)| {
+            let id = TaskId(id);
+            (
+                id,
+                TaskRecord {
+                    id,
+                    name,
+                    state,
+                    variables,
+                },
+            )
+        })
+        .collect())
 }
 
 /// After a transient error: wait `delay` (doubled each time, at most 5 s) before the next

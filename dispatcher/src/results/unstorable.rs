@@ -38,6 +38,7 @@ impl ResultConsumer {
             Some(reason),
         )
         .await?;
+        attempts::wake(&mut tx, locked.task()).await?;
         tx.commit().await?;
         // Its script has no reason to go on: stop it (what it sends later is stale).
         self.orchestrator

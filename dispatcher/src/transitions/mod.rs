@@ -18,6 +18,7 @@ pub use gantry_shared::states::{
 };
 pub use tasks::{settle_artifact, task_to};
 
+use chrono::{DateTime, Utc};
 use gantry_shared::ids::{JobId, StepRunId, WorkerId};
 use sqlx::PgConnection;
 use std::time::Duration;
@@ -74,31 +75,12 @@ pub async fn create_attempt(
     Ok(())
 }
 
-/// After the broker confirmed a job: `Pending` → `Queued`, unless it was claimed or its job
-/// voided meanwhile (then nothing moves).
-pub async fn queue(
-    conn: &mut PgConnection,
-    step_run: StepRunId,
-    attempt: u32,
-    job: JobId,
-) -> sqlx::Result<bool> {
-    attempt_to(
-        conn,
-        step_run,
-        attempt,
-        AttemptState::Queued,
-        Some(job),
-        "queued_at = now()",
-        None,
-    )
-    .await
-}
-
-/// Confirmed jobs, many at once (one statement): each `Pending` → `Queued` if it is still
-/// that job's attempt. Returns how many moved.
+/// Confirmed jobs, many at once (one statement): each attempt still on that job records when
+/// its job was confirmed (`queued_at`, even if its claim came first), and a `Pending` one
+/// becomes `Queued`. Returns how many became `Queued`.
 pub async fn queue_many(
     conn: &mut PgConnection,
-    jobs: &[(StepRunId, u32, JobId)],
+    jobs: &[(StepRunId, u32, JobId, DateTime<Utc>)],
 ) -> sqlx::Result<u64> {
     if jobs.is_empty() {
         return Ok(0);
@@ -106,23 +88,29 @@ pub async fn queue_many(
     let ids: Vec<uuid::Uuid> = jobs.iter().map(|j| j.0.0).collect();
     let nums: Vec<i32> = jobs.iter().map(|j| j.1 as i32).collect();
     let job_ids: Vec<uuid::Uuid> = jobs.iter().map(|j| j.2.0).collect();
-    // Step runs first, in id order, then their attempts: the lock order.
+    let at: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.3).collect();
+    // Step runs first, all of them and in id order, then their attempts: the lock order.
     let moved: i64 = sqlx::query_scalar(
-        "WITH j AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[]) AS j(s, n, job)),
-              locked AS (SELECT s.id FROM step_runs s JOIN j ON j.s = s.id
+        "WITH j AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::timestamptz[])
+                    AS j(s, n, job, at)),
+              locked AS (SELECT s.id FROM step_runs s WHERE s.id IN (SELECT j.s FROM j)
                          ORDER BY s.id FOR UPDATE OF s),
-              a AS (UPDATE attempts a SET state = 'Queued', queued_at = now()
+              a AS (UPDATE attempts a
+                    SET state = CASE WHEN a.state = ANY($5) THEN 'Queued' ELSE a.state END,
+                        queued_at = COALESCE(a.queued_at, j.at)
                     FROM j WHERE a.step_run_id = j.s AND a.attempt = j.n AND a.job_id = j.job
-                      AND a.state = ANY($4) AND EXISTS (SELECT 1 FROM locked)
-                    RETURNING a.step_run_id, a.attempt),
+                      AND (a.state = ANY($5) OR a.queued_at IS NULL)
+                      AND (SELECT count(*) FROM locked) >= 0
+                    RETURNING a.step_run_id, a.attempt, a.state),
               s AS (UPDATE step_runs s SET state = 'Queued'
                     FROM a WHERE s.id = a.step_run_id AND s.attempt = a.attempt
-                      AND s.state = ANY($5))
-         SELECT count(*) FROM a",
+                      AND a.state = 'Queued' AND s.state = ANY($6))
+         SELECT count(*) FROM a WHERE a.state = 'Queued'",
     )
     .bind(&ids)
     .bind(&nums)
     .bind(&job_ids)
+    .bind(&at)
     .bind(sources(AttemptState::Queued))
     .bind(sources(StepState::Queued))
     .fetch_one(&mut *conn)
