@@ -202,6 +202,12 @@ pub async fn reserve(db: &PgPool, node: &Node) -> bool {
     true
 }
 
+/// Give back a [`reserve`]d place whose task was not created.
+pub async fn unreserve(node: &Node) {
+    let mut owned = node.owned.lock().await;
+    *owned = (*owned - 1).max(0);
+}
+
 /// Before `advance` locks a task: false if another node holds a live lease on it (so
 /// `advance` need not wait for the task's row lock only to find it is not ours), or if
 /// `if_woken` and the task has no wake-up row (whoever deleted it decided on everything its

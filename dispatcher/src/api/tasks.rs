@@ -30,16 +30,40 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<TaskCreated>)> {
     caller.require(Permission::TaskCreate)?;
     process.validate()?;
-    // One transaction for everything a submission reads and writes, its first advance
-    // included: one commit per task.
-    let mut tx = s.db.begin().await?;
-    let step_pools = resolve_pools(&s, &mut tx, &process).await?;
+    // Room on this node first, holding no connection meanwhile (the node's count is shared
+    // with takes that need one).
     let owned = s.orchestrator.reserve_new().await;
+    let created = create_in_tx(&s, &caller, &process, owned).await;
+    if owned && created.is_err() {
+        s.orchestrator.unreserve().await;
+    }
+    let id = created?;
+    tracing::info!(task = %id, name = %process.name, steps = process.steps.len(), "task created");
+    Ok((
+        StatusCode::CREATED,
+        Json(TaskCreated {
+            id,
+            name: process.name,
+            state: TaskState::Queued.as_str().into(),
+        }),
+    ))
+}
+
+/// One transaction for everything a submission reads and writes, its first advance included
+/// when this node owns the task (`owned`): one commit per task.
+async fn create_in_tx(
+    s: &AppState,
+    caller: &Caller,
+    process: &Process,
+    owned: bool,
+) -> ApiResult<TaskId> {
+    let mut tx = s.db.begin().await?;
+    let step_pools = resolve_pools(s, &mut tx, process).await?;
     let owner = owned.then(|| s.orchestrator.node().id);
     let (id, variables) = tasks::create(
         &mut tx,
         &s.secrets,
-        &process,
+        process,
         &step_pools,
         caller.key_id,
         owner,
@@ -75,23 +99,15 @@ pub async fn create(
             if let Some(done) = advanced {
                 s.orchestrator.committed(done);
             }
+            Ok(id)
         }
         Err(e) => {
             if let Some(done) = advanced {
                 s.orchestrator.rolled_back(done);
             }
-            return Err(e.into());
+            Err(e.into())
         }
     }
-    tracing::info!(task = %id, name = %process.name, steps = process.steps.len(), "task created");
-    Ok((
-        StatusCode::CREATED,
-        Json(TaskCreated {
-            id,
-            name: process.name,
-            state: TaskState::Queued.as_str().into(),
-        }),
-    ))
 }
 
 /// The pool of each step (`None`: it runs on the server), or a 400 naming the step whose

@@ -189,6 +189,11 @@ impl Orchestrator {
         nodes::reserve(&self.inner.db, &self.inner.node).await
     }
 
+    /// Give back a [`Orchestrator::reserve_new`] place whose task was not created.
+    pub async fn unreserve(&self) {
+        nodes::unreserve(&self.inner.node).await
+    }
+
     /// Advance a task this node owns inside the caller's transaction, which holds the task's
     /// row lock (or created the task). Pass the result to [`Orchestrator::committed`] after
     /// the commit, or to [`Orchestrator::rolled_back`].
