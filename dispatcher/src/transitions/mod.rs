@@ -11,6 +11,7 @@
 //! step_runs → attempts → task_log_positions → task_wakeups.
 
 pub mod ddl;
+pub mod diagram;
 mod tasks;
 
 pub use gantry_shared::states::{
