@@ -20,6 +20,7 @@
 
 use crate::logs;
 use gantry_shared::ids::{JobId, StepRunId, TaskId, WorkerId};
+use gantry_shared::states::AttemptState;
 use sqlx::PgConnection;
 use std::time::Duration;
 use uuid::Uuid;
@@ -57,7 +58,7 @@ pub struct Locked {
     pub step_name: String,
     pub current_attempt: i32,
     pub retries: i32,
-    pub state: String,
+    pub state: AttemptState,
     pub job_id: Uuid,
     pub worker_id: Option<Uuid>,
     pub lines_stored: i64,
@@ -146,7 +147,7 @@ pub async fn lock_job(
 pub struct LeaseHolder {
     pub step_run_id: Uuid,
     pub attempt: i32,
-    pub state: String,
+    pub state: AttemptState,
     pub worker_id: Option<Uuid>,
     pub mutex: Option<String>,
     pub mutex_token: Option<i64>,
@@ -205,7 +206,7 @@ struct AttemptRow {
     current_attempt: i32,
     retries: i32,
     mutex: Option<String>,
-    state: String,
+    state: AttemptState,
     job_id: Uuid,
     worker_id: Option<Uuid>,
     lines_stored: i64,
@@ -258,10 +259,12 @@ pub async fn conclude(
     locked: &Locked,
     step_run: StepRunId,
     attempt: u32,
-    state: &str,
+    state: impl ConcludeShim,
     error: Option<&str>,
     retry_base: Duration,
 ) -> sqlx::Result<()> {
+    let shim = state;
+    let state: &str = shim.shim_str();
     debug_assert!(is_final(state));
     sqlx::query(
         "UPDATE attempts SET state = $3, error = COALESCE($4, error),
@@ -328,6 +331,24 @@ pub async fn conclude(
         }
     }
     wake(conn, task).await
+}
+
+/// TEMPORARY SHIM (branch i15-disp only): lets `conclude` take an [`AttemptState`] (the
+/// typed form the lead's rewrite adopts) as well as the strings the lead's files still pass.
+pub trait ConcludeShim {
+    fn shim_str(&self) -> &str;
+}
+
+impl ConcludeShim for AttemptState {
+    fn shim_str(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl ConcludeShim for &str {
+    fn shim_str(&self) -> &str {
+        self
+    }
 }
 
 /// "failed with exit code 3", "timed out", ...
