@@ -77,6 +77,8 @@ impl Dispatcher {
         let retry_base = Duration::from_millis(settings.dispatcher.retry_backoff_ms);
         let locks_wake = Arc::new(tokio::sync::Notify::new());
         let node = Node::new(settings.dispatcher.task_cap);
+        // The node's one LISTEN connection: log followers and wake-ups (see `notify`).
+        let notifier = Notifier::start(db.clone(), cancel.clone());
         let orchestrator = Orchestrator::start(
             db.clone(),
             topology.clone(),
@@ -162,7 +164,7 @@ impl Dispatcher {
         );
         let db_handle = db.clone();
         let state = AppState {
-            notifier: Notifier::start(db.clone(), cancel.clone()),
+            notifier,
             redis,
             locks: locks.clone(),
             control: Arc::new(Publisher::new(broker.clone())),

@@ -20,7 +20,7 @@
 //! - [`heartbeats`]: agents' heartbeats, believed only of the worker that sent them.
 //! - [`monitors`]: worker availability, dead letters, worker loss.
 //! - [`nodes`]: which dispatcher node orchestrates which task (leases in PostgreSQL).
-//! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
+//! - [`notify`]: the node's one PostgreSQL LISTEN connection: log followers and wake-ups.
 //! - [`metrics`]: Prometheus text.
 //! - [`secrets`]: sensitive values sealed at rest, bound to their task and name.
 //! - [`quotas`]: per-task storage quotas (`limits.*`).

@@ -204,7 +204,7 @@ async fn follow_task(
     mut names: std::collections::HashMap<uuid::Uuid, String>,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
-    let mut wake = s.notifier.subscribe();
+    let mut wake = s.notifier.subscribe_logs();
     let mut want = FIRST_CHUNK;
     loop {
         // Read the state before the lines: if the task had ended by then, every line it will
