@@ -18,7 +18,7 @@
 //! - [`logs`]: gapless, ordered log storage and reading.
 //! - [`locks`]: waiting for named mutexes, granting and renewing them before a claim.
 //! - [`heartbeats`]: agents' heartbeats, believed only of the worker that sent them.
-//! - [`monitors`]: worker availability, dead letters, worker loss.
+//! - [`monitors`]: dead letters, worker availability, worker loss (a file each).
 //! - [`nodes`]: which dispatcher node orchestrates which task (leases in PostgreSQL).
 //! - [`notify`]: the node's one PostgreSQL LISTEN connection: log followers and wake-ups.
 //! - [`metrics`]: Prometheus text.

@@ -11,11 +11,13 @@
 //! step_runs → attempts → task_log_positions → task_wakeups.
 
 pub mod ddl;
+mod health;
 mod tasks;
 
 pub use gantry_shared::states::{
     ArtifactState, AttemptState, State, StepState, TaskState, WorkerHealth,
 };
+pub use health::{HealthChange, HeartbeatRow, set_health, store_heartbeats};
 pub use tasks::{settle_artifact, task_to};
 
 use gantry_shared::ids::{JobId, StepRunId, WorkerId};
