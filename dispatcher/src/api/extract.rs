@@ -8,6 +8,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use gantry_shared::api::{API_KEY_HEADER, Permission, WORKER_TOKEN_HEADER};
 use gantry_shared::ids::{ApiKeyId, WorkerId};
+use gantry_shared::states::WorkerHealth;
 use serde::de::DeserializeOwned;
 
 /// Largest JSON body accepted (a process with big scripts fits easily).
@@ -119,24 +120,13 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::Unauthorized)?;
-        let hash = auth::hash_secret(key);
-        let row: Option<(uuid::Uuid, Vec<String>)> =
-            sqlx::query_as("SELECT id, permissions FROM api_keys WHERE key_hash = $1")
-                .bind(&hash)
-                .fetch_optional(&state.db)
-                .await?;
-        let (id, perms) = row.ok_or(ApiError::Unauthorized)?;
-        // Record use at most once a minute, so reads do not each write a row.
-        let _ = sqlx::query(
-            "UPDATE api_keys SET last_used_at = now()
-             WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
-        )
-        .bind(id)
-        .execute(&state.db)
-        .await;
+        let (key_id, permissions) =
+            crate::store::keys::authenticate(&state.db, &auth::hash_secret(key))
+                .await?
+                .ok_or(ApiError::Unauthorized)?;
         Ok(Caller {
-            key_id: ApiKeyId(id),
-            permissions: perms.iter().filter_map(|p| Permission::parse(p)).collect(),
+            key_id,
+            permissions,
         })
     }
 }
@@ -147,8 +137,8 @@ pub struct WorkerCaller {
     pub worker_id: WorkerId,
     pub name: String,
     pub enabled: bool,
-    /// As last stored: `Healthy`, `HasWarnings`, `Unhealthy` or `Unavailable`.
-    pub health: String,
+    /// As last stored.
+    pub health: WorkerHealth,
     pub health_reason: Option<String>,
     /// A dispatcher node's built-in worker.
     pub builtin: bool,
@@ -165,22 +155,16 @@ impl FromRequestParts<AppState> for WorkerCaller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::WorkerUnauthorized)?;
-        let row: Option<(uuid::Uuid, String, bool, String, Option<String>, bool)> = sqlx::query_as(
-            "SELECT id, name, enabled, health, health_reason, builtin FROM workers
-                 WHERE token_hash = $1",
-        )
-        .bind(auth::hash_secret(token))
-        .fetch_optional(&state.db)
-        .await?;
-        let (id, name, enabled, health, health_reason, builtin) =
-            row.ok_or(ApiError::WorkerUnauthorized)?;
+        let w = crate::store::workers::authenticate(&state.db, &auth::hash_secret(token))
+            .await?
+            .ok_or(ApiError::WorkerUnauthorized)?;
         Ok(WorkerCaller {
-            worker_id: WorkerId(id),
-            name,
-            enabled,
-            health,
-            health_reason,
-            builtin,
+            worker_id: WorkerId(w.id),
+            name: w.name,
+            enabled: w.enabled,
+            health: w.health,
+            health_reason: w.health_reason,
+            builtin: w.builtin,
         })
     }
 }

@@ -6,8 +6,11 @@
 //! shows as 404, 409, 403 or a 400 naming a field, or a database failure. Only `api/` turns
 //! it into an HTTP answer (`impl From<store::Error> for ApiError`).
 
+pub mod approvals;
 pub mod dead_letters;
+pub mod jobs;
 pub mod keys;
+pub mod metrics;
 pub mod pools;
 pub mod settings;
 pub mod tasks;

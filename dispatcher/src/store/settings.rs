@@ -3,6 +3,7 @@
 use super::{Error, Result};
 use gantry_shared::api::{HealthEvent, MachinePolicy, Settings, SettingsUpdate};
 use gantry_shared::ids::WorkerId;
+use gantry_shared::states::WorkerHealth;
 use sqlx::PgPool;
 
 /// Longest accepted health-check script.
@@ -128,7 +129,7 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> Result<(Settings, Sett
 
 /// A worker's health changes, newest first.
 pub async fn health_history(db: &PgPool, worker: WorkerId, limit: i64) -> Result<Vec<HealthEvent>> {
-    let rows: Vec<(chrono::DateTime<chrono::Utc>, String, Option<String>)> = sqlx::query_as(
+    let rows: Vec<(chrono::DateTime<chrono::Utc>, WorkerHealth, Option<String>)> = sqlx::query_as(
         "SELECT at, health, reason FROM worker_health_events WHERE worker_id = $1
          ORDER BY id DESC LIMIT $2",
     )
