@@ -77,6 +77,9 @@ impl Dispatcher {
         let retry_base = Duration::from_millis(settings.dispatcher.retry_backoff_ms);
         let locks_wake = Arc::new(tokio::sync::Notify::new());
         let node = Node::new(settings.dispatcher.task_cap);
+        // The node's one LISTEN connection: log followers and wake-ups (see `notify`).
+        let credentials = Arc::new(crate::credentials::Credentials::default());
+        let notifier = Notifier::start(db.clone(), credentials.clone(), cancel.clone());
         let orchestrator = Orchestrator::start(
             db.clone(),
             topology.clone(),
@@ -87,6 +90,7 @@ impl Dispatcher {
             node.clone(),
             crate::email::Mailer::new(&settings.smtp),
             builtin_runs_code,
+            &notifier,
             cancel.clone(),
         );
         let redis = Arc::new(
@@ -161,10 +165,8 @@ impl Dispatcher {
             cancel.clone(),
         );
         let db_handle = db.clone();
-        let credentials = Arc::new(crate::credentials::Credentials::default());
-        crate::credentials::spawn_listener(db.clone(), credentials.clone(), cancel.clone());
         let state = AppState {
-            notifier: Notifier::start(db.clone(), cancel.clone()),
+            notifier,
             credentials,
             redis,
             locks: locks.clone(),

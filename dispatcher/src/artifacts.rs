@@ -14,6 +14,7 @@
 //! depends on an artifact's size: one chunk at a time in, [`PAGE`] chunks at a time out.
 
 use crate::logs;
+use crate::transitions::{self, ArtifactState, AttemptState, State as _};
 use futures::Stream;
 use gantry_shared::ids::{ArtifactId, StepRunId, TaskId};
 use gantry_shared::wire::{ArtifactChunk, ArtifactSum};
@@ -61,7 +62,7 @@ pub async fn store_chunk(
         .execute(&mut *conn)
         .await?;
     }
-    let row: Option<(Uuid, String)> = sqlx::query_as(
+    let row: Option<(Uuid, ArtifactState)> = sqlx::query_as(
         "SELECT id, state FROM artifacts WHERE step_run_id = $1 AND attempt = $2 AND idx = $3",
     )
     .bind(o.step_run_id.0)
@@ -72,7 +73,7 @@ pub async fn store_chunk(
     let Some((id, state)) = row else {
         return Ok(Chunk::Old);
     };
-    if state != "Receiving" {
+    if state != ArtifactState::Receiving {
         return Ok(Chunk::Old);
     }
     let known: Option<i64> = sqlx::query_scalar(
@@ -165,12 +166,13 @@ pub async fn settle(
 ) -> sqlx::Result<()> {
     let complete: Vec<(Uuid, String, i64, i64, String)> = sqlx::query_as(
         "SELECT id, name, size, chunk_count, sha256 FROM artifacts
-         WHERE step_run_id = $1 AND attempt = $2 AND state = 'Receiving'
+         WHERE step_run_id = $1 AND attempt = $2 AND state = $3
            AND chunk_count IS NOT NULL AND chunks_stored >= chunk_count
          ORDER BY idx",
     )
     .bind(step_run.0)
     .bind(attempt as i32)
+    .bind(ArtifactState::Receiving)
     .fetch_all(&mut *conn)
     .await?;
     for (id, name, size, chunks, expected) in complete {
@@ -185,15 +187,11 @@ pub async fn settle(
             Hashed::Done { .. } => None,
         };
         let state = if problem.is_some() {
-            "Corrupt"
+            ArtifactState::Corrupt
         } else {
-            "Stored"
+            ArtifactState::Stored
         };
-        sqlx::query("UPDATE artifacts SET state = $2, stored_at = now() WHERE id = $1")
-            .bind(id)
-            .bind(state)
-            .execute(&mut *conn)
-            .await?;
+        transitions::settle_artifact(conn, id, state).await?;
         if let Some(p) = problem {
             tracing::warn!(artifact = %id, name, problem = p, "a corrupt artifact");
             logs::append_system(
@@ -215,19 +213,26 @@ pub async fn pending(
     step_run: StepRunId,
     attempt: u32,
 ) -> sqlx::Result<(i64, Vec<String>)> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
+    let rows: Vec<(String, ArtifactState)> = sqlx::query_as(
         "SELECT name, state FROM artifacts
-         WHERE step_run_id = $1 AND attempt = $2 AND state IN ('Receiving', 'Corrupt')
+         WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($3)
          ORDER BY idx",
     )
     .bind(step_run.0)
     .bind(attempt as i32)
+    .bind(ArtifactState::strs(&[
+        ArtifactState::Receiving,
+        ArtifactState::Corrupt,
+    ]))
     .fetch_all(&mut *conn)
     .await?;
-    let receiving = rows.iter().filter(|(_, s)| s == "Receiving").count() as i64;
+    let receiving = rows
+        .iter()
+        .filter(|(_, s)| *s == ArtifactState::Receiving)
+        .count() as i64;
     let corrupt = rows
         .into_iter()
-        .filter(|(_, s)| s == "Corrupt")
+        .filter(|(_, s)| *s == ArtifactState::Corrupt)
         .map(|(n, _)| n)
         .collect();
     Ok((receiving, corrupt))
@@ -280,6 +285,7 @@ pub struct Row {
     pub step: String,
     pub attempt: i32,
     pub name: String,
+    /// An [`ArtifactState`], or `Incomplete` (see [`list`]).
     pub state: String,
     pub size: i64,
     pub sha256: Option<String>,
@@ -306,32 +312,47 @@ impl From<Row> for gantry_shared::api::Artifact {
     }
 }
 
-/// `Receiving` shows as `Incomplete` once its attempt has ended (a lost worker, a cancel):
-/// no more chunks will come.
+/// How a `Receiving` artifact of an ended attempt shows (a lost worker, a cancel): no more
+/// chunks will come.
+pub const INCOMPLETE: &str = "Incomplete";
+
+/// The columns of [`Row`]; `$2` is `Receiving`, `$3` the final attempt states, `$4`
+/// [`INCOMPLETE`] (see [`bind_states`]).
 const SELECT_ROWS: &str =
     "SELECT a.id, a.task_id, a.step_run_id, s.name AS step, a.attempt, a.name,
-        CASE WHEN a.state = 'Receiving'
-              AND t.state IN ('Success', 'Failed', 'TimedOut', 'Cancelled', 'WorkerLost')
-             THEN 'Incomplete' ELSE a.state END AS state,
+        CASE WHEN a.state = $2 AND t.state = ANY($3) THEN $4 ELSE a.state END AS state,
         COALESCE(a.size, a.bytes_stored) AS size, a.sha256, a.chunk_count,
         a.created_at, a.stored_at
      FROM artifacts a
      JOIN step_runs s ON s.id = a.step_run_id
      JOIN attempts t ON t.step_run_id = a.step_run_id AND t.attempt = a.attempt";
 
-/// A task's artifacts, in step order, then attempt, then upload order.
+type RowQuery<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, Row, sqlx::postgres::PgArguments>;
+
+/// Bind [`SELECT_ROWS`]'s `$2`, `$3` and `$4`.
+fn bind_states(q: RowQuery<'_>) -> RowQuery<'_> {
+    let ended: Vec<&str> = AttemptState::ALL
+        .iter()
+        .filter(|s| s.is_final())
+        .map(|s| s.as_str())
+        .collect();
+    q.bind(ArtifactState::Receiving)
+        .bind(ended)
+        .bind(INCOMPLETE)
+}
+
+/// A task's artifacts, in step order, then attempt, then upload order; one `Receiving`
+/// whose attempt has ended shows as [`INCOMPLETE`].
 pub async fn list(db: &PgPool, task: TaskId) -> sqlx::Result<Vec<Row>> {
-    sqlx::query_as(&format!(
-        "{SELECT_ROWS} WHERE a.task_id = $1 ORDER BY s.idx, a.attempt, a.idx"
-    ))
-    .bind(task.0)
-    .fetch_all(db)
-    .await
+    let sql = format!("{SELECT_ROWS} WHERE a.task_id = $1 ORDER BY s.idx, a.attempt, a.idx");
+    bind_states(sqlx::query_as(&sql).bind(task.0))
+        .fetch_all(db)
+        .await
 }
 
 pub async fn get(db: &PgPool, id: ArtifactId) -> sqlx::Result<Option<Row>> {
-    sqlx::query_as(&format!("{SELECT_ROWS} WHERE a.id = $1"))
-        .bind(id.0)
+    let sql = format!("{SELECT_ROWS} WHERE a.id = $1");
+    bind_states(sqlx::query_as(&sql).bind(id.0))
         .fetch_optional(db)
         .await
 }

@@ -1,4 +1,10 @@
-//! # Cancels nobody answers
+//! # Cancels
+//!
+//! [`request`] is `POST /api/tasks/{id}/cancel`: the task becomes `Cancelling`, attempts that
+//! have not started end `Cancelled` at once (giving up their mutexes), and the agents of the
+//! running ones are told to stop them.
+//!
+//! ## Cancels nobody answers
 //!
 //! A cancel tells the agent of each running attempt to stop it, and the attempt ends when the
 //! agent reports its `StepFinished`. An agent that never answers (frozen, cut off, gone
@@ -13,7 +19,9 @@
 
 use crate::attempts;
 use crate::orchestrator::Orchestrator;
-use gantry_shared::ids::StepRunId;
+use crate::store;
+use crate::transitions::{self, AttemptState, TaskState};
+use gantry_shared::ids::{StepRunId, TaskId, WorkerId};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -35,6 +43,93 @@ pub const REPORT_AFTER_KILL: Duration = Duration::from_secs(2);
 pub fn answer_within(grace_secs: i64) -> Duration {
     let grace = Duration::from_secs(grace_secs.clamp(0, 3600) as u64);
     ANSWER_WITHIN.max(grace.saturating_add(REPORT_AFTER_KILL))
+}
+
+/// What a cancel needs.
+pub struct Canceller<'a> {
+    pub db: &'a PgPool,
+    pub orchestrator: &'a Orchestrator,
+    pub locks: &'a crate::locks::Locks,
+    pub retry_base: Duration,
+}
+
+/// Cancel a task: steps not started never start (jobs already queued are refused at their
+/// claim), waiting and queued attempts end at once (giving up their mutexes), and running
+/// scripts are stopped by their agents (SIGTERM to the process group, SIGKILL after a grace).
+/// The task ends `Cancelled` once nothing runs any more. Returns its name and its state
+/// (`Cancelling`, also when it already was).
+pub async fn request(c: &Canceller<'_>, task: TaskId) -> store::Result<(String, TaskState)> {
+    let mut tx = c.db.begin().await?;
+    let row: Option<(String, TaskState)> =
+        sqlx::query_as("SELECT name, state FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(task.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((name, state)) = row else {
+        return Err(store::Error::not_found(format!("no task with id {task}")));
+    };
+    if state.is_terminal() {
+        return Err(store::Error::conflict(format!(
+            "task {task} has already ended ({state}); there is nothing to cancel"
+        )));
+    }
+    if state == TaskState::Cancelling {
+        return Ok((name, state));
+    }
+    transitions::task_to(&mut tx, task, TaskState::Cancelling, None).await?;
+    crate::logs::append_system(&mut tx, task, None, "Cancellation requested").await?;
+    let live: Vec<(Uuid, i32, AttemptState, Option<Uuid>)> = sqlx::query_as(
+        "SELECT a.step_run_id, a.attempt, a.state, a.worker_id FROM attempts a
+         JOIN step_runs s ON s.id = a.step_run_id
+         WHERE s.task_id = $1 AND a.state = ANY($2)",
+    )
+    .bind(task.0)
+    .bind(AttemptState::strs(&AttemptState::LIVE))
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut releases = Vec::new();
+    let mut running = Vec::new();
+    for (step_run, attempt, state, worker) in live {
+        let step_run = StepRunId(step_run);
+        let attempt = attempt as u32;
+        if state == AttemptState::Running {
+            if let Some(w) = worker {
+                running.push((WorkerId(w), step_run, attempt));
+            }
+            continue;
+        }
+        if let Some(locked) = attempts::lock(&mut tx, step_run, attempt).await? {
+            attempts::conclude(
+                &mut tx,
+                &locked,
+                step_run,
+                attempt,
+                AttemptState::Cancelled,
+                Some("cancelled before it started"),
+                c.retry_base,
+            )
+            .await?;
+            if let Some(mutex) = locked.mutex.clone() {
+                releases.push((mutex, step_run, attempt, locked.mutex_token));
+            }
+        }
+    }
+    attempts::wake(&mut tx, task).await?;
+    tx.commit().await?;
+    for (mutex, step_run, attempt, token) in releases {
+        // Give up the lease, or leave the queue for a step that was still waiting.
+        c.locks
+            .release_or_withdraw(&mutex, step_run, attempt, token.map(|t| t as u64))
+            .await;
+    }
+    for (worker, step_run, attempt) in running {
+        c.orchestrator
+            .cancel_running(worker, step_run, attempt)
+            .await;
+    }
+    c.orchestrator.kick(task);
+    tracing::info!(%task, "cancellation requested");
+    Ok((name, TaskState::Cancelling))
 }
 
 /// Start the loop (supervised).
@@ -84,9 +179,11 @@ async fn pass(
          FROM attempts a
          JOIN step_runs s ON s.id = a.step_run_id JOIN tasks t ON t.id = s.task_id
          LEFT JOIN workers w ON w.id = a.worker_id
-         WHERE t.state = 'Cancelling' AND a.state = 'Running'
+         WHERE t.state = $1 AND a.state = $2
          LIMIT 10000",
     )
+    .bind(TaskState::Cancelling)
+    .bind(AttemptState::Running)
     .fetch_all(db)
     .await?;
     let now = Instant::now();
@@ -111,14 +208,14 @@ async fn pass(
         };
         let mut tx = db.begin().await?;
         if let Some(locked) = attempts::lock(&mut tx, step_run, attempt_no).await?
-            && locked.state == "Running"
+            && locked.state == AttemptState::Running
         {
             attempts::conclude(
                 &mut tx,
                 &locked,
                 step_run,
                 attempt_no,
-                crate::transitions::AttemptState::Cancelled,
+                AttemptState::Cancelled,
                 Some(&why),
                 retry_base,
             )

@@ -11,7 +11,8 @@
 //! permissions, a token's worker; a worker's `enabled` and health are read fresh where they
 //! decide anything (the claim reads them in its own transaction).
 //!
-//! The memory is trusted only while the `LISTEN` connection has been up without a break
+//! The memory is trusted only while the node's `LISTEN` connection (`notify.rs`) has been up
+//! without a break
 //! since the entry was stored (a generation number, bumped on every notification and every
 //! reconnect): with the listener down, nothing is remembered and every request reads the
 //! database, as before.
@@ -125,45 +126,6 @@ impl Credentials {
             workers.clear();
         }
         workers.insert(hash.to_owned(), entry);
-    }
-}
-
-/// Keep `creds` in step with PostgreSQL: listen on [`CHANNEL`], forget on every notification,
-/// and trust nothing while the connection is down.
-pub fn spawn_listener(
-    db: sqlx::PgPool,
-    creds: std::sync::Arc<Credentials>,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    crate::supervise::spawn("listen-credentials", cancel.clone(), move || {
-        let (db, creds, cancel) = (db.clone(), creds.clone(), cancel.clone());
-        async move {
-            let _down = Down(&creds);
-            let mut listener = sqlx::postgres::PgListener::connect_with(&db).await?;
-            listener.listen(CHANNEL).await?;
-            creds.set_live(true);
-            loop {
-                let n = tokio::select! {
-                    n = listener.try_recv() => n,
-                    _ = cancel.cancelled() => return Ok(()),
-                };
-                match n? {
-                    Some(_) => creds.invalidate(),
-                    // The connection was lost: whatever was sent meanwhile is gone, so trust
-                    // nothing until a new connection listens (the supervisor restarts this).
-                    None => anyhow::bail!("the LISTEN connection for credentials was lost"),
-                }
-            }
-        }
-    });
-}
-
-/// Marks the memory untrusted when the listener stops, however it stops.
-struct Down<'a>(&'a Credentials);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        self.0.set_live(false);
     }
 }
 

@@ -10,6 +10,7 @@
 //! message again when it (or the task's next owner) finds it unrecorded.
 
 use crate::attempts;
+use crate::transitions::AttemptState;
 use gantry_shared::config::SmtpSettings;
 use gantry_shared::ids::{StepRunId, TaskId};
 use lettre::message::{Mailbox, header::ContentType};
@@ -118,7 +119,7 @@ async fn record(
     let Some(locked) = attempts::lock(&mut tx, m.step_run, m.attempt).await? else {
         return Ok(());
     };
-    if locked.state != "Running" {
+    if locked.state != AttemptState::Running {
         // Cancelled meanwhile: the message may have gone out, the attempt stays as it is.
         return Ok(());
     }
@@ -145,7 +146,7 @@ async fn record(
                 &locked,
                 m.step_run,
                 m.attempt,
-                crate::transitions::AttemptState::Success,
+                AttemptState::Success,
                 None,
                 retry_base,
             )
@@ -157,7 +158,7 @@ async fn record(
                 &locked,
                 m.step_run,
                 m.attempt,
-                crate::transitions::AttemptState::Failed,
+                AttemptState::Failed,
                 Some(&format!("could not send the e-mail: {e}")),
                 retry_base,
             )

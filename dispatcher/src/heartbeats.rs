@@ -5,15 +5,13 @@
 //! `senders`); what it says of that worker (version, health and its reason) is clipped and
 //! stored, with a `worker_health_events` row for each change of health.
 
-use crate::monitors::reconsume;
 use crate::senders::{Attribution, Sender};
-use futures::{FutureExt, StreamExt};
+use crate::transitions::{self, HeartbeatRow, WorkerHealth};
 use gantry_shared::amqp::Broker;
+use gantry_shared::amqp::consume::{Message, QueueConsumer, Settle};
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::Heartbeat;
-use lapin::options::BasicAckOptions;
 use sqlx::PgPool;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Heartbeats stored in one transaction at most.
@@ -32,67 +30,42 @@ pub fn spawn_heartbeats(
 ) {
     let queue = topology.heartbeats_queue();
     crate::supervise::spawn("heartbeats", cancel.clone(), move || {
-        let (db, broker, queue, attribution, cancel) = (
-            db.clone(),
+        let consumer = QueueConsumer::new(
             broker.clone(),
             queue.clone(),
-            attribution.clone(),
+            "gantry-dispatcher-heartbeats",
+            HEARTBEAT_BATCH as u16,
             cancel.clone(),
         );
+        let (db, attribution) = (db.clone(), attribution.clone());
         async move {
-            loop {
-                let tag = "gantry-dispatcher-heartbeats";
-                let prefetch = HEARTBEAT_BATCH as u16;
-                let Some(mut consumer) = reconsume(&broker, &queue, tag, prefetch, &cancel).await
-                else {
-                    return Ok(());
-                };
-                loop {
-                    let first = tokio::select! {
-                        n = consumer.next() => n,
-                        _ = cancel.cancelled() => return Ok(()),
-                    };
-                    let Some(Ok(first)) = first else { break };
-                    let mut batch = vec![first];
-                    let mut broken = false;
-                    while batch.len() < HEARTBEAT_BATCH {
-                        match consumer.next().now_or_never() {
-                            Some(Some(Ok(d))) => batch.push(d),
-                            Some(_) => {
-                                broken = true;
-                                break;
-                            }
-                            None => break,
+            consumer
+                .run_batches(HEARTBEAT_BATCH, |batch| {
+                    let (db, attribution) = (&db, &attribution);
+                    async move {
+                        let beats: Vec<Beat> = batch
+                            .iter()
+                            .filter_map(|m| match Heartbeat::decode(&m.data) {
+                                Ok(hb) => attribute(attribution, m, hb),
+                                Err(_) => {
+                                    tracing::debug!("ignoring a malformed heartbeat");
+                                    None
+                                }
+                            })
+                            .collect();
+                        // A batch that cannot be stored is simply superseded by the next
+                        // heartbeats: acked either way.
+                        if let Err(e) = store_heartbeats(db, beats).await {
+                            crate::supervise::pass_failed(
+                                "heartbeats",
+                                &format!("heartbeats not stored: {e}"),
+                            );
                         }
+                        Settle::Ack
                     }
-                    let beats: Vec<Beat> = batch
-                        .iter()
-                        .filter_map(|d| match Heartbeat::decode(&d.data) {
-                            Ok(hb) => attribute(&attribution, d, hb),
-                            Err(_) => {
-                                tracing::debug!("ignoring a malformed heartbeat");
-                                None
-                            }
-                        })
-                        .collect();
-                    // A batch that cannot be stored is simply superseded by the next heartbeats.
-                    if let Err(e) = store_heartbeats(&db, beats).await {
-                        crate::supervise::pass_failed(
-                            "heartbeats",
-                            &format!("heartbeats not stored: {e}"),
-                        );
-                    }
-                    // Deliveries on one channel are acked in order: acking the last with
-                    // `multiple` acks the whole batch.
-                    if let Some(last) = batch.last() {
-                        let _ = last.ack(BasicAckOptions { multiple: true }).await;
-                    }
-                    if broken {
-                        break;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+                })
+                .await;
+            Ok(())
         }
     });
 }
@@ -123,8 +96,8 @@ struct Beat {
 
 /// Believe a heartbeat's `worker_id` only as far as its sender allows (see `senders`): a
 /// forged heartbeat for another worker (to keep a killed agent looking alive) is dropped.
-fn attribute(a: &Attribution, d: &lapin::message::Delivery, mut hb: Heartbeat) -> Option<Beat> {
-    let sender = a.sender(d.properties.user_id().as_ref().map(|u| u.as_str()));
+fn attribute(a: &Attribution, m: &Message, mut hb: Heartbeat) -> Option<Beat> {
+    let sender = a.sender(m.user_id());
     // What an agent says of itself is stored and shown: bounded, whatever it sends.
     hb.version = crate::logs::storable(&clip(&hb.version, MAX_VERSION)).into_owned();
     hb.health_reason = hb
@@ -161,69 +134,49 @@ async fn store_heartbeats(db: &PgPool, beats: Vec<Beat>) -> sqlx::Result<()> {
     if latest.is_empty() {
         return Ok(());
     }
-    let ids: Vec<uuid::Uuid> = latest.keys().copied().collect();
-    let versions: Vec<&str> = latest.values().map(|b| b.hb.version.as_str()).collect();
-    let healths: Vec<&str> = latest
+    let rows: Vec<HeartbeatRow<'_>> = latest
         .values()
-        .map(|b| {
-            b.hb.health
-                .as_deref()
-                .filter(|h| matches!(*h, "Healthy" | "HasWarnings" | "Unhealthy"))
-                .unwrap_or("Healthy")
+        .map(|b| HeartbeatRow {
+            worker: b.hb.worker_id,
+            version: &b.hb.version,
+            health: reported_health(b.hb.health.as_deref()),
+            reason: b.hb.health_reason.as_deref(),
+            builtin_only: b.builtin_only,
         })
         .collect();
-    let reasons: Vec<Option<&str>> = latest
-        .values()
-        .map(|b| b.hb.health_reason.as_deref())
-        .collect();
-    let builtin_only: Vec<bool> = latest.values().map(|b| b.builtin_only).collect();
     let mut tx = db.begin().await?;
-    // One statement: the heartbeat itself, and the health where it changed (the old value
-    // comes from the row as it was before this update).
-    let changed: Vec<(uuid::Uuid, String, Option<String>)> = sqlx::query_as(
-        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                         $5::bool[])
-                      AS u(id, version, health, reason, builtin_only)),
-              old AS (SELECT w.id, w.health, w.health_reason FROM workers w JOIN u ON u.id = w.id
-                      WHERE w.builtin OR NOT u.builtin_only
-                      ORDER BY w.id FOR UPDATE OF w)
-         UPDATE workers w SET last_heartbeat_at = now(), agent_version = u.version,
-                              health = u.health, health_reason = u.reason
-         FROM u JOIN old ON old.id = u.id
-         WHERE w.id = u.id
-         RETURNING w.id, w.health, w.health_reason,
-                   (old.health, COALESCE(old.health_reason, '')) <> (u.health, COALESCE(u.reason, ''))",
-    )
-    .bind(&ids)
-    .bind(&versions)
-    .bind(&healths)
-    .bind(&reasons)
-    .bind(&builtin_only)
-    .fetch_all(&mut *tx)
-    .await
-    .map(|rows: Vec<(uuid::Uuid, String, Option<String>, bool)>| {
-        rows.into_iter()
-            .filter(|r| r.3)
-            .map(|(id, h, r, _)| (id, h, r))
-            .collect()
-    })?;
-    if !changed.is_empty() {
-        let ids: Vec<uuid::Uuid> = changed.iter().map(|c| c.0).collect();
-        let healths: Vec<&str> = changed.iter().map(|c| c.1.as_str()).collect();
-        let reasons: Vec<Option<&str>> = changed.iter().map(|c| c.2.as_deref()).collect();
-        sqlx::query(
-            "INSERT INTO worker_health_events (worker_id, health, reason)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])",
-        )
-        .bind(&ids)
-        .bind(&healths)
-        .bind(&reasons)
-        .execute(&mut *tx)
-        .await?;
-    }
+    let changed = transitions::store_heartbeats(&mut tx, &rows).await?;
     tx.commit().await?;
-    for (worker, health, reason) in &changed {
-        tracing::info!(%worker, health, reason, "worker health changed");
+    for c in &changed {
+        tracing::info!(worker = %c.worker, health = %c.health, reason = c.reason, "worker health changed");
     }
     Ok(())
+}
+
+/// The health an agent reports of itself: its own verdicts only (`Unavailable` is the
+/// dispatcher's, and anything else or nothing counts as `Healthy`).
+fn reported_health(reported: Option<&str>) -> WorkerHealth {
+    match reported.and_then(|h| h.parse().ok()) {
+        Some(h @ (WorkerHealth::Healthy | WorkerHealth::HasWarnings | WorkerHealth::Unhealthy)) => {
+            h
+        }
+        _ => WorkerHealth::Healthy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_agents_own_verdicts_are_believed() {
+        assert_eq!(reported_health(Some("Unhealthy")), WorkerHealth::Unhealthy);
+        assert_eq!(
+            reported_health(Some("HasWarnings")),
+            WorkerHealth::HasWarnings
+        );
+        assert_eq!(reported_health(Some("Unavailable")), WorkerHealth::Healthy);
+        assert_eq!(reported_health(Some("bogus")), WorkerHealth::Healthy);
+        assert_eq!(reported_health(None), WorkerHealth::Healthy);
+    }
 }

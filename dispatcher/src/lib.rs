@@ -7,9 +7,11 @@
 //! - [`app`]: builds a node from its settings and runs it.
 //! - [`db`]: database creation, migrations, bootstrap rows.
 //! - [`api`]: routes, extractors, JSON errors.
-//! - [`store`]: SQL for pools, workers, keys and task views.
+//! - [`store`]: SQL for the API's records (pools, workers, keys, tasks, approvals, ...), with
+//!   its own error type.
 //! - [`builtin`]: the node's built-in worker (an in-process agent).
-//! - [`cancels`]: cancelled attempts whose agent never answers, concluded after a bound.
+//! - [`cancels`]: cancelling a task; cancelled attempts whose agent never answers, concluded
+//!   after a bound.
 //! - [`email`]: e-mail steps, sent by the dispatcher over SMTP.
 //! - [`orchestrator`]: decides each task's next steps and publishes their jobs.
 //! - [`attempts`]: the attempt state machine shared by the orchestrator, claims and results.
@@ -18,9 +20,9 @@
 //! - [`logs`]: gapless, ordered log storage and reading.
 //! - [`locks`]: waiting for named mutexes, granting and renewing them before a claim.
 //! - [`heartbeats`]: agents' heartbeats, believed only of the worker that sent them.
-//! - [`monitors`]: worker availability, dead letters, worker loss.
+//! - [`monitors`]: dead letters, worker availability, worker loss (a file each).
 //! - [`nodes`]: which dispatcher node orchestrates which task (leases in PostgreSQL).
-//! - [`notify`]: PostgreSQL LISTEN fan-out for live log followers.
+//! - [`notify`]: the node's one PostgreSQL LISTEN connection: log followers and wake-ups.
 //! - [`metrics`]: Prometheus text.
 //! - [`secrets`]: sensitive values sealed at rest, bound to their task and name.
 //! - [`quotas`]: per-task storage quotas (`limits.*`).

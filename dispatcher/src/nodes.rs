@@ -31,10 +31,8 @@
 
 use crate::logs;
 use gantry_shared::ids::TaskId;
-use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// How long a node's lease (its ownership of all its tasks) lasts without renewal. Renewed
@@ -312,60 +310,4 @@ pub async fn release_all(db: &PgPool, node: &Node) {
             tracing::warn!(error = %e, "stopping: could not release this node's tasks; they are taken over when their leases expire")
         }
     }
-}
-
-/// Listen for wake-ups written by any node and pass them to `kick`. Notifications lost while
-/// the listener reconnects are covered by the sweep.
-pub fn spawn_wake_listener(
-    db: PgPool,
-    kick: impl Fn(TaskId) + Send + Sync + 'static,
-    cancel: CancellationToken,
-) {
-    let kick = std::sync::Arc::new(kick);
-    crate::supervise::spawn("listen-wakeups", cancel.clone(), move || {
-        let db = db.clone();
-        let kick = kick.clone();
-        let cancel = cancel.clone();
-        async move {
-            loop {
-                let listener = async {
-                    let mut l = PgListener::connect_with(&db).await?;
-                    l.listen(WAKE_CHANNEL).await?;
-                    Ok::<_, sqlx::Error>(l)
-                };
-                let mut listener = tokio::select! {
-                    l = listener => match l {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "wake-up LISTEN failed; retrying");
-                            tokio::select! {
-                                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                                _ = cancel.cancelled() => return Ok(()),
-                            }
-                        }
-                    },
-                    _ = cancel.cancelled() => return Ok(()),
-                };
-                loop {
-                    let n = tokio::select! {
-                        n = listener.try_recv() => n,
-                        _ = cancel.cancelled() => return Ok(()),
-                    };
-                    match n {
-                        Ok(Some(n)) => {
-                            if let Ok(id) = Uuid::parse_str(n.payload()) {
-                                kick(TaskId(id));
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::debug!(error = %e, "wake-up LISTEN connection lost; reconnecting");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    });
 }

@@ -8,6 +8,7 @@
 
 use crate::attempts::{self, Locked};
 use crate::logs;
+use crate::transitions::AttemptState;
 use gantry_shared::ids::{StepRunId, TaskId};
 use gantry_shared::wire::LogLine;
 use sqlx::PgConnection;
@@ -110,7 +111,7 @@ pub async fn fail_attempt(
         locked,
         step_run,
         attempt,
-        crate::transitions::AttemptState::Failed,
+        AttemptState::Failed,
         Some(why.as_str()),
         retry_base,
     )

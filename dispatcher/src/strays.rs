@@ -16,6 +16,7 @@
 
 use crate::broker_users::BrokerUsers;
 use crate::orchestrator::Orchestrator;
+use crate::transitions::AttemptState;
 use gantry_shared::amqp::Broker;
 use gantry_shared::ids::StepRunId;
 use gantry_shared::topology::Topology;
@@ -77,11 +78,12 @@ impl Strays {
             "SELECT routing_key, array_agg(step_run_id ORDER BY queued_at),
                     array_agg(attempt ORDER BY queued_at)
              FROM attempts
-             WHERE state = 'Queued' AND routing_key IS NOT NULL
+             WHERE state = $2 AND routing_key IS NOT NULL
                AND queued_at < now() - $1::interval
              GROUP BY routing_key",
         )
         .bind(GRACE)
+        .bind(AttemptState::Queued)
         .fetch_all(&self.db)
         .await?;
         if rows.is_empty() {

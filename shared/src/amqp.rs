@@ -16,8 +16,13 @@
 //! RabbitMQ checks (a message claiming any other user is refused with 406): that is how the
 //! dispatcher knows which worker sent an event, whatever its body says.
 //!
+//! [`consume::QueueConsumer`] is the one way to consume a queue: re-consumed after any
+//! break, each delivery settled exactly once (ack, requeue or reject).
+//!
 //! `amqps://` URLs connect with TLS (rustls), trusting the built-in web roots and the PEM CA
 //! given to [`Broker::start_tls`] (`tls.ca_file`).
+
+pub mod consume;
 
 use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};

@@ -3,6 +3,7 @@
 //! dispatcher owns the routes and the clients own their HTTP plumbing.
 
 use crate::ids::{ApiKeyId, ArtifactId, ClaimId, JobId, PoolId, StepRunId, TaskId, WorkerId};
+use crate::states::{AttemptState, StepState, TaskState, WorkerHealth};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -141,7 +142,7 @@ pub struct Worker {
     pub max_concurrent_steps: u32,
     pub enabled: bool,
     /// `Healthy`, `HasWarnings`, `Unhealthy` or `Unavailable`.
-    pub health: String,
+    pub health: WorkerHealth,
     pub health_reason: Option<String>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub version: Option<String>,
@@ -256,7 +257,7 @@ pub struct MachinePolicyUpdate {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HealthEvent {
     pub at: DateTime<Utc>,
-    pub health: String,
+    pub health: WorkerHealth,
     pub reason: Option<String>,
 }
 
@@ -299,14 +300,14 @@ pub struct ApiKeyDelete {
 pub struct TaskCreated {
     pub id: TaskId,
     pub name: String,
-    pub state: String,
+    pub state: TaskState,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskSummary {
     pub id: TaskId,
     pub name: String,
-    pub state: String,
+    pub state: TaskState,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -325,7 +326,7 @@ pub struct StepRun {
     pub id: StepRunId,
     pub index: u32,
     pub name: String,
-    pub state: String,
+    pub state: StepState,
     pub pool: Option<String>,
     pub waiting_for: Option<String>,
     /// Why the step was skipped, or failed without an attempt.
@@ -369,7 +370,7 @@ pub struct Decision {
 pub struct Attempt {
     pub attempt: u32,
     pub job_id: JobId,
-    pub state: String,
+    pub state: AttemptState,
     pub worker_id: Option<WorkerId>,
     pub worker: Option<String>,
     pub exit_code: Option<i32>,
@@ -433,7 +434,7 @@ pub struct Artifact {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LogEnd {
     pub task_id: TaskId,
-    pub state: String,
+    pub state: TaskState,
 }
 
 // ---- claims ----

@@ -75,9 +75,9 @@ async fn a_frozen_agent_is_unavailable_and_its_step_lost_within_30_s() {
                 stack.get("/api/workers").await.ok()?;
             let w = ws.into_iter().find(|w| w.name == "frozen")?;
             let t = stack.task(task).await.ok()?;
-            let a = t.steps[0].attempts[0].state.clone();
+            let a = t.steps[0].attempts[0].state;
             (w.health == "Unavailable" && a == "WorkerLost")
-                .then(|| (w.health, t.steps[0].state.clone(), a))
+                .then(|| (w.health, t.steps[0].state, a))
         },
     )
     .await

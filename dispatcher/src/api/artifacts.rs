@@ -9,6 +9,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{Caller, parse_id};
 use crate::artifacts;
 use crate::store::tasks;
+use crate::transitions::ArtifactState;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -41,7 +42,7 @@ pub async fn download(
     let row = artifacts::get(&s.db, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no artifact with id {id}")))?;
-    if row.state != "Stored" {
+    if row.state != ArtifactState::Stored.as_str() {
         return Err(ApiError::Conflict(format!(
             "artifact {} ({}) is {}, not Stored: only a complete artifact whose sha256 was checked can be downloaded",
             row.id, row.name, row.state

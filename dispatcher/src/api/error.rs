@@ -71,6 +71,23 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// The only place a store error becomes an HTTP answer.
+impl From<crate::store::Error> for ApiError {
+    fn from(e: crate::store::Error) -> Self {
+        use crate::store::Error as E;
+        match e {
+            E::NotFound(m) => Self::NotFound(m),
+            E::Conflict(m) => Self::Conflict(m),
+            E::Denied(m) => Self::Denied(m),
+            E::Invalid { field, message } => Self::BadRequest {
+                message,
+                field: Some(field),
+            },
+            E::Db(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::broker_users::Error> for ApiError {
     fn from(e: crate::broker_users::Error) -> Self {
         // Either way the broker did not take the change, and nothing was committed: the

@@ -8,6 +8,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use gantry_shared::api::{API_KEY_HEADER, Permission, WORKER_TOKEN_HEADER};
 use gantry_shared::ids::{ApiKeyId, WorkerId};
+use gantry_shared::states::WorkerHealth;
 use serde::de::DeserializeOwned;
 
 /// Largest JSON body accepted (a process with big scripts fits easily).
@@ -125,12 +126,9 @@ impl FromRequestParts<AppState> for Caller {
             Some(e) => e,
             None => {
                 let seen = creds.generation();
-                let row: Option<(uuid::Uuid, Vec<String>)> =
-                    sqlx::query_as("SELECT id, permissions FROM api_keys WHERE key_hash = $1")
-                        .bind(&hash)
-                        .fetch_optional(&state.db)
-                        .await?;
-                let (id, permissions) = row.ok_or(ApiError::Unauthorized)?;
+                let (id, permissions) = crate::store::keys::lookup(&state.db, &hash)
+                    .await?
+                    .ok_or(ApiError::Unauthorized)?;
                 let entry = crate::credentials::KeyEntry {
                     id,
                     permissions,
@@ -140,24 +138,24 @@ impl FromRequestParts<AppState> for Caller {
                 entry
             }
         };
-        let (id, perms) = (entry.id, entry.permissions);
         if creds.touch_due(&hash) {
             // Record use at most once a minute per node, so requests do not each write a row;
             // in the background, so no request waits for it.
             let db = state.db.clone();
-            tokio::spawn(async move {
-                let _ = sqlx::query(
-                    "UPDATE api_keys SET last_used_at = now()
-                     WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
-                )
-                .bind(id)
-                .execute(&db)
-                .await;
-            });
+            let id = entry.id;
+            tokio::spawn(async move { crate::store::keys::touch(&db, id).await });
         }
+        let (key_id, permissions) = (
+            ApiKeyId(entry.id),
+            entry
+                .permissions
+                .iter()
+                .filter_map(|p| Permission::parse(p))
+                .collect(),
+        );
         Ok(Caller {
-            key_id: ApiKeyId(id),
-            permissions: perms.iter().filter_map(|p| Permission::parse(p)).collect(),
+            key_id,
+            permissions,
         })
     }
 }
@@ -168,8 +166,8 @@ pub struct WorkerCaller {
     pub worker_id: WorkerId,
     pub name: String,
     pub enabled: bool,
-    /// As last stored: `Healthy`, `HasWarnings`, `Unhealthy` or `Unavailable`.
-    pub health: String,
+    /// As last stored.
+    pub health: WorkerHealth,
     pub health_reason: Option<String>,
     /// A dispatcher node's built-in worker.
     pub builtin: bool,
@@ -186,22 +184,16 @@ impl FromRequestParts<AppState> for WorkerCaller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::WorkerUnauthorized)?;
-        let row: Option<(uuid::Uuid, String, bool, String, Option<String>, bool)> = sqlx::query_as(
-            "SELECT id, name, enabled, health, health_reason, builtin FROM workers
-                 WHERE token_hash = $1",
-        )
-        .bind(auth::hash_secret(token))
-        .fetch_optional(&state.db)
-        .await?;
-        let (id, name, enabled, health, health_reason, builtin) =
-            row.ok_or(ApiError::WorkerUnauthorized)?;
+        let w = crate::store::workers::authenticate(&state.db, &auth::hash_secret(token))
+            .await?
+            .ok_or(ApiError::WorkerUnauthorized)?;
         Ok(WorkerCaller {
-            worker_id: WorkerId(id),
-            name,
-            enabled,
-            health,
-            health_reason,
-            builtin,
+            worker_id: WorkerId(w.id),
+            name: w.name,
+            enabled: w.enabled,
+            health: w.health,
+            health_reason: w.health_reason,
+            builtin: w.builtin,
         })
     }
 }
@@ -250,7 +242,13 @@ impl FromRequestParts<AppState> for WorkerIdentity {
 impl WorkerIdentity {
     /// The worker as it is now, read in the caller's transaction; 401 if it is gone.
     pub async fn fresh(&self, conn: &mut sqlx::PgConnection) -> Result<WorkerCaller, ApiError> {
-        let row: Option<(String, bool, String, Option<String>, bool)> = sqlx::query_as(
+        let row: Option<(
+            String,
+            bool,
+            gantry_shared::states::WorkerHealth,
+            Option<String>,
+            bool,
+        )> = sqlx::query_as(
             "SELECT name, enabled, health, health_reason, builtin FROM workers WHERE id = $1",
         )
         .bind(self.worker_id.0)

@@ -9,11 +9,11 @@
 use super::AppState;
 use super::error::{ApiError, ApiResult};
 use super::extract::{WorkerCaller, parse_id};
+use crate::transitions::AttemptState;
 use axum::Json;
 use axum::extract::{Path, State};
 use gantry_shared::api::JobLog;
 use gantry_shared::ids::JobId;
-use uuid::Uuid;
 
 pub async fn stored(
     State(s): State<AppState>,
@@ -21,15 +21,12 @@ pub async fn stored(
     Path(job_id): Path<String>,
 ) -> ApiResult<Json<JobLog>> {
     let job_id: JobId = parse_id(&job_id, "job")?;
-    let row: Option<(Option<Uuid>, String, i64)> =
-        sqlx::query_as("SELECT worker_id, state, lines_stored FROM attempts WHERE job_id = $1")
-            .bind(job_id.0)
-            .fetch_optional(&s.db)
-            .await?;
-    let Some((owner, state, lines_stored)) = row else {
+    let Some((owner, state, lines_stored)) =
+        crate::store::jobs::stored_lines(&s.db, job_id).await?
+    else {
         return Err(ApiError::not_found(format!("no job {job_id}")));
     };
-    if owner != Some(worker.worker_id.0) || state != "Running" {
+    if owner != Some(worker.worker_id.0) || state != AttemptState::Running {
         return Err(ApiError::Conflict(format!(
             "job {job_id} is not running on worker {}",
             worker.name

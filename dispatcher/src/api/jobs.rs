@@ -360,7 +360,7 @@ pub async fn renew_lease(
     let Some(h) = attempts::lease_holder(&s.db, job_id).await? else {
         return Err(ApiError::not_found(format!("no job {job_id}")));
     };
-    if h.worker_id != Some(worker.worker_id.0) || h.state != "Running" {
+    if h.worker_id != Some(worker.worker_id.0) || h.state != AttemptState::Running {
         return Err(ApiError::Conflict(format!(
             "job {job_id} is not running on worker {}",
             worker.name
@@ -463,32 +463,15 @@ pub async fn sensitive_output(
     if req.name.is_empty() || req.name.len() > 200 {
         return Err(ApiError::bad("name", "must be 1 to 200 characters"));
     }
-    let mut tx = s.db.begin().await?;
-    let Some((step_run, attempt, locked)) = attempts::lock_job(&mut tx, job_id).await? else {
-        return Err(ApiError::not_found(format!("no job {job_id}")));
-    };
-    if !locked.is_claimant(job_id, worker.worker_id) || locked.state != "Running" {
-        return Err(ApiError::Conflict(format!(
-            "job {job_id} is not running on worker {}",
-            worker.name
-        )));
-    }
-    sqlx::query(
-        "INSERT INTO output_variables (step_run_id, attempt, name, value, sensitive, sealed)
-         VALUES ($1, $2, $3, NULL, true, $4)
-         ON CONFLICT (step_run_id, attempt, name)
-         DO UPDATE SET value = NULL, sensitive = true, sealed = EXCLUDED.sealed",
-    )
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .bind(&req.name)
-    .bind(s.secrets.seal(
-        locked.task_id,
-        &format!("Steps.{}.Output.{}", locked.step_name, req.name),
+    crate::store::jobs::sensitive_output(
+        &s.db,
+        &s.secrets,
+        job_id,
+        worker.worker_id,
+        &worker.name,
+        &req.name,
         &req.value,
-    ))
-    .execute(&mut *tx)
+    )
     .await?;
-    tx.commit().await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }

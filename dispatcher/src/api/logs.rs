@@ -15,7 +15,7 @@ use super::extract::{Caller, parse_id};
 use super::{AppState, query_map};
 use crate::logs;
 use crate::notify::EVERYONE;
-use crate::store::tasks::{self, is_terminal};
+use crate::store::tasks;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
@@ -92,7 +92,7 @@ pub async fn log(
     let summary = tasks::summary(&s.db, task).await?;
     let names = logs::step_names(&s.db, task).await?;
     if !follow {
-        let complete_if_read = is_terminal(&summary.state);
+        let complete_if_read = summary.state.is_terminal();
         return page(s, task, after, limit, names, complete_if_read).await;
     }
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(256);
@@ -204,7 +204,7 @@ async fn follow_task(
     mut names: std::collections::HashMap<uuid::Uuid, String>,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
-    let mut wake = s.notifier.subscribe();
+    let mut wake = s.notifier.subscribe_logs();
     let mut want = FIRST_CHUNK;
     loop {
         // Read the state before the lines: if the task had ended by then, every line it will
@@ -251,7 +251,7 @@ async fn follow_task(
         if more {
             continue;
         }
-        if is_terminal(&state) {
+        if state.is_terminal() {
             let end = LogEnd {
                 task_id: task,
                 state,

@@ -10,7 +10,6 @@ use axum::extract::State;
 use gantry_shared::amqp::json_properties;
 use gantry_shared::api::{Permission, Settings, SettingsUpdate};
 use gantry_shared::wire::Control;
-use uuid::Uuid;
 
 pub async fn get(State(s): State<AppState>, _caller: Caller) -> ApiResult<Json<Settings>> {
     Ok(Json(settings::get(&s.db).await?))
@@ -27,9 +26,7 @@ pub async fn put(
         // Connected agents read it again at once; others when they (re)connect. The message
         // only says "read your configuration": the policy (a script!) never travels through
         // the broker, where it could be forged.
-        let workers: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM workers")
-            .fetch_all(&s.db)
-            .await?;
+        let workers = crate::store::workers::ids(&s.db).await?;
         let msg = Control::Reconfigure.encode();
         for w in workers {
             if let Err(e) = s

@@ -211,7 +211,7 @@ async fn dispatch(client: &Client, cli: &Cli) -> Result<ExitCode, CliError> {
                 return Ok(ExitCode::SUCCESS);
             }
             let end = follow_log(client, &created.id.to_string(), json).await?;
-            Ok(exit_for(&end.state))
+            Ok(exit_for(end.state))
         }
         Command::Tasks { state, limit } => {
             let mut path = format!("/api/tasks?limit={limit}");
@@ -238,7 +238,7 @@ async fn dispatch(client: &Client, cli: &Cli) -> Result<ExitCode, CliError> {
         Command::Log { id, follow } => {
             if *follow {
                 let end = follow_log(client, id, json).await?;
-                return Ok(exit_for(&end.state));
+                return Ok(exit_for(end.state));
             }
             let mut after = String::new();
             let mut out = std::io::stdout().lock();
@@ -275,7 +275,7 @@ async fn dispatch(client: &Client, cli: &Cli) -> Result<ExitCode, CliError> {
             if *wait {
                 loop {
                     let t: Task = client.get(&format!("/api/tasks/{}", r.id)).await?;
-                    if matches!(t.summary.state.as_str(), "Success" | "Failed" | "Cancelled") {
+                    if t.summary.state.is_terminal() {
                         println!("task {}: {}", r.id, t.summary.state);
                         break;
                     }

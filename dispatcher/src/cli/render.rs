@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Local, Utc};
 use gantry_shared::api::{Artifact, LogEntry, Pool, Task, TaskSummary, Worker};
+use gantry_shared::states::StepState;
 use std::fmt::Write;
 
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -62,7 +63,7 @@ pub fn tasks(tasks: &[TaskSummary]) -> String {
             vec![
                 t.id.to_string(),
                 t.name.clone(),
-                t.state.clone(),
+                t.state.to_string(),
                 time(Some(t.created_at)),
                 duration(t.started_at, t.finished_at),
             ]
@@ -120,7 +121,7 @@ pub fn task(t: &Task) -> String {
             };
             rows.push(vec![
                 step.name.clone(),
-                step.state.clone(),
+                step.state.to_string(),
                 "-".into(),
                 step.pool.clone().unwrap_or_else(|| "-".into()),
                 if step.approval.is_some() {
@@ -144,10 +145,10 @@ pub fn task(t: &Task) -> String {
                 (Some(w), true) if a.error.is_none() => format!("waiting for {w}"),
                 _ => a.error.clone().unwrap_or_default(),
             };
-            let state = if a.attempt == step.attempt && step.state == "Waiting" {
-                "Waiting".to_owned()
+            let state = if a.attempt == step.attempt && step.state == StepState::Waiting {
+                StepState::Waiting.to_string()
             } else {
-                a.state.clone()
+                a.state.to_string()
             };
             rows.push(vec![
                 step.name.clone(),
@@ -194,7 +195,7 @@ pub fn workers(workers: &[Worker]) -> String {
                 w.name.clone(),
                 w.id.to_string(),
                 if w.enabled { "yes" } else { "no" }.into(),
-                w.health.clone(),
+                w.health.to_string(),
                 format!("{}/{}", w.running_steps, w.max_concurrent_steps),
                 w.pools
                     .iter()

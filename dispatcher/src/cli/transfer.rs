@@ -3,6 +3,7 @@
 
 use super::client::{CliError, Client};
 use super::*;
+use gantry_shared::states::TaskState;
 
 /// Stream an artifact into `FILE.part` while hashing it, then rename it to `FILE` only if
 /// its sha256 is the one the dispatcher announced.
@@ -81,8 +82,8 @@ pub(super) async fn download(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn exit_for(state: &str) -> ExitCode {
-    if state == "Success" {
+pub(super) fn exit_for(state: TaskState) -> ExitCode {
+    if state == TaskState::Success {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -7,6 +7,7 @@ use super::leases::ensure_epoch;
 use super::{Inner, Waiter};
 use crate::attempts;
 use crate::logs;
+use crate::transitions::{self, AttemptState, StepState};
 use chrono::{DateTime, Utc};
 use gantry_shared::ids::{StepRunId, TaskId};
 use gantry_shared::locks::{self, Acquire, MutexKeys};
@@ -22,9 +23,10 @@ pub(super) async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
                      THEN GREATEST(LEAST((s.spec->>'mutex_timeout_secs')::numeric, $1), 0)::bigint
                 END AS mutex_timeout_secs
          FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
-         WHERE a.state = 'Waiting' ORDER BY a.waiting_since, a.created_at",
+         WHERE a.state = $2 ORDER BY a.waiting_since, a.created_at",
     )
     .bind(MAX_MUTEX_TIMEOUT_SECS)
+    .bind(AttemptState::Waiting)
     .fetch_all(&inner.db)
     .await?;
     {
@@ -61,11 +63,12 @@ pub(super) async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
         // its step must be marked lost before the next holder starts.
         let previous: Option<(Uuid, String)> = sqlx::query_as(
             "SELECT s.task_id, s.name FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
-             WHERE a.mutex_token IS NOT NULL AND a.state IN ('Pending', 'Queued', 'Running')
+             WHERE a.mutex_token IS NOT NULL AND a.state = ANY($2)
                AND s.spec->>'mutex' = $1
              LIMIT 1",
         )
         .bind(&mutex)
+        .bind(AttemptState::strs(&HOLDING))
         .fetch_optional(&inner.db)
         .await?;
         let mut held = previous.is_some();
@@ -116,6 +119,13 @@ pub(super) async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// States of an attempt that holds its mutex's lease (granted, not ended).
+pub(super) const HOLDING: [AttemptState; 3] = [
+    AttemptState::Pending,
+    AttemptState::Queued,
+    AttemptState::Running,
+];
+
 /// How often a waiter that is not next refreshes its place (well within `WAITER_ALIVE`).
 const REFRESH_PLACE: Duration = Duration::from_secs(4);
 
@@ -165,14 +175,14 @@ async fn serve_one(
         );
         let mut tx = inner.db.begin().await?;
         if let Some(locked) = attempts::lock(&mut tx, step_run, attempt).await?
-            && locked.state == "Waiting"
+            && locked.state == AttemptState::Waiting
         {
             attempts::conclude(
                 &mut tx,
                 &locked,
                 step_run,
                 attempt,
-                crate::transitions::AttemptState::Failed,
+                AttemptState::Failed,
                 Some(&why),
                 inner.retry_base,
             )
@@ -264,11 +274,12 @@ async fn report(inner: &Inner, w: &Waiter, msg: &str) -> sqlx::Result<()> {
     let mut tx = inner.db.begin().await?;
     let r = sqlx::query(
         "UPDATE step_runs SET waiting_for = $3
-         WHERE id = $1 AND attempt = $2 AND state = 'Waiting' AND waiting_for IS DISTINCT FROM $3",
+         WHERE id = $1 AND attempt = $2 AND state = $4 AND waiting_for IS DISTINCT FROM $3",
     )
     .bind(w.step_run_id)
     .bind(w.attempt)
     .bind(msg)
+    .bind(StepState::Waiting)
     .execute(&mut *tx)
     .await?;
     if r.rows_affected() == 1 {
@@ -296,14 +307,14 @@ async fn grant(inner: &Arc<Inner>, w: &Waiter, mutex: &str, token: u64) -> anyho
     let locked = attempts::lock(&mut tx, step_run, attempt).await?;
     if locked
         .as_ref()
-        .is_some_and(|l| l.state != "Waiting" && l.mutex_token == Some(token as i64))
+        .is_some_and(|l| l.state != AttemptState::Waiting && l.mutex_token == Some(token as i64))
     {
         // Another dispatcher node served the same waiter a moment earlier and recorded this
         // very grant (Redis answers a holder's acquire with its token): the lease is that
         // attempt's now, and releasing it would pull it from under its step.
         return Ok(());
     }
-    let still_waiting = locked.is_some_and(|l| l.state == "Waiting");
+    let still_waiting = locked.is_some_and(|l| l.state == AttemptState::Waiting);
     if !still_waiting {
         drop(tx);
         let keys = MutexKeys::new(&inner.ns, mutex);
@@ -316,19 +327,7 @@ async fn grant(inner: &Arc<Inner>, w: &Waiter, mutex: &str, token: u64) -> anyho
         .await;
         return Ok(());
     }
-    sqlx::query(
-        "UPDATE attempts SET state = 'Pending', mutex_token = $3, pending_since = now()
-         WHERE step_run_id = $1 AND attempt = $2",
-    )
-    .bind(w.step_run_id)
-    .bind(w.attempt)
-    .bind(token as i64)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE step_runs SET state = 'Pending', waiting_for = NULL WHERE id = $1")
-        .bind(w.step_run_id)
-        .execute(&mut *tx)
-        .await?;
+    transitions::grant(&mut tx, step_run, attempt, token as i64).await?;
     logs::append_system(
         &mut tx,
         TaskId(w.task_id),

@@ -2,13 +2,18 @@
 //! claimed yet, putting an attempt whose lease is gone back in the queue, and a new epoch
 //! (with its quiet period) when Redis comes back empty.
 
+use super::grants::HOLDING;
 use super::{Held, Inner};
 use crate::attempts;
 use crate::logs;
-use gantry_shared::ids::StepRunId;
+use crate::transitions::{self, AttemptState};
+use gantry_shared::ids::{JobId, StepRunId};
 use gantry_shared::locks::{self, MutexKeys, Reclaim, Renew};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Granted attempts no agent has claimed yet.
+const UNCLAIMED: [AttemptState; 2] = [AttemptState::Pending, AttemptState::Queued];
 
 /// Keep the leases of granted attempts no agent has claimed yet.
 pub(super) async fn renew_unclaimed(inner: &Arc<Inner>) -> anyhow::Result<()> {
@@ -16,8 +21,9 @@ pub(super) async fn renew_unclaimed(inner: &Arc<Inner>) -> anyhow::Result<()> {
         "SELECT a.step_run_id, a.attempt, s.task_id, s.name AS step_name,
                 s.spec->>'mutex' AS mutex, a.mutex_token
          FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
-         WHERE a.mutex_token IS NOT NULL AND a.state IN ('Pending', 'Queued')",
+         WHERE a.mutex_token IS NOT NULL AND a.state = ANY($1)",
     )
+    .bind(AttemptState::strs(&UNCLAIMED))
     .fetch_all(&inner.db)
     .await?;
     for h in held {
@@ -80,26 +86,13 @@ pub(super) async fn requeue(
     let Some(locked) = attempts::lock(&mut tx, step_run, attempt).await? else {
         return Ok(());
     };
-    if !matches!(locked.state.as_str(), "Pending" | "Queued") {
+    if !UNCLAIMED.contains(&locked.state) {
         return Ok(());
     }
-    crate::orchestrator::void_job(&mut tx, step_run, attempt).await?;
-    sqlx::query(
-        "UPDATE attempts SET state = 'Waiting', mutex_token = NULL, waiting_since = now()
-         WHERE step_run_id = $1 AND attempt = $2",
-    )
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE step_runs SET state = 'Waiting', waiting_for = $2 WHERE id = $1")
-        .bind(step_run.0)
-        .bind(format!(
-            "mutex {}",
-            locked.mutex.clone().unwrap_or_default()
-        ))
-        .execute(&mut *tx)
-        .await?;
+    // A new job id voids the one in circulation; then it waits for its mutex again.
+    transitions::void(&mut tx, step_run, attempt, JobId::new()).await?;
+    let waiting_for = format!("mutex {}", locked.mutex.as_deref().unwrap_or_default());
+    transitions::wait_for_mutex(&mut tx, step_run, attempt, &waiting_for).await?;
     logs::append_system(
         &mut tx,
         locked.task(),
@@ -116,9 +109,11 @@ pub(super) async fn requeue(
 /// Set a new epoch if Redis has none while any mutex is in use.
 pub(super) async fn check_epoch(inner: &Arc<Inner>) -> anyhow::Result<()> {
     let in_use: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM attempts WHERE state = 'Waiting'
-                        OR (mutex_token IS NOT NULL AND state IN ('Pending', 'Queued', 'Running')))",
+        "SELECT EXISTS (SELECT 1 FROM attempts WHERE state = $1
+                        OR (mutex_token IS NOT NULL AND state = ANY($2)))",
     )
+    .bind(AttemptState::Waiting)
+    .bind(AttemptState::strs(&HOLDING))
     .fetch_one(&inner.db)
     .await?;
     if in_use && !locks::has_epoch(&inner.redis, &inner.ns).await? {
@@ -131,8 +126,9 @@ pub(super) async fn check_epoch(inner: &Arc<Inner>) -> anyhow::Result<()> {
 pub(super) async fn ensure_epoch(inner: &Inner) -> anyhow::Result<()> {
     let holders: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM attempts
-                        WHERE mutex_token IS NOT NULL AND state IN ('Pending', 'Queued', 'Running'))",
+                        WHERE mutex_token IS NOT NULL AND state = ANY($1))",
     )
+    .bind(AttemptState::strs(&HOLDING))
     .fetch_one(&inner.db)
     .await?;
     let epoch: i64 = sqlx::query_scalar("SELECT nextval('mutex_epochs')")

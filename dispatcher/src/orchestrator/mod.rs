@@ -120,6 +120,7 @@ impl Orchestrator {
         node: Node,
         mailer: crate::email::Mailer,
         builtin_runs_code: bool,
+        notifier: &crate::notify::Notifier,
         cancel: CancellationToken,
     ) -> Self {
         let (kick_tx, kick_rx) = mpsc::unbounded_channel();
@@ -140,13 +141,9 @@ impl Orchestrator {
             builtin_runs_code,
         });
         let kicks = inner.kick_tx.clone();
-        nodes::spawn_wake_listener(
-            inner.db.clone(),
-            move |task| {
-                let _ = kicks.send((task, true));
-            },
-            cancel.clone(),
-        );
+        notifier.subscribe_wake(move |task| {
+            let _ = kicks.send((task, true));
+        });
         let confirmed_rx = Arc::new(tokio::sync::Mutex::new(confirmed_rx));
         let flushing = inner.clone();
         crate::supervise::spawn("queued-marks", cancel.clone(), move || {

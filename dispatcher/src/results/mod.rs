@@ -7,9 +7,13 @@
 //! (PostgreSQL refuses it with an error that is not transient) fails its attempt with the
 //! reason and is dead-lettered too; text from events is stored with U+0000 as U+FFFD.
 //!
-//! Consecutive events of one attempt that have already arrived (a stream of log batches, a
-//! step's last batch and its `StepFinished`) are stored in one transaction: the rows locked are
-//! those of a single event, and one commit replaces many. Each is still acked only after it.
+//! Whatever has arrived (up to 64 events, of any attempts) is stored in one transaction, in
+//! the lock order: first the tasks this node owns among them (id order), then each event's
+//! step run and attempt, in (step run, attempt) order, each attempt's events as they came.
+//! A task whose attempt ended is advanced in the same transaction when this node owns it
+//! (its next attempt, or its end), and woken for its owner otherwise: one commit for the
+//! batch, then one ack. Deliveries come through `gantry_shared::amqp::consume`, which
+//! settles each exactly once.
 //!
 //! Every event names its attempt (`job_id` too) and is attributed to a worker by the broker
 //! user that published it (its validated `user_id`, see [`crate::senders`]), never by the
@@ -37,14 +41,12 @@ use crate::attempts;
 use crate::metrics::Metrics;
 use crate::orchestrator::{Orchestrator, TaskRecord};
 use crate::senders::{Attribution, Sender};
-use futures::{FutureExt, StreamExt};
 use gantry_shared::amqp::Broker;
+use gantry_shared::amqp::consume::{Incoming, QueueConsumer, Settle, Ticket, settle_all};
 use gantry_shared::ids::{StepRunId, TaskId};
 use gantry_shared::states::TaskState;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::Event;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
-use lapin::types::FieldTable;
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,17 +60,17 @@ const BATCH: usize = 64;
 
 /// A delivery, its body decoded once, and who sent it.
 struct Received {
-    delivery: lapin::message::Delivery,
+    ticket: Ticket,
     event: Result<Event, String>,
     sender: Sender,
 }
 
 impl Received {
-    fn new(delivery: lapin::message::Delivery, attribution: &Attribution) -> Self {
-        let event = Event::decode(&delivery.data).map_err(|e| e.to_string());
-        let sender = attribution.sender(delivery.properties.user_id().as_ref().map(|u| u.as_str()));
+    fn new(incoming: Incoming, attribution: &Attribution) -> Self {
+        let event = Event::decode(&incoming.message.data).map_err(|e| e.to_string());
+        let sender = attribution.sender(incoming.message.user_id());
         Self {
-            delivery,
+            ticket: incoming.ticket,
             event,
             sender,
         }
@@ -123,67 +125,23 @@ impl ResultConsumer {
     }
 
     async fn run(&self, cancel: CancellationToken) {
-        loop {
-            let conn = tokio::select! {
-                c = self.broker.connected() => c,
-                _ = cancel.cancelled() => return,
-            };
-            let consumer = async {
-                let ch = conn.create_channel().await?;
-                ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-                let consumer = ch
-                    .basic_consume(
-                        self.topology.results_queue().into(),
-                        "gantry-dispatcher-results".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                Ok::<_, lapin::Error>(consumer)
+        let mut consumer = QueueConsumer::new(
+            self.broker.clone(),
+            self.topology.results_queue(),
+            "gantry-dispatcher-results",
+            PREFETCH,
+            cancel.clone(),
+        );
+        // Whatever has already arrived, of any attempt, is stored in one transaction: one
+        // commit for many events.
+        while let Some(batch) = consumer.next_batch(BATCH).await {
+            let batch = batch
+                .into_iter()
+                .map(|i| Received::new(i, &self.attribution))
+                .collect();
+            if !self.process_batch(batch, &cancel).await {
+                return;
             }
-            .await;
-            let mut consumer = match consumer {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot consume results; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            let mut broken = false;
-            while !broken {
-                let next = tokio::select! {
-                    n = consumer.next() => n,
-                    _ = cancel.cancelled() => return,
-                };
-                let first = match next {
-                    Some(Ok(d)) => Received::new(d, &self.attribution),
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "result consumer interrupted; re-consuming");
-                        break;
-                    }
-                    None => break,
-                };
-                // Whatever has already arrived behind it, of any attempt, is stored in the
-                // same transaction: one commit for many events.
-                let mut batch = vec![first];
-                while batch.len() < BATCH {
-                    match consumer.next().now_or_never() {
-                        Some(Some(Ok(d))) => batch.push(Received::new(d, &self.attribution)),
-                        Some(_) => {
-                            broken = true;
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                if !self.process_batch(batch, &cancel).await {
-                    return;
-                }
-            }
-            // Deliveries of a broken channel are redelivered; handling them again changes
-            // nothing.
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -198,10 +156,7 @@ impl ResultConsumer {
             if let Err(e) = &r.event {
                 tracing::warn!(error = %e, "dead-lettering a malformed result message");
             }
-            let _ = r
-                .delivery
-                .reject(BasicRejectOptions { requeue: false })
-                .await;
+            r.ticket.settle(Settle::Reject).await;
         }
         if good.is_empty() {
             return true;
@@ -213,7 +168,7 @@ impl ResultConsumer {
         loop {
             match self.store(&good).await {
                 Ok(stored) => {
-                    self.settle(&good, stored).await;
+                    self.settle(good, stored).await;
                     return true;
                 }
                 Err(e) if crate::db::is_transient(&e) => {
@@ -229,7 +184,10 @@ impl ResultConsumer {
                     }
                     return true;
                 }
-                Err(e) => return self.unstorable(&good[0], &e, cancel).await,
+                Err(e) => {
+                    let r = good.pop().expect("one");
+                    return self.unstorable(r, &e, cancel).await;
+                }
             }
         }
     }
@@ -289,20 +247,12 @@ impl ResultConsumer {
         Ok(Stored { handled, advanced })
     }
 
-    /// After the commit: ack the deliveries, publish what the advances started, give back
-    /// mutexes.
-    async fn settle(&self, batch: &[Received], stored: Stored) {
-        // Every earlier delivery on this channel was settled before this batch began, so
-        // acking the last one with `multiple` acks the whole batch (a batch of one is acked
-        // alone: it may be one of a failed batch's, stored one by one out of tag order).
-        let last = batch.iter().max_by_key(|r| r.delivery.delivery_tag);
-        if let Some(r) = last {
-            let multiple = batch.len() > 1;
-            if let Err(e) = r.delivery.ack(BasicAckOptions { multiple }).await {
-                // Redelivered later; handling them again changes nothing.
-                tracing::debug!(error = %e, "ack failed");
-            }
-        }
+    /// After the commit: ack the deliveries (one multiple ack when they are everything the
+    /// channel has out), publish what the advances started, give back mutexes.
+    async fn settle(&self, batch: Vec<Received>, stored: Stored) {
+        // Not acked (the channel broke): redelivered later, and handling them again changes
+        // nothing.
+        settle_all(batch.into_iter().map(|r| r.ticket).collect(), Settle::Ack).await;
         for done in stored.advanced {
             self.orchestrator.committed(done);
         }
@@ -334,7 +284,7 @@ impl ResultConsumer {
     /// and the delivery is dead-lettered. Returns false on shutdown.
     async fn unstorable(
         &self,
-        received: &Received,
+        received: Received,
         e: &sqlx::Error,
         cancel: &CancellationToken,
     ) -> bool {
@@ -361,10 +311,7 @@ impl ResultConsumer {
                 }
             }
         }
-        let _ = received
-            .delivery
-            .reject(BasicRejectOptions { requeue: false })
-            .await;
+        received.ticket.settle(Settle::Reject).await;
         true
     }
 }

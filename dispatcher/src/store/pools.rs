@@ -1,7 +1,7 @@
 //! Worker pools. Exactly one is the default; the default cannot be deleted. A pool's slug
 //! names its queue and never changes.
 
-use crate::api::error::{ApiError, ApiResult};
+use super::{Error, Result};
 use gantry_shared::api::{Pool, PoolCreate, PoolPatch, PoolRef};
 use gantry_shared::ids::PoolId;
 use sqlx::{FromRow, PgExecutor, PgPool};
@@ -50,24 +50,24 @@ pub fn slugify(name: &str) -> String {
     if out.is_empty() { "pool".into() } else { out }
 }
 
-pub async fn list(db: &PgPool) -> ApiResult<Vec<Pool>> {
+pub async fn list(db: &PgPool) -> Result<Vec<Pool>> {
     let rows: Vec<PoolRow> = sqlx::query_as(&format!("{SELECT} ORDER BY p.created_at"))
         .fetch_all(db)
         .await?;
     Ok(rows.into_iter().map(Pool::from).collect())
 }
 
-pub async fn get(db: &PgPool, id: PoolId) -> ApiResult<Pool> {
+pub async fn get(db: &PgPool, id: PoolId) -> Result<Pool> {
     let row: Option<PoolRow> = sqlx::query_as(&format!("{SELECT} WHERE p.id = $1"))
         .bind(id.0)
         .fetch_optional(db)
         .await?;
     row.map(Pool::from)
-        .ok_or_else(|| ApiError::not_found(format!("no pool with id {id}")))
+        .ok_or_else(|| Error::not_found(format!("no pool with id {id}")))
 }
 
 /// Find a pool by id, name or slug.
-pub async fn find(db: impl PgExecutor<'_>, reference: &str) -> sqlx::Result<Option<PoolRef>> {
+pub async fn find(db: impl PgExecutor<'_>, reference: &str) -> Result<Option<PoolRef>> {
     let id = Uuid::parse_str(reference).ok();
     let row: Option<(Uuid, String, String)> = sqlx::query_as(
         "SELECT id, name, slug FROM pools WHERE id = $1 OR name = $2 OR slug = $2
@@ -84,7 +84,7 @@ pub async fn find(db: impl PgExecutor<'_>, reference: &str) -> sqlx::Result<Opti
     }))
 }
 
-pub async fn default_pool(db: impl PgExecutor<'_>) -> sqlx::Result<PoolRef> {
+pub async fn default_pool(db: impl PgExecutor<'_>) -> Result<PoolRef> {
     let (id, name, slug): (Uuid, String, String) =
         sqlx::query_as("SELECT id, name, slug FROM pools WHERE is_default")
             .fetch_one(db)
@@ -97,20 +97,20 @@ pub async fn default_pool(db: impl PgExecutor<'_>) -> sqlx::Result<PoolRef> {
 }
 
 /// Whether any registered worker (not a built-in one) serves the pool.
-pub async fn has_registered_workers(db: impl PgExecutor<'_>, pool: PoolId) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
+pub async fn has_registered_workers(db: impl PgExecutor<'_>, pool: PoolId) -> Result<bool> {
+    Ok(sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM worker_pools wp JOIN workers w ON w.id = wp.worker_id
                         WHERE wp.pool_id = $1 AND NOT w.builtin)",
     )
     .bind(pool.0)
     .fetch_one(db)
-    .await
+    .await?)
 }
 
-fn check_name(name: &str) -> ApiResult<String> {
+fn check_name(name: &str) -> Result<String> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {
-        return Err(ApiError::bad(
+        return Err(Error::invalid(
             "name",
             "a pool name must be 1 to 100 characters",
         ));
@@ -118,7 +118,7 @@ fn check_name(name: &str) -> ApiResult<String> {
     Ok(name.to_owned())
 }
 
-pub async fn create(db: &PgPool, req: &PoolCreate) -> ApiResult<Pool> {
+pub async fn create(db: &PgPool, req: &PoolCreate) -> Result<Pool> {
     let name = check_name(&req.name)?;
     let base = slugify(&name);
     let mut tx = db.begin().await?;
@@ -131,7 +131,7 @@ pub async fn create(db: &PgPool, req: &PoolCreate) -> ApiResult<Pool> {
         .fetch_one(&mut *tx)
         .await?;
     if exists {
-        return Err(ApiError::Conflict(format!(
+        return Err(Error::Conflict(format!(
             "a pool named {name:?} exists already"
         )));
     }
@@ -165,7 +165,7 @@ pub async fn create(db: &PgPool, req: &PoolCreate) -> ApiResult<Pool> {
     get(db, PoolId(id)).await
 }
 
-pub async fn patch(db: &PgPool, id: PoolId, req: &PoolPatch) -> ApiResult<Pool> {
+pub async fn patch(db: &PgPool, id: PoolId, req: &PoolPatch) -> Result<Pool> {
     let mut tx = db.begin().await?;
     let current: Option<bool> =
         sqlx::query_scalar("SELECT is_default FROM pools WHERE id = $1 FOR UPDATE")
@@ -173,7 +173,7 @@ pub async fn patch(db: &PgPool, id: PoolId, req: &PoolPatch) -> ApiResult<Pool> 
             .fetch_optional(&mut *tx)
             .await?;
     let Some(_) = current else {
-        return Err(ApiError::not_found(format!("no pool with id {id}")));
+        return Err(Error::not_found(format!("no pool with id {id}")));
     };
     if let Some(name) = &req.name {
         let name = check_name(name)?;
@@ -184,7 +184,7 @@ pub async fn patch(db: &PgPool, id: PoolId, req: &PoolPatch) -> ApiResult<Pool> 
             .await;
         match r {
             Err(e) if super::is_unique_violation(&e) => {
-                return Err(ApiError::Conflict(format!(
+                return Err(Error::Conflict(format!(
                     "a pool named {name:?} exists already"
                 )));
             }
@@ -212,7 +212,7 @@ pub async fn patch(db: &PgPool, id: PoolId, req: &PoolPatch) -> ApiResult<Pool> 
                 .await?;
         }
         Some(false) => {
-            return Err(ApiError::bad(
+            return Err(Error::invalid(
                 "is_default",
                 "there is always one default pool: make another pool the default instead",
             ));
@@ -225,7 +225,7 @@ pub async fn patch(db: &PgPool, id: PoolId, req: &PoolPatch) -> ApiResult<Pool> 
 
 /// Delete a pool that is not the default, has no workers and is used by no unfinished task.
 /// Returns its slug so the caller can delete its queue.
-pub async fn delete(db: &PgPool, id: PoolId) -> ApiResult<String> {
+pub async fn delete(db: &PgPool, id: PoolId) -> Result<String> {
     let mut tx = db.begin().await?;
     let row: Option<(bool, String)> =
         sqlx::query_as("SELECT is_default, slug FROM pools WHERE id = $1 FOR UPDATE")
@@ -233,10 +233,10 @@ pub async fn delete(db: &PgPool, id: PoolId) -> ApiResult<String> {
             .fetch_optional(&mut *tx)
             .await?;
     let Some((is_default, slug)) = row else {
-        return Err(ApiError::not_found(format!("no pool with id {id}")));
+        return Err(Error::not_found(format!("no pool with id {id}")));
     };
     if is_default {
-        return Err(ApiError::Conflict(
+        return Err(Error::Conflict(
             "the default pool cannot be deleted; make another pool the default first".into(),
         ));
     }
@@ -245,7 +245,7 @@ pub async fn delete(db: &PgPool, id: PoolId) -> ApiResult<String> {
         .fetch_one(&mut *tx)
         .await?;
     if workers > 0 {
-        return Err(ApiError::Conflict(format!(
+        return Err(Error::Conflict(format!(
             "the pool still has {workers} worker(s); deregister or move them first"
         )));
     }
@@ -254,7 +254,7 @@ pub async fn delete(db: &PgPool, id: PoolId) -> ApiResult<String> {
         .fetch_one(&mut *tx)
         .await?;
     if used > 0 {
-        return Err(ApiError::Conflict(format!(
+        return Err(Error::Conflict(format!(
             "the pool is referenced by {used} step run(s) in the task history and cannot be deleted"
         )));
     }

@@ -1,10 +1,10 @@
 //! The server's settings (one row) and workers' health history.
 
-use crate::api::error::{ApiError, ApiResult};
+use super::{Error, Result};
 use gantry_shared::api::{HealthEvent, MachinePolicy, Settings, SettingsUpdate};
 use gantry_shared::ids::WorkerId;
-use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
+use gantry_shared::states::WorkerHealth;
+use sqlx::PgPool;
 
 /// Longest accepted health-check script.
 pub const MAX_SCRIPT_BYTES: usize = 64 * 1024;
@@ -36,7 +36,7 @@ fn from_row(r: Row) -> Settings {
     }
 }
 
-pub async fn get(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Settings> {
+pub async fn get(db: impl sqlx::PgExecutor<'_>) -> Result<Settings> {
     Ok(from_row(
         sqlx::query_as::<_, Row>(SELECT).fetch_one(db).await?,
     ))
@@ -44,7 +44,7 @@ pub async fn get(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Settings> {
 
 /// Apply a partial update after checking every field; returns the settings before and
 /// after.
-pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, Settings)> {
+pub async fn update(db: &PgPool, req: &SettingsUpdate) -> Result<(Settings, Settings)> {
     let mut tx = db.begin().await?;
     let before = from_row(
         sqlx::query_as::<_, Row>(&format!("{SELECT} FOR UPDATE"))
@@ -57,7 +57,7 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, S
     }
     if let Some(t) = req.no_healthy_worker_timeout_secs {
         if !(1..=7 * 86400).contains(&t) {
-            return Err(ApiError::bad(
+            return Err(Error::invalid(
                 "no_healthy_worker_timeout_secs",
                 "must be between 1 and 604800 (a week)",
             ));
@@ -68,7 +68,7 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, S
         let mp = &mut s.machine_policy;
         if let Some(h) = p.heartbeat_interval_secs {
             if !(1..=3600).contains(&h) {
-                return Err(ApiError::bad(
+                return Err(Error::invalid(
                     "machine_policy.heartbeat_interval_secs",
                     "must be between 1 and 3600",
                 ));
@@ -80,7 +80,7 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, S
         }
         if let Some(script) = &p.health_check_script {
             if script.len() > MAX_SCRIPT_BYTES {
-                return Err(ApiError::bad(
+                return Err(Error::invalid(
                     "machine_policy.health_check_script",
                     format!("is longer than {MAX_SCRIPT_BYTES} bytes"),
                 ));
@@ -89,7 +89,7 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, S
         }
         if let Some(d) = p.min_free_disk_mb {
             if d > 1 << 40 {
-                return Err(ApiError::bad(
+                return Err(Error::invalid(
                     "machine_policy.min_free_disk_mb",
                     "is larger than any disk",
                 ));
@@ -100,7 +100,7 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, S
         if mp.unavailable_after_secs < mp.heartbeat_interval_secs.saturating_mul(2)
             || mp.unavailable_after_secs > 86400
         {
-            return Err(ApiError::bad(
+            return Err(Error::invalid(
                 "machine_policy.unavailable_after_secs",
                 format!(
                     "must be at least twice the heartbeat interval ({} s) and at most 86400",
@@ -127,45 +127,9 @@ pub async fn update(db: &PgPool, req: &SettingsUpdate) -> ApiResult<(Settings, S
     Ok((before, after))
 }
 
-/// Set a worker's health; when it changed, record the change with its reason. Returns
-/// whether it changed.
-pub async fn set_health(
-    conn: &mut PgConnection,
-    worker: Uuid,
-    health: &str,
-    reason: Option<&str>,
-) -> sqlx::Result<bool> {
-    let changed: Option<Uuid> = sqlx::query_scalar(
-        "UPDATE workers SET health = $2, health_reason = $3
-         WHERE id = $1 AND (health, COALESCE(health_reason, '')) <> ($2, COALESCE($3, ''))
-         RETURNING id",
-    )
-    .bind(worker)
-    .bind(health)
-    .bind(reason)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if changed.is_some() {
-        sqlx::query(
-            "INSERT INTO worker_health_events (worker_id, health, reason) VALUES ($1, $2, $3)",
-        )
-        .bind(worker)
-        .bind(health)
-        .bind(reason)
-        .execute(&mut *conn)
-        .await?;
-        tracing::info!(%worker, health, reason, "worker health changed");
-    }
-    Ok(changed.is_some())
-}
-
 /// A worker's health changes, newest first.
-pub async fn health_history(
-    db: &PgPool,
-    worker: WorkerId,
-    limit: i64,
-) -> sqlx::Result<Vec<HealthEvent>> {
-    let rows: Vec<(chrono::DateTime<chrono::Utc>, String, Option<String>)> = sqlx::query_as(
+pub async fn health_history(db: &PgPool, worker: WorkerId, limit: i64) -> Result<Vec<HealthEvent>> {
+    let rows: Vec<(chrono::DateTime<chrono::Utc>, WorkerHealth, Option<String>)> = sqlx::query_as(
         "SELECT at, health, reason FROM worker_health_events WHERE worker_id = $1
          ORDER BY id DESC LIMIT $2",
     )

@@ -1,21 +1,24 @@
 //! Tasks as the API shows them: creation (one transaction for the task, its step runs and
 //! its secrets) and the views of `GET /api/tasks` and `GET /api/tasks/{id}`.
 
-use crate::api::error::{ApiError, ApiResult};
+use super::Error;
+// `create` is the task-creation path (being rewritten in issue 15); it still answers in
+// the API's error type.
+use crate::api::error::ApiResult;
 use crate::secrets::SecretBox;
 use gantry_shared::api::{Approval, Attempt, StepRun, Task, TaskSummary};
 use gantry_shared::ids::{ApiKeyId, JobId, PoolId, StepRunId, TaskId, WorkerId};
 use gantry_shared::mask::MASK;
 use gantry_shared::process::Process;
+use gantry_shared::states::{AttemptState, StepState, TaskState};
 use sqlx::{FromRow, PgConnection, PgPool};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
-/// Task states that will not change again.
-pub const TERMINAL_TASK_STATES: [&str; 3] = ["Success", "Failed", "Cancelled"];
-
+/// Whether a task state read as text will not change again ([`TaskState::is_terminal`]; for
+/// callers that still hold the state as a string).
 pub fn is_terminal(state: &str) -> bool {
-    TERMINAL_TASK_STATES.contains(&state)
+    state.parse::<TaskState>().is_ok_and(TaskState::is_terminal)
 }
 
 /// Store a validated process as a new task. `pools[i]` is the pool of step `i` (`None`: it
@@ -126,7 +129,7 @@ pub async fn wake_new(conn: &mut PgConnection, task: TaskId) -> sqlx::Result<()>
 struct TaskRow {
     id: Uuid,
     name: String,
-    state: String,
+    state: TaskState,
     error: Option<String>,
     created_at: chrono::DateTime<chrono::Utc>,
     started_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -149,7 +152,11 @@ impl From<TaskRow> for TaskSummary {
 
 const TASK_COLUMNS: &str = "id, name, state, error, created_at, started_at, finished_at";
 
-pub async fn list(db: &PgPool, state: Option<&str>, limit: i64) -> ApiResult<Vec<TaskSummary>> {
+pub async fn list(
+    db: &PgPool,
+    state: Option<TaskState>,
+    limit: i64,
+) -> super::Result<Vec<TaskSummary>> {
     let rows: Vec<TaskRow> = sqlx::query_as(&format!(
         "SELECT {TASK_COLUMNS} FROM tasks WHERE ($1::text IS NULL OR state = $1)
          ORDER BY created_at DESC LIMIT $2"
@@ -161,14 +168,14 @@ pub async fn list(db: &PgPool, state: Option<&str>, limit: i64) -> ApiResult<Vec
     Ok(rows.into_iter().map(TaskSummary::from).collect())
 }
 
-pub async fn summary(db: &PgPool, id: TaskId) -> ApiResult<TaskSummary> {
+pub async fn summary(db: &PgPool, id: TaskId) -> super::Result<TaskSummary> {
     let row: Option<TaskRow> =
         sqlx::query_as(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
             .bind(id.0)
             .fetch_optional(db)
             .await?;
     row.map(TaskSummary::from)
-        .ok_or_else(|| ApiError::not_found(format!("no task with id {id}")))
+        .ok_or_else(|| Error::not_found(format!("no task with id {id}")))
 }
 
 #[derive(FromRow)]
@@ -176,7 +183,7 @@ struct StepRow {
     id: Uuid,
     idx: i32,
     name: String,
-    state: String,
+    state: StepState,
     pool: Option<String>,
     waiting_for: Option<String>,
     reason: Option<String>,
@@ -188,7 +195,7 @@ struct AttemptRow {
     step_run_id: Uuid,
     attempt: i32,
     job_id: Uuid,
-    state: String,
+    state: AttemptState,
     worker_id: Option<Uuid>,
     worker_name: Option<String>,
     exit_code: Option<i32>,
@@ -200,7 +207,7 @@ struct AttemptRow {
     lines_stored: i64,
 }
 
-pub async fn get(db: &PgPool, id: TaskId) -> ApiResult<Task> {
+pub async fn get(db: &PgPool, id: TaskId) -> super::Result<Task> {
     let summary = summary(db, id).await?;
     let steps: Vec<StepRow> = sqlx::query_as(
         "SELECT s.id, s.idx, s.name, s.state, p.name AS pool, s.waiting_for, s.reason, s.attempt

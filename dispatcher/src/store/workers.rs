@@ -1,10 +1,11 @@
 //! Registered workers and their pools.
 
 use super::pools;
-use crate::api::error::{ApiError, ApiResult};
+use super::{Error, Result};
 use crate::broker_users::{self, BrokerUsers};
 use gantry_shared::api::{PoolRef, Worker, WorkerPatch, WorkerRegister};
 use gantry_shared::ids::{PoolId, WorkerId};
+use gantry_shared::states::{AttemptState, WorkerHealth};
 use sqlx::{FromRow, PgConnection, PgPool};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -20,7 +21,7 @@ struct WorkerRow {
     name: String,
     max_concurrent_steps: i32,
     enabled: bool,
-    health: String,
+    health: WorkerHealth,
     health_reason: Option<String>,
     last_heartbeat_at: Option<chrono::DateTime<chrono::Utc>>,
     agent_version: Option<String>,
@@ -30,11 +31,18 @@ struct WorkerRow {
     broker_user: Option<String>,
 }
 
-const SELECT: &str = "SELECT w.id, w.name, w.max_concurrent_steps, w.enabled, w.health,
-    w.health_reason, w.last_heartbeat_at, w.agent_version, w.created_at, w.builtin,
-    w.broker_user,
-    (SELECT count(*) FROM attempts a WHERE a.worker_id = w.id AND a.state = 'Running') AS running_steps
-    FROM workers w";
+/// The columns of a [`WorkerRow`], `FROM workers w`.
+fn select() -> String {
+    format!(
+        "SELECT w.id, w.name, w.max_concurrent_steps, w.enabled, w.health,
+            w.health_reason, w.last_heartbeat_at, w.agent_version, w.created_at, w.builtin,
+            w.broker_user,
+            (SELECT count(*) FROM attempts a
+             WHERE a.worker_id = w.id AND a.state = '{}') AS running_steps
+         FROM workers w",
+        AttemptState::Running
+    )
+}
 
 async fn pools_of(db: &PgPool, ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, Vec<PoolRef>>> {
     let rows: Vec<(Uuid, Uuid, String, String)> = sqlx::query_as(
@@ -78,10 +86,41 @@ async fn assemble(db: &PgPool, rows: Vec<WorkerRow>) -> sqlx::Result<Vec<Worker>
         .collect())
 }
 
+/// A worker as its credential authenticates it (see `api::extract::WorkerCaller`).
+#[derive(FromRow)]
+pub struct Authenticated {
+    pub id: Uuid,
+    pub name: String,
+    pub enabled: bool,
+    pub health: WorkerHealth,
+    pub health_reason: Option<String>,
+    pub builtin: bool,
+}
+
+/// The worker whose credential hashes to `token_hash`.
+pub async fn authenticate(db: &PgPool, token_hash: &str) -> Result<Option<Authenticated>> {
+    Ok(sqlx::query_as(
+        "SELECT id, name, enabled, health, health_reason, builtin FROM workers
+         WHERE token_hash = $1",
+    )
+    .bind(token_hash)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Every worker's id (registered and built-in).
+pub async fn ids(db: &PgPool) -> Result<Vec<WorkerId>> {
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM workers")
+        .fetch_all(db)
+        .await?;
+    Ok(ids.into_iter().map(WorkerId).collect())
+}
+
 /// Registered workers; with `builtin`, the dispatcher nodes' built-in workers too.
-pub async fn list(db: &PgPool, builtin: bool) -> ApiResult<Vec<Worker>> {
+pub async fn list(db: &PgPool, builtin: bool) -> Result<Vec<Worker>> {
     let rows: Vec<WorkerRow> = sqlx::query_as(&format!(
-        "{SELECT} WHERE $1 OR NOT w.builtin ORDER BY w.builtin, w.name"
+        "{} WHERE $1 OR NOT w.builtin ORDER BY w.builtin, w.name",
+        select()
     ))
     .bind(builtin)
     .fetch_all(db)
@@ -89,20 +128,20 @@ pub async fn list(db: &PgPool, builtin: bool) -> ApiResult<Vec<Worker>> {
     Ok(assemble(db, rows).await?)
 }
 
-pub async fn get(db: &PgPool, id: WorkerId) -> ApiResult<Worker> {
-    let rows: Vec<WorkerRow> = sqlx::query_as(&format!("{SELECT} WHERE w.id = $1"))
+pub async fn get(db: &PgPool, id: WorkerId) -> Result<Worker> {
+    let rows: Vec<WorkerRow> = sqlx::query_as(&format!("{} WHERE w.id = $1", select()))
         .bind(id.0)
         .fetch_all(db)
         .await?;
     assemble(db, rows)
         .await?
         .pop()
-        .ok_or_else(|| ApiError::not_found(format!("no worker with id {id}")))
+        .ok_or_else(|| Error::not_found(format!("no worker with id {id}")))
 }
 
-fn check_max(n: u32, field: &str) -> ApiResult<()> {
+fn check_max(n: u32, field: &str) -> Result<()> {
     if n == 0 || n > MAX_CONCURRENT_STEPS_LIMIT {
-        return Err(ApiError::bad(
+        return Err(Error::invalid(
             field,
             format!("must be between 1 and {MAX_CONCURRENT_STEPS_LIMIT}"),
         ));
@@ -124,7 +163,7 @@ async fn resolve_pools(
     conn: &mut PgConnection,
     refs: &[String],
     field: &str,
-) -> ApiResult<(Vec<Uuid>, Vec<String>)> {
+) -> Result<(Vec<Uuid>, Vec<String>)> {
     let mut ids: Vec<Uuid> = Vec::new();
     let mut slugs: Vec<String> = Vec::new();
     if refs.is_empty() {
@@ -140,7 +179,7 @@ async fn resolve_pools(
             }
             Some(_) => {}
             None => {
-                return Err(ApiError::bad(
+                return Err(Error::invalid(
                     format!("{field}[{i}]"),
                     format!("no pool named {reference:?}; create it first (POST /api/pools)"),
                 ));
@@ -159,10 +198,10 @@ pub async fn register(
     req: &WorkerRegister,
     token_hash: &str,
     broker: Option<(&str, &str)>,
-) -> ApiResult<Registered> {
+) -> Result<Registered> {
     let name = req.name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(ApiError::bad(
+        return Err(Error::invalid(
             "name",
             "a worker name must be 1 to 100 printable characters",
         ));
@@ -180,7 +219,7 @@ pub async fn register(
     let mut replaced = None;
     if let Some((old, builtin)) = existing {
         if !req.force || builtin {
-            return Err(ApiError::Conflict(format!(
+            return Err(Error::Conflict(format!(
                 "a worker named {name:?} is registered already; use --force (\"force\": true) to replace it"
             )));
         }
@@ -216,8 +255,8 @@ pub async fn register(
 }
 
 /// One worker, read in the caller's transaction.
-async fn get_in(conn: &mut PgConnection, id: WorkerId) -> ApiResult<Worker> {
-    let rows: Vec<WorkerRow> = sqlx::query_as(&format!("{SELECT} WHERE w.id = $1"))
+async fn get_in(conn: &mut PgConnection, id: WorkerId) -> Result<Worker> {
+    let rows: Vec<WorkerRow> = sqlx::query_as(&format!("{} WHERE w.id = $1", select()))
         .bind(id.0)
         .fetch_all(&mut *conn)
         .await?;
@@ -231,7 +270,7 @@ async fn get_in(conn: &mut PgConnection, id: WorkerId) -> ApiResult<Worker> {
     let r = rows
         .into_iter()
         .next()
-        .ok_or_else(|| ApiError::not_found(format!("no worker with id {id}")))?;
+        .ok_or_else(|| Error::not_found(format!("no worker with id {id}")))?;
     Ok(Worker {
         id: WorkerId(r.id),
         pools: pool_rows
@@ -265,7 +304,7 @@ pub struct Patched {
 
 /// Change a worker in the caller's transaction (which holds [`broker_users::lock`] when the
 /// pools change and broker users are in force).
-pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> ApiResult<Patched> {
+pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> Result<Patched> {
     if let Some(n) = req.max_concurrent_steps {
         check_max(n, "max_concurrent_steps")?;
     }
@@ -275,7 +314,7 @@ pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> Ap
             .fetch_optional(&mut *tx)
             .await?;
     let Some((builtin, was_enabled)) = row else {
-        return Err(ApiError::not_found(format!("no worker with id {id}")));
+        return Err(Error::not_found(format!("no worker with id {id}")));
     };
     sqlx::query(
         "UPDATE workers SET enabled = COALESCE($2, enabled),
@@ -290,13 +329,13 @@ pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> Ap
     let mut rights_changed = req.enabled.is_some_and(|e| e != was_enabled);
     if let Some(refs) = &req.pools {
         if builtin {
-            return Err(ApiError::bad(
+            return Err(Error::invalid(
                 "pools",
                 "a built-in worker serves no pool; it runs server steps",
             ));
         }
         if refs.is_empty() {
-            return Err(ApiError::bad(
+            return Err(Error::invalid(
                 "pools",
                 "a worker serves one pool at least; deregister it to take it out of every pool",
             ));
@@ -324,13 +363,13 @@ pub async fn patch(tx: &mut PgConnection, id: WorkerId, req: &WorkerPatch) -> Ap
 }
 
 /// Delete a registered worker in the caller's transaction.
-pub async fn delete(tx: &mut PgConnection, id: WorkerId) -> ApiResult<()> {
+pub async fn delete(tx: &mut PgConnection, id: WorkerId) -> Result<()> {
     let r = sqlx::query("DELETE FROM workers WHERE id = $1 AND NOT builtin")
         .bind(id.0)
         .execute(&mut *tx)
         .await?;
     if r.rows_affected() == 0 {
-        return Err(ApiError::not_found(format!("no worker with id {id}")));
+        return Err(Error::not_found(format!("no worker with id {id}")));
     }
     Ok(())
 }

@@ -12,11 +12,13 @@
 
 pub mod ddl;
 pub mod diagram;
+mod health;
 mod tasks;
 
 pub use gantry_shared::states::{
     ArtifactState, AttemptState, State, StepState, TaskState, WorkerHealth,
 };
+pub use health::{HealthChange, HeartbeatRow, set_health, store_heartbeats};
 pub use tasks::{settle_artifact, task_to};
 
 use chrono::{DateTime, Utc};

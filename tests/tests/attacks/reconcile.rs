@@ -64,7 +64,13 @@ async fn reconciliation_restores_lost_users_removes_orphans_and_spares_other_vho
         stack.amqp_as(&creds.user, &creds.password).await.ok()
     })
     .await;
-    let orphan_status = mgmt(reqwest::Method::GET, &format!("/users/{orphan}"), None).await;
+    // The same pass deletes orphans after it restores the lost: wait for that too.
+    let orphan_status = eventually(Duration::from_secs(20), "the orphan deleted", || async {
+        let s = mgmt(reqwest::Method::GET, &format!("/users/{orphan}"), None).await;
+        (s == 404).then_some(s)
+    })
+    .await
+    .unwrap_or(200);
     let foreign_status = mgmt(reqwest::Method::GET, &format!("/users/{foreign}"), None).await;
     mgmt(reqwest::Method::DELETE, &format!("/users/{foreign}"), None).await;
     mgmt(
