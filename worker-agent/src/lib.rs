@@ -6,9 +6,11 @@
 //! # Layout
 //! - [`agent`]: `run`: wiring, signals, graceful drain, heartbeats and the control queue.
 //! - [`reconfig`]: the agent's configuration, read from the dispatcher's API.
-//! - [`slots`]: the concurrency limit, consumers and claims (`slots/probes.rs`: queue
-//!   depths, and missing queues coming back).
-//! - [`runner`]: running one step and streaming its output.
+//! - [`slots`]: the concurrency limit (`slots/consumers.rs`: the consumers of a broker
+//!   connection; `slots/claim.rs`: claiming a delivery and starting its step;
+//!   `slots/probes.rs`: queue depths, and missing queues coming back).
+//! - [`gate`]: the reader/writer gate of exclusive steps.
+//! - [`runner`]: running one step and streaming its output (see its layout).
 //! - [`output`]: reading a step's pipes into lines.
 //! - [`window`]: pacing a step's output by what the dispatcher has stored.
 //! - [`emitter`]: masking, numbering and batching a step's lines; its events.
@@ -29,6 +31,7 @@ pub mod agent;
 pub mod api;
 pub mod artifacts;
 pub mod emitter;
+pub mod gate;
 pub mod guard;
 pub mod hardening;
 pub mod health;

@@ -1,0 +1,186 @@
+//! What a step runs: its script rendered and written into its working directory, the
+//! interpreter's command line, and an environment built from scratch.
+
+use super::files::{StepFiles, write_step_files};
+use super::{RunAs, StepContext};
+use crate::emitter::Emitter;
+use gantry_shared::template;
+use gantry_shared::wire::Syntax;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+
+/// Render the script, write the step's files and build the command that runs it, with an
+/// environment built from scratch.
+pub(super) async fn prepare(
+    ctx: &StepContext,
+    em: &mut Emitter,
+    work_dir: &Path,
+    user: Option<&RunAs>,
+) -> Result<tokio::process::Command, String> {
+    let job = &ctx.job;
+    let mut vars: BTreeMap<String, String> = job.variables.clone();
+    vars.extend(ctx.grant.sensitive_variables.clone());
+    vars.insert("Gantry.Worker.Name".into(), ctx.worker_name.clone());
+    let script = template::render(&job.script, |name| vars.get(name).cloned()).map_err(|name| {
+        match template::output_reference(name) {
+            Some((step, out)) => format!(
+                "the script reads #{{{name}}}, but step {step} set no output variable {out:?}"
+            ),
+            None => format!("the script reads #{{{name}}}, which has no value"),
+        }
+    })?;
+    // Created private and handed to the step's user (see `workdir`); the script, which
+    // holds its secrets, is never readable by anyone else.
+    let files = {
+        let (dir, owner, syntax) = (
+            work_dir.to_path_buf(),
+            user.map(|u| (u.uid, u.gid)),
+            job.syntax,
+        );
+        let script = script.into_bytes();
+        tokio::task::spawn_blocking(move || write_step_files(&dir, owner, syntax, &script))
+            .await
+            .map_err(|e| format!("cannot create working directory: {e}"))?
+            .map_err(|e| {
+                format!(
+                    "cannot create working directory {}: {e}",
+                    work_dir.display()
+                )
+            })?
+    };
+    let StepFiles {
+        helpers,
+        python_helpers,
+        script: script_path,
+    } = files;
+    let script_arg = script_path.display().to_string();
+    let argv: Vec<&str> = match job.syntax {
+        Syntax::Bash => vec!["bash", "--noprofile", "--norc", &script_arg],
+        Syntax::Sh => vec![
+            "sh",
+            "-c",
+            ". \"$GANTRY_HELPERS\"; . \"$1\"",
+            "gantry-step",
+            &script_arg,
+        ],
+        Syntax::Python3 => vec!["python3", "-u", &script_arg],
+    };
+    // Through the guard, so that the script dies with this agent (see `guard`).
+    let mut cmd = match std::env::current_exe() {
+        Ok(me) => {
+            // The small `gantry-guard` beside this binary; this binary's own `guard`
+            // subcommand (the same code, slower to start) when it is not installed.
+            let small = me.with_file_name(crate::guard::BINARY);
+            let mut c = if small.is_file() {
+                tokio::process::Command::new(small)
+            } else {
+                let mut c = tokio::process::Command::new(me);
+                c.arg("guard");
+                c
+            };
+            if let Some(user) = user {
+                // The guard stays this agent's user: it can always be started (the agent's
+                // binary need not be reachable by the step's user) and can always kill.
+                c.arg("--uid")
+                    .arg(user.uid.to_string())
+                    .arg("--gid")
+                    .arg(user.gid.to_string());
+            }
+            c.arg("--").args(&argv);
+            c
+        }
+        Err(e) => {
+            em.gantry(&format!(
+                "warning: cannot find the agent's own binary ({e}); running the script unguarded"
+            ))
+            .await;
+            let mut c = tokio::process::Command::new(argv[0]);
+            c.args(&argv[1..]);
+            if let Some(user) = user {
+                c.uid(user.uid).gid(user.gid);
+            }
+            c
+        }
+    };
+    // Built from scratch: the agent's own environment (its configuration, which may hold
+    // credentials, and whatever else its operator exported) stays with the agent.
+    cmd.env_clear();
+    cmd.envs(gantry_shared::stepenv::base(
+        std::env::vars_os(),
+        user.map(|u| gantry_shared::stepenv::User {
+            name: &u.name,
+            home: &u.home,
+        }),
+    ));
+    let mut not_exported = Vec::new();
+    for (name, value) in &vars {
+        match template::env_name(name) {
+            Some(env) if !is_reserved_env(&env) => {
+                cmd.env(env, value);
+            }
+            Some(_) => not_exported.push(name.as_str()),
+            None => {}
+        }
+    }
+    if !not_exported.is_empty() {
+        em.gantry(&format!(
+            "warning: not exported to the environment (reserved names): {}; #{{...}} substitution still works",
+            not_exported.join(", ")
+        ))
+        .await;
+    }
+    if job.syntax == Syntax::Bash {
+        // Non-interactive bash sources $BASH_ENV first: that is how the helpers arrive
+        // without touching the user's script (and its line numbers).
+        cmd.env("BASH_ENV", &helpers);
+    }
+    if let Some(m) = &ctx.grant.mutex {
+        cmd.env("GANTRY_MUTEX", &m.name)
+            .env("GANTRY_MUTEX_TOKEN", m.token.to_string());
+    }
+    if job.syntax == Syntax::Python3 {
+        // The helpers arrive as builtins through `sitecustomize`.
+        cmd.env("PYTHONPATH", python_helpers.as_os_str());
+    }
+    cmd.env("GANTRY_HELPERS", &helpers)
+        .env("GANTRY_TASK_ID", job.task_id.to_string())
+        .env("GANTRY_STEP_NAME", &job.step_name)
+        .env("GANTRY_STEP_ATTEMPT", job.attempt.to_string())
+        .env("GANTRY_WORK_DIR", work_dir)
+        .env("PYTHONUNBUFFERED", "1")
+        .current_dir(work_dir)
+        // Held open by this agent for the step's life: the guard's signal that we live.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    Ok(cmd)
+}
+
+/// Environment names a process variable may not override: the shell's and the runtime's own,
+/// and Gantry's.
+fn is_reserved_env(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "PWD",
+        "OLDPWD",
+        "TMPDIR",
+        "LANG",
+        "TERM",
+        "IFS",
+        "ENV",
+        "CDPATH",
+        "PS4",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "HOSTNAME",
+    ];
+    const PREFIXES: &[&str] = &["GANTRY_", "BASH_", "LD_", "LC_", "PYTHON"];
+    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
