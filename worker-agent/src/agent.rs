@@ -209,6 +209,9 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
     for p in problems {
         tracing::warn!("{p}");
     }
+    // One process for the agent's life, which kills its steps' process groups if it dies.
+    let supervisor =
+        crate::supervisor::Supervisor::start().context("starting the step supervisor")?;
     let fatal = CancellationToken::new();
     let nudge = Arc::new(tokio::sync::Notify::new());
     let agent = Arc::new(AgentContext {
@@ -220,6 +223,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         work_root: work_root.clone(),
         keep_work_dirs: settings.agent.keep_work_dirs,
         step_users: Arc::new(step_users),
+        supervisor: Arc::new(supervisor),
         fault_drop_before_ack: std::sync::atomic::AtomicBool::new(
             std::env::var("GANTRY_AGENT_FAULT").as_deref() == Ok("drop-connection-before-ack"),
         ),

@@ -17,7 +17,9 @@
 //! - [`stopper`]: stopping a step on timeout, cancel or lease loss, whatever it prints.
 //! - [`artifacts`]: which files a step's artifacts are, and reading them in hashed chunks.
 //! - [`health`]: health checks against the machine policy.
-//! - [`guard`]: the process that makes a step's processes die with their agent.
+//! - [`supervisor`]: starting steps so that the agent's supervisor knows every one of them.
+//! - [`guard`]: the supervisor process, which kills the steps' process groups when their
+//!   agent dies.
 //! - [`outbox`]: at-least-once, ordered delivery of events to `<ns>.x.results`.
 //! - [`api`]: calls to the dispatcher's API.
 //! - [`identity`]: the local identity written by `register`.
@@ -25,7 +27,8 @@
 //! - [`step_users`]: who a step runs as (`agent.step_user`, `agent.step_uid_range`).
 //! - [`hardening`]: no core dumps, a non-dumpable agent.
 
-#![forbid(unsafe_code)]
+// One function has `unsafe`, with its reasons: the `pre_exec` hook in `supervisor.rs`.
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod api;
@@ -43,5 +46,6 @@ pub mod runner;
 pub mod slots;
 pub mod step_users;
 pub mod stopper;
+pub mod supervisor;
 pub mod window;
 pub mod workdir;

@@ -66,43 +66,14 @@ pub(super) async fn prepare(
         ],
         Syntax::Python3 => vec!["python3", "-u", &script_arg],
     };
-    // Through the guard, so that the script dies with this agent (see `guard`).
-    let mut cmd = match std::env::current_exe() {
-        Ok(me) => {
-            // The small `gantry-guard` beside this binary; this binary's own `guard`
-            // subcommand (the same code, slower to start) when it is not installed.
-            let small = me.with_file_name(crate::guard::BINARY);
-            let mut c = if small.is_file() {
-                tokio::process::Command::new(small)
-            } else {
-                let mut c = tokio::process::Command::new(me);
-                c.arg("guard");
-                c
-            };
-            if let Some(user) = user {
-                // The guard stays this agent's user: it can always be started (the agent's
-                // binary need not be reachable by the step's user) and can always kill.
-                c.arg("--uid")
-                    .arg(user.uid.to_string())
-                    .arg("--gid")
-                    .arg(user.gid.to_string());
-            }
-            c.arg("--").args(&argv);
-            c
-        }
-        Err(e) => {
-            em.gantry(&format!(
-                "warning: cannot find the agent's own binary ({e}); running the script unguarded"
-            ))
-            .await;
-            let mut c = tokio::process::Command::new(argv[0]);
-            c.args(&argv[1..]);
-            if let Some(user) = user {
-                c.uid(user.uid).gid(user.gid);
-            }
-            c
-        }
-    };
+    // Started by the agent itself, as the leader of a process group of its own that the
+    // agent's supervisor knows before the script runs (see `supervisor`).
+    let mut cmd = tokio::process::Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    if let Some(user) = user {
+        // Dropping root also drops its supplementary groups (std does setgroups(0)).
+        cmd.uid(user.uid).gid(user.gid);
+    }
     // Built from scratch: the agent's own environment (its configuration, which may hold
     // credentials, and whatever else its operator exported) stays with the agent.
     cmd.env_clear();
@@ -150,8 +121,7 @@ pub(super) async fn prepare(
         .env("GANTRY_WORK_DIR", work_dir)
         .env("PYTHONUNBUFFERED", "1")
         .current_dir(work_dir)
-        // Held open by this agent for the step's life: the guard's signal that we live.
-        .stdin(Stdio::piped())
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

@@ -23,12 +23,19 @@ pub(super) async fn execute(
     hold: Option<&MutexHold>,
 ) -> Result<StepResult, String> {
     let job = &ctx.job;
-    let mut cmd = super::command::prepare(ctx, em, work_dir, user).await?;
-    let mut child = cmd
-        .spawn()
+    let cmd = super::command::prepare(ctx, em, work_dir, user).await?;
+    let mut child = ctx
+        .supervisor
+        .spawn(cmd)
+        .await
         .map_err(|e| format!("cannot start {}: {e}", job.syntax.as_str()))?;
     let pgid = child.id().map(|p| p as i32);
-    let _lifeline = child.stdin.take();
+    // Kills the group and tells the supervisor it ended, however this function ends.
+    let mut group = Group {
+        pgid,
+        killed: false,
+        supervisor: &ctx.supervisor,
+    };
     let (line_tx, mut line_rx) = mpsc::channel::<(Stream, Chunk)>(crate::output::QUEUE);
     // Shared by both pipes: drops unread output once the step is stopped.
     let budget = crate::output::Budget::new();
@@ -95,9 +102,7 @@ pub(super) async fn execute(
                 };
                 // Whatever the script left behind in its group goes with it; this also
                 // closes pipes that background children held open.
-                if let Some(pg) = pgid {
-                    let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
-                }
+                group.kill();
                 stopper.ended();
                 end = Some(match stopper.reason() {
                     Some(Reason::TimedOut) => End::TimedOut,
@@ -156,7 +161,11 @@ pub(super) async fn execute(
     stopper.finish().await;
     Ok(match end.expect("loop ends only once the script ended") {
         End::Exited(status) => {
-            let code = status.code();
+            // As a shell reports it: a script killed by signal N ended with 128 + N.
+            let code = {
+                use std::os::unix::process::ExitStatusExt;
+                status.code().or_else(|| status.signal().map(|s| 128 + s))
+            };
             match (code, fail_message) {
                 (Some(0), None) => (Outcome::Success, Some(0), None),
                 (Some(c), Some(m)) => (Outcome::Failed, Some(c), Some(m)),
@@ -183,6 +192,34 @@ pub(super) async fn execute(
         End::Cancelled => (Outcome::Cancelled, None, Some("cancelled".into())),
         End::LockLost(why) => (Outcome::Failed, None, Some(why)),
     })
+}
+
+/// A running step's process group: killed (once) when the script has ended, or when
+/// [`execute`] returns in any other way, then announced ended to the supervisor.
+struct Group<'a> {
+    pgid: Option<i32>,
+    killed: bool,
+    supervisor: &'a crate::supervisor::Supervisor,
+}
+
+impl Group<'_> {
+    /// SIGKILL to what is left of the group. Only right after its leader was reaped or
+    /// while it runs, never later: an empty group's number can be taken again.
+    fn kill(&mut self) {
+        if let (Some(pg), false) = (self.pgid, self.killed) {
+            let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
+            self.killed = true;
+        }
+    }
+}
+
+impl Drop for Group<'_> {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(pg) = self.pgid {
+            self.supervisor.ended(pg);
+        }
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -72,6 +72,8 @@ pub struct StepContext {
     pub keep_work_dir: bool,
     /// Who the script runs as (see [`crate::step_users`]).
     pub step_users: Arc<crate::step_users::StepUsers>,
+    /// Starts the script where the agent's supervisor knows it (see [`crate::supervisor`]).
+    pub supervisor: Arc<crate::supervisor::Supervisor>,
     pub outbox: Outbox,
     /// Cancelled to stop the step (a cancel request or the agent's forced shutdown).
     pub cancel: CancellationToken,

@@ -171,6 +171,7 @@ pub(super) async fn handle_delivery(
         work_root: agent.work_root.clone(),
         keep_work_dir: agent.keep_work_dirs,
         step_users: agent.step_users.clone(),
+        supervisor: agent.supervisor.clone(),
         outbox: agent.outbox.clone(),
         cancel,
     };

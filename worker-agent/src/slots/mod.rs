@@ -60,6 +60,8 @@ pub struct AgentContext {
     pub keep_work_dirs: bool,
     /// Who scripts run as (see [`crate::step_users`]).
     pub step_users: Arc<crate::step_users::StepUsers>,
+    /// Starts steps where the agent's supervisor knows them (see [`crate::supervisor`]).
+    pub supervisor: Arc<crate::supervisor::Supervisor>,
     /// Fault injection for tests: close the broker connection after the first granted claim,
     /// before its ack (`GANTRY_AGENT_FAULT=drop-connection-before-ack`).
     pub fault_drop_before_ack: std::sync::atomic::AtomicBool,
