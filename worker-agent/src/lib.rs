@@ -17,6 +17,7 @@
 //! - [`stopper`]: stopping a step on timeout, cancel or lease loss, whatever it prints.
 //! - [`artifacts`]: which files a step's artifacts are, and reading them in hashed chunks.
 //! - [`health`]: health checks against the machine policy.
+//! - [`helpers`]: the executables scripts call (`set_gantryvariable`, ...), written once.
 //! - [`supervisor`]: starting steps so that the agent's supervisor knows every one of them.
 //! - [`guard`]: the supervisor process, which kills the steps' process groups when their
 //!   agent dies.
@@ -38,6 +39,7 @@ pub mod gate;
 pub mod guard;
 pub mod hardening;
 pub mod health;
+pub mod helpers;
 pub mod identity;
 pub mod outbox;
 pub mod output;

@@ -1,7 +1,7 @@
 //! What a step runs: its script rendered and written into its working directory, the
 //! interpreter's command line, and an environment built from scratch.
 
-use super::files::{StepFiles, write_step_files};
+use super::files::write_step_files;
 use super::{RunAs, StepContext};
 use crate::emitter::Emitter;
 use gantry_shared::template;
@@ -32,7 +32,7 @@ pub(super) async fn prepare(
     })?;
     // Created private and handed to the step's user (see `workdir`); the script, which
     // holds its secrets, is never readable by anyone else.
-    let files = {
+    let script_path = {
         let (dir, owner, syntax) = (
             work_dir.to_path_buf(),
             user.map(|u| (u.uid, u.gid)),
@@ -49,21 +49,13 @@ pub(super) async fn prepare(
                 )
             })?
     };
-    let StepFiles {
-        helpers,
-        python_helpers,
-        script: script_path,
-    } = files;
+    let helpers = &ctx.helpers;
     let script_arg = script_path.display().to_string();
+    let sh_command = helpers.sh_command();
     let argv: Vec<&str> = match job.syntax {
         Syntax::Bash => vec!["bash", "--noprofile", "--norc", &script_arg],
-        Syntax::Sh => vec![
-            "sh",
-            "-c",
-            ". \"$GANTRY_HELPERS\"; . \"$1\"",
-            "gantry-step",
-            &script_arg,
-        ],
+        // The helper functions, then the script sourced into the same shell.
+        Syntax::Sh => vec!["sh", "-c", &sh_command, "gantry-step", &script_arg],
         Syntax::Python3 => vec!["python3", "-u", &script_arg],
     };
     // Started by the agent itself, as the leader of a process group of its own that the
@@ -77,13 +69,23 @@ pub(super) async fn prepare(
     // Built from scratch: the agent's own environment (its configuration, which may hold
     // credentials, and whatever else its operator exported) stays with the agent.
     cmd.env_clear();
-    cmd.envs(gantry_shared::stepenv::base(
+    let base = gantry_shared::stepenv::base(
         std::env::vars_os(),
         user.map(|u| gantry_shared::stepenv::User {
             name: &u.name,
             home: &u.home,
         }),
-    ));
+    );
+    // The helper executables first on PATH (the base always has one).
+    let mut path = helpers.bin.as_os_str().to_owned();
+    for (k, v) in &base {
+        if k == "PATH" {
+            path.push(":");
+            path.push(v);
+        }
+    }
+    cmd.envs(base);
+    cmd.env("PATH", path);
     let mut not_exported = Vec::new();
     for (name, value) in &vars {
         match template::env_name(name) {
@@ -102,9 +104,9 @@ pub(super) async fn prepare(
         .await;
     }
     if job.syntax == Syntax::Bash {
-        // Non-interactive bash sources $BASH_ENV first: that is how the helpers arrive
-        // without touching the user's script (and its line numbers).
-        cmd.env("BASH_ENV", &helpers);
+        // Bash defines the helper functions it finds in its environment, reading no file
+        // and leaving the script (and its line numbers) untouched.
+        cmd.envs(helpers.bash_environment());
     }
     if let Some(m) = &ctx.grant.mutex {
         cmd.env("GANTRY_MUTEX", &m.name)
@@ -112,9 +114,9 @@ pub(super) async fn prepare(
     }
     if job.syntax == Syntax::Python3 {
         // The helpers arrive as builtins through `sitecustomize`.
-        cmd.env("PYTHONPATH", python_helpers.as_os_str());
+        cmd.env("PYTHONPATH", &helpers.python);
     }
-    cmd.env("GANTRY_HELPERS", &helpers)
+    cmd.env("GANTRY_HELPERS", &helpers.shell)
         .env("GANTRY_TASK_ID", job.task_id.to_string())
         .env("GANTRY_STEP_NAME", &job.step_name)
         .env("GANTRY_STEP_ATTEMPT", job.attempt.to_string())

@@ -1,37 +1,21 @@
-//! A step's working directory: created with the agent's files in it, private to the step's
-//! user from the start (see [`crate::workdir`]), and removed after the step.
+//! A step's working directory: created with the script in it, private to the step's user
+//! from the start (see [`crate::workdir`]), and removed after the step. The helpers are not
+//! in it: they are the agent's, written once (see [`crate::helpers`]).
 
 use super::StepContext;
-use gantry_shared::service_messages::SHELL_HELPERS;
 use gantry_shared::wire::Syntax;
 use std::path::{Path, PathBuf};
 
-/// The agent's files in a step's working directory.
-pub(super) struct StepFiles {
-    pub(super) helpers: PathBuf,
-    pub(super) python_helpers: PathBuf,
-    pub(super) script: PathBuf,
-}
-
-/// Create the step's directory and the agent's files in it, all private to the step's
-/// user from the start (blocking).
+/// Create the step's directory and its script `.gantry/script.{sh,py}` in it, private to
+/// the step's user from the start (blocking); the script's path.
 pub(super) fn write_step_files(
     work_dir: &Path,
     owner: Option<(u32, u32)>,
     syntax: Syntax,
     script: &[u8],
-) -> std::io::Result<StepFiles> {
+) -> std::io::Result<PathBuf> {
     let mut dir = crate::workdir::StepDir::create(work_dir, owner)?;
     dir.mkdir(".gantry")?;
-    let helpers = dir.write(".gantry/helpers.sh", SHELL_HELPERS.as_bytes())?;
-    let python_helpers = work_dir.join(".gantry/python");
-    if syntax == Syntax::Python3 {
-        dir.mkdir(".gantry/python")?;
-        dir.write(
-            ".gantry/python/sitecustomize.py",
-            gantry_shared::service_messages::PYTHON_HELPERS.as_bytes(),
-        )?;
-    }
     let script = dir.write(
         match syntax {
             Syntax::Python3 => ".gantry/script.py",
@@ -40,11 +24,7 @@ pub(super) fn write_step_files(
         script,
     )?;
     dir.hand_over()?;
-    Ok(StepFiles {
-        helpers,
-        python_helpers,
-        script,
-    })
+    Ok(script)
 }
 
 /// After the step: kill what its own uid still runs, remove its directory (or, when kept,

@@ -74,6 +74,8 @@ pub struct StepContext {
     pub step_users: Arc<crate::step_users::StepUsers>,
     /// Starts the script where the agent's supervisor knows it (see [`crate::supervisor`]).
     pub supervisor: Arc<crate::supervisor::Supervisor>,
+    /// The agent's helper executables (see [`crate::helpers`]).
+    pub helpers: Arc<crate::helpers::Helpers>,
     pub outbox: Outbox,
     /// Cancelled to stop the step (a cancel request or the agent's forced shutdown).
     pub cancel: CancellationToken,

@@ -172,6 +172,7 @@ pub(super) async fn handle_delivery(
         keep_work_dir: agent.keep_work_dirs,
         step_users: agent.step_users.clone(),
         supervisor: agent.supervisor.clone(),
+        helpers: agent.helpers.clone(),
         outbox: agent.outbox.clone(),
         cancel,
     };

@@ -62,6 +62,8 @@ pub struct AgentContext {
     pub step_users: Arc<crate::step_users::StepUsers>,
     /// Starts steps where the agent's supervisor knows them (see [`crate::supervisor`]).
     pub supervisor: Arc<crate::supervisor::Supervisor>,
+    /// The helpers scripts call (see [`crate::helpers`]).
+    pub helpers: Arc<crate::helpers::Helpers>,
     /// Fault injection for tests: close the broker connection after the first granted claim,
     /// before its ack (`GANTRY_AGENT_FAULT=drop-connection-before-ack`).
     pub fault_drop_before_ack: std::sync::atomic::AtomicBool,
