@@ -26,14 +26,22 @@ fn supervisors() -> [Program; 3] {
     ]
 }
 
-/// Start a supervisor as the agent does: in a group of its own, its stdin a pipe held by us.
+/// Start a supervisor as the agent does: in a group of its own, its stdin a pipe held by us;
+/// once it said it is ready.
 fn start_supervisor(p: &Program) -> Child {
-    Command::new(&p.path)
+    let mut c = Command::new(&p.path)
         .args(&p.args)
         .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .process_group(0)
         .spawn()
-        .expect("start the supervisor")
+        .expect("start the supervisor");
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim_end(), gantry_agent::guard::READY, "{p:?}");
+    c
 }
 
 /// A shell leading a group of its own with two background sleeps, once they have started.
@@ -181,6 +189,18 @@ fn lines_that_name_no_step_group_signal_nothing() {
     let _ = step.wait();
 }
 
+#[tokio::test]
+async fn an_agent_refuses_to_start_with_a_supervisor_that_is_not_one() {
+    // `true` exits at once, as an old gantry-guard does given `--supervise`.
+    let e = Supervisor::start_program(Program {
+        path: "/bin/true".into(),
+        args: vec![],
+    })
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("did not start"), "{e}");
+}
+
 #[test]
 fn bad_arguments_are_refused_with_usage() {
     for args in [
@@ -301,7 +321,14 @@ async fn each_step_announces_its_group_itself_and_a_failed_start_is_taken_back()
     let record = dir.path().join("pipe");
     let sup = Supervisor::start_program(Program {
         path: "/bin/sh".into(),
-        args: vec!["-c".into(), format!("cat > '{}'", record.display())],
+        args: vec![
+            "-c".into(),
+            format!(
+                "echo '{}'; cat > '{}'",
+                gantry_agent::guard::READY,
+                record.display()
+            ),
+        ],
     })
     .unwrap();
 

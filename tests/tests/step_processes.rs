@@ -1,9 +1,9 @@
 //! A step's interpreter is the agent's own child, leading the step's process group: its exit
-//! code is reported as a shell would (128 + N when killed by signal N, as when a guard
-//! process stood between them), and what it leaves running in its group is killed when it
-//! ends, so the step ends at once.
+//! code is reported as a shell would (128 + N when killed by signal N, 127 when it cannot be
+//! run, as when a guard process stood between them), and what it leaves running in its
+//! group is killed when it ends, so the step ends at once.
 
-use gantry_tests::{Stack, eventually};
+use gantry_tests::{AgentOpts, Stack, eventually};
 use std::time::Duration;
 
 #[tokio::test]
@@ -74,4 +74,42 @@ async fn what_a_script_leaves_running_in_its_group_is_killed_when_it_ends() {
     })
     .await;
     assert!(left.is_ok(), "{left:?}");
+}
+
+#[tokio::test]
+async fn an_interpreter_that_cannot_be_run_ends_the_step_with_127() {
+    // Arrange: an agent whose PATH (which its steps inherit) holds no bash.
+    let mut stack = Stack::start().await.unwrap();
+    stack
+        .add_agent(
+            "no-bash",
+            AgentOpts {
+                env: vec![("PATH".into(), "/nonexistent".into())],
+                ..AgentOpts::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    // Act
+    let id = stack
+        .submit("name = \"nobash\"\n[[steps]]\nname = \"s\"\nscript = 'echo never'\n")
+        .await
+        .unwrap();
+    let done = stack.wait_task(id, Duration::from_secs(60)).await.unwrap();
+
+    // Assert
+    assert_eq!(done.summary.state, "Failed", "{done:#?}");
+    assert_eq!(done.steps[0].attempts[0].exit_code, Some(127), "{done:#?}");
+    let log: Vec<String> = stack
+        .log(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert!(
+        log.iter().any(|l| l.starts_with("cannot start bash: ")),
+        "{log:?}"
+    );
 }

@@ -218,8 +218,10 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
             .with_context(|| format!("writing the step helpers under {}", work_root.display()))?
     };
     // One process for the agent's life, which kills its steps' process groups if it dies.
-    let supervisor =
-        crate::supervisor::Supervisor::start().context("starting the step supervisor")?;
+    let supervisor = tokio::task::spawn_blocking(crate::supervisor::Supervisor::start)
+        .await
+        .context("starting the step supervisor")?
+        .context("starting the step supervisor")?;
     let fatal = CancellationToken::new();
     let nudge = Arc::new(tokio::sync::Notify::new());
     let agent = Arc::new(AgentContext {

@@ -23,7 +23,8 @@
 //! ignored: nothing read here can make the supervisor signal anything but a group a step
 //! announced.
 //!
-//! It leads a process group of its own and ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT, so a
+//! Once it is ready it prints one line on stdout ([`READY`]), which the agent waits for
+//! before it takes any step. It leads a process group of its own and ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT, so a
 //! signal to the agent's group (Ctrl-C) or to every process of a service (`systemctl stop`)
 //! does not end it while the agent drains: only the agent's end of the pipe does. It reads a
 //! short line per step and is otherwise blocked in `read`: no async runtime, no
@@ -39,6 +40,8 @@ use std::sync::atomic::AtomicBool;
 pub const BINARY: &str = "gantry-guard";
 /// The argument that starts the supervisor.
 pub const SUPERVISE: &str = "--supervise";
+/// The line the supervisor prints on stdout once it is ready.
+pub const READY: &str = "gantry-guard supervising";
 
 const USAGE: &str = "usage: gantry-guard --supervise (started by gantry-agent, one per agent)";
 
@@ -141,6 +144,15 @@ pub fn supervise() -> ExitCode {
     ] {
         if let Err(e) = signal_hook::flag::register(sig, seen.clone()) {
             eprintln!("gantry-guard: cannot handle signal {sig}: {e}");
+            std::process::exit(2);
+        }
+    }
+    // Its signals are handled: tell the agent it may go on (an old `gantry-guard`, which
+    // knows no `--supervise`, exits instead, and the agent says so).
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{READY}").and_then(|()| out.flush()).is_err() {
             std::process::exit(2);
         }
     }

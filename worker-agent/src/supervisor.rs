@@ -81,7 +81,8 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Start the supervisor process (see [`Program::beside_current_exe`]) and the spawning
-    /// thread. Must be called inside a Tokio runtime, which the steps' children use.
+    /// thread, once the supervisor says it is ready (this blocks for as long). Must be called
+    /// inside a Tokio runtime, which the steps' children use.
     pub fn start() -> std::io::Result<Self> {
         Self::start_program(Program::beside_current_exe()?)
     }
@@ -152,7 +153,7 @@ impl Process {
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             // Out of the agent's group: a Ctrl-C to the agent does not reach it.
             .process_group(0)
@@ -167,6 +168,20 @@ impl Process {
                 )
             })?;
         let pipe = child.stdin.take().expect("piped");
+        // Wait (blocking) for its one line: its signals are handled, it reads the pipe.
+        let mut ready = String::new();
+        let read = std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+            &mut ready,
+        );
+        if read.is_err() || ready.trim_end() != crate::guard::READY {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            return Err(std::io::Error::other(format!(
+                "the step supervisor {} did not start (is it as new as this agent?): {status:?}",
+                program.path.display()
+            )));
+        }
         Ok(Self { child, pipe })
     }
 

@@ -24,11 +24,17 @@ pub(super) async fn execute(
 ) -> Result<StepResult, String> {
     let job = &ctx.job;
     let cmd = super::command::prepare(ctx, em, work_dir, user).await?;
-    let mut child = ctx
-        .supervisor
-        .spawn(cmd)
-        .await
-        .map_err(|e| format!("cannot start {}: {e}", job.syntax.as_str()))?;
+    let mut child = match ctx.supervisor.spawn(cmd).await {
+        Ok(c) => c,
+        // The interpreter could not be run (not on PATH, say): exit code 127, as a shell
+        // reports a command it cannot run.
+        Err(e) if e.raw_os_error().is_some() => {
+            em.gantry(&format!("cannot start {}: {e}", job.syntax.as_str()))
+                .await;
+            return Ok((Outcome::Failed, Some(127), None));
+        }
+        Err(e) => return Err(format!("cannot start {}: {e}", job.syntax.as_str())),
+    };
     let pgid = child.id().map(|p| p as i32);
     // Kills the group and tells the supervisor it ended, however this function ends.
     let mut group = Group {
