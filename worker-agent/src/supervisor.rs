@@ -285,9 +285,11 @@ impl Spawner {
                     let _ = self.process.tell(false, pid);
                 }
                 if e.raw_os_error() == Some(libc::EPIPE) {
+                    // Not an exec error: the step never ran, and a new supervisor is started
+                    // for the next one.
                     self.restart();
                     return Err(std::io::Error::other(
-                        "the step supervisor was gone; it was started again, the step was not",
+                        "the step supervisor was gone, so the step was not started",
                     ));
                 }
                 Err(e)
