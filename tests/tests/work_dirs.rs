@@ -1,6 +1,7 @@
-//! Steps' working directories: 0700 and the step user's, the script and helpers 0600 from
-//! the start, gone after the step; and after a SIGKILL of the agent mid-step no secret is
-//! left on its disk once it has started again.
+//! Steps' working directories: 0700 and the step user's, the script 0600 from the start,
+//! gone after the step; the agent's helpers beside them, which step users may run but not
+//! change; and after a SIGKILL of the agent mid-step no secret is left on its disk once it
+//! has started again.
 
 use gantry_tests::{AgentOpts, Stack};
 use std::os::unix::fs::PermissionsExt;
@@ -53,14 +54,16 @@ name = "look"
 script = '''
 echo "UID $(id -u)"
 echo "DIR $PWD"
-echo "MODES $(stat -c '%a:%u' . .gantry .gantry/script.sh .gantry/helpers.sh | tr '\n' ' ')"
+echo "MODES $(stat -c '%a:%u' . .gantry .gantry/script.sh | tr '\n' ' ')"
+echo "HELPERS $(stat -c '%a:%u' "$GANTRY_HELPERS" "$(type -P set_gantryvariable)" | tr '\n' ' ')"
+if [ -w "$(type -P set_gantryvariable)" ]; then echo "WRITABLE yes"; else echo "WRITABLE no"; fi
 '''
 [[steps]]
 name = "py"
 syntax = "python3"
 script = '''
 import os
-print("PYMODES", os.getuid(), " ".join("%o:%d" % (os.stat(p).st_mode & 0o777, os.stat(p).st_uid) for p in [".gantry/python", ".gantry/python/sitecustomize.py", ".gantry/script.py"]))
+print("PYMODES", os.getuid(), " ".join("%o:%d" % (os.stat(p).st_mode & 0o777, os.stat(p).st_uid) for p in [".gantry", ".gantry/script.py"]))
 '''
 "##,
         )
@@ -80,9 +83,15 @@ print("PYMODES", os.getuid(), " ".join("%o:%d" % (os.stat(p).st_mode & 0o777, os
         .unwrap();
     let dir = PathBuf::from(stack.wait_task_line(task, "DIR ").await.unwrap());
     let modes = format!(
-        "{} {}",
+        "{} {} | {} {}",
         stack.wait_task_line(task, "MODES ").await.unwrap().trim(),
-        stack.wait_task_line(task, "PYMODES ").await.unwrap().trim()
+        stack.wait_task_line(task, "PYMODES ").await.unwrap().trim(),
+        stack.wait_task_line(task, "HELPERS ").await.unwrap().trim(),
+        stack
+            .wait_task_line(task, "WRITABLE ")
+            .await
+            .unwrap()
+            .trim(),
     );
     (modes, uid, dir, stack)
 }
@@ -111,13 +120,16 @@ async fn working_directories_are_private_to_the_step_user_and_gone_after_the_ste
             uid,
             modes
                 .split_whitespace()
-                .nth(4)
+                .nth(3)
                 .unwrap_or_default()
                 .to_owned(),
         );
+        // The helpers are the agent's (root here), readable and runnable, and a step user
+        // cannot change them (root can write whatever the mode).
+        let writable = if ranged { "no" } else { "yes" };
         assert_eq!(
             modes,
-            format!("700:{u} 700:{u} 600:{u} 600:{u} {p} 700:{p} 600:{p} 600:{p}"),
+            format!("700:{u} 700:{u} 600:{u} {p} 700:{p} 600:{p} | 444:0 555:0 {writable}"),
             "ranged: {ranged}"
         );
         if !ranged {
@@ -129,6 +141,7 @@ async fn working_directories_are_private_to_the_step_user_and_gone_after_the_ste
             .unwrap()
             .flatten()
             .map(|e| e.path())
+            .filter(|p| !p.ends_with(gantry_agent::helpers::DIR))
             .collect();
         assert!(left.is_empty(), "{left:?}");
         let root_mode = std::fs::metadata(root).unwrap().permissions().mode() & 0o777;

@@ -209,6 +209,19 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
     for p in problems {
         tracing::warn!("{p}");
     }
+    // The helpers scripts call, written once for every step (the earlier run's replaced).
+    let helpers = {
+        let root = work_root.clone();
+        tokio::task::spawn_blocking(move || crate::helpers::install(&root))
+            .await
+            .context("writing the step helpers")?
+            .with_context(|| format!("writing the step helpers under {}", work_root.display()))?
+    };
+    // One process for the agent's life, which kills its steps' process groups if it dies.
+    let supervisor = tokio::task::spawn_blocking(crate::supervisor::Supervisor::start)
+        .await
+        .context("starting the step supervisor")?
+        .context("starting the step supervisor")?;
     let fatal = CancellationToken::new();
     let nudge = Arc::new(tokio::sync::Notify::new());
     let agent = Arc::new(AgentContext {
@@ -220,6 +233,8 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         work_root: work_root.clone(),
         keep_work_dirs: settings.agent.keep_work_dirs,
         step_users: Arc::new(step_users),
+        supervisor: Arc::new(supervisor),
+        helpers: Arc::new(helpers),
         fault_drop_before_ack: std::sync::atomic::AtomicBool::new(
             std::env::var("GANTRY_AGENT_FAULT").as_deref() == Ok("drop-connection-before-ack"),
         ),

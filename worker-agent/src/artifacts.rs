@@ -4,8 +4,8 @@
 //!
 //! 1. the files the script named with `new_gantryartifact PATH [NAME]` (the `createArtifact`
 //!    service message), in the order it named them; a relative path is relative to the
-//!    step's working directory (the bash and sh helper sends an absolute path, resolved
-//!    against the directory the script was in);
+//!    step's working directory (the helper executable sends an absolute path, resolved
+//!    against the directory of the program that ran it);
 //! 2. the files matched by the step's `artifacts = [globs]`, evaluated in the working
 //!    directory: `*` stays within one path segment, `**` crosses them, names starting with
 //!    `.` need a literal `.`; a matched directory brings every regular file below it. They

@@ -58,15 +58,10 @@ enum Command {
     },
     /// Run: take steps from the worker's pools until SIGTERM (graceful) or a second signal.
     Run,
-    /// Internal: run one step's script so that it dies with the agent (see `guard.rs`).
+    /// Internal: `guard -- --supervise` is the agent's supervisor, where the small
+    /// `gantry-guard` binary is not installed beside this one (see `guard.rs`).
     #[command(hide = true)]
     Guard {
-        /// Run the script as this user id (the guard itself keeps its own, so that it can
-        /// always be started and always kill the step).
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long)]
-        gid: Option<u32>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -74,9 +69,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Guard { uid, gid, command } = cli.command {
-        // No configuration, no logging: the guard must start fast and print nothing.
-        return gantry_agent::guard::run(command, uid.zip(gid));
+    if let Command::Guard { command } = cli.command {
+        // No configuration, no logging: the supervisor prints nothing.
+        return gantry_agent::guard::run(command, None);
     }
     // No core dumps; its memory and environment are not for its steps to read.
     gantry_agent::hardening::harden_agent("gantry-agent");

@@ -19,12 +19,41 @@
 //! uid is freed, and at the agent's start every process under a uid of the range is killed
 //! (leftovers of an agent that was killed): each agent on a machine needs a range of its own.
 
-use crate::runner::RunAs;
 use gantry_shared::config::{ConfigError, Settings};
 use gantry_shared::uid_range::UidRange;
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+/// An OS user that scripts run as.
+#[derive(Clone, Debug)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+/// This process's effective user id.
+pub fn effective_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+impl RunAs {
+    /// Look a user up by name.
+    pub fn lookup(name: &str) -> Result<Self, String> {
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) => Ok(Self {
+                name: u.name,
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+                home: u.dir,
+            }),
+            Ok(None) => Err(format!("there is no OS user {name:?}")),
+            Err(e) => Err(format!("cannot look up OS user {name:?}: {e}")),
+        }
+    }
+}
 
 /// The name a step with a uid from the range runs under.
 pub fn synthetic_name(uid: u32) -> String {
@@ -98,7 +127,7 @@ impl StepUsers {
 /// of both is the agent's own user. A setting the agent cannot honour is a [`ConfigError`]
 /// (exit 64).
 pub fn from_settings(settings: &Settings) -> Result<StepUsers, ConfigError> {
-    let euid = crate::runner::effective_uid();
+    let euid = effective_uid();
     let need_root = |key: &str| ConfigError {
         key: Some(key.into()),
         message: format!(

@@ -2,7 +2,8 @@
 //!
 //! Each step attempt gets a fresh directory `<work root>/<step run id>-<attempt>`, created
 //! mode 0700 by the agent and filled with the agent's own files (`.gantry/`: the rendered
-//! script, which holds the step's secrets, and the helpers), each created mode 0600 (0700
+//! script, which holds the step's secrets; the helpers are the agent's, in
+//! `<work root>/.gantry-helpers`, see [`crate::helpers`]), each created mode 0600 (0700
 //! for directories) from the first byte and, when the step runs as another user, given to
 //! that user file by file as it is created. The directory itself is handed over last: until
 //! then it belongs to the agent and nobody else can enter it, so there is no `chown -R` and

@@ -45,7 +45,7 @@ pub(super) fn needs_probe(slots: &Slots, queues: &[String]) -> bool {
     let s = slots.lock();
     !s.draining
         && !s.paused
-        && !s.gate.busy()
+        && !slots.gate.busy()
         && queues.iter().any(|q| {
             !s.consumers
                 .values()
