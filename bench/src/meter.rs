@@ -32,6 +32,8 @@ struct Reading {
     machine: (f64, f64),
     wal: f64,
     statements: Option<f64>,
+    /// `pg_stat_statements_info.dealloc`: entries evicted so far (`pg_stat_statements.max`).
+    evicted: Option<f64>,
     polls: u64,
 }
 
@@ -98,17 +100,20 @@ impl Meter {
         })
     }
 
-    async fn statements(&self) -> Result<Option<f64>> {
+    /// This database's statement count, and how many entries the server has evicted so far
+    /// (an eviction drops counts, other databases' activity can cause it).
+    async fn statements(&self) -> Result<(Option<f64>, Option<f64>)> {
         if self.statements_missing.is_some() {
-            return Ok(None);
+            return Ok((None, None));
         }
-        let n: f64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(calls), 0)::float8 FROM pg_stat_statements WHERE dbid = $1::oid",
+        let (n, evicted): (f64, f64) = sqlx::query_as(
+            "SELECT (SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = $1::oid)::float8,
+                    (SELECT dealloc FROM pg_stat_statements_info)::float8",
         )
         .bind(self.db_oid)
         .fetch_one(&self.admin)
         .await?;
-        Ok(Some(n))
+        Ok((Some(n), Some(evicted)))
     }
 
     async fn read(&self, stack: &Stack, watch: &Watcher) -> Result<Reading> {
@@ -123,7 +128,7 @@ impl Meter {
             sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8")
                 .fetch_one(&self.admin)
                 .await?;
-        let statements = self.statements().await?;
+        let (statements, evicted) = self.statements().await?;
         let at = Instant::now();
         let t = ProcTable::read();
         let machine = machine_cpu();
@@ -156,6 +161,7 @@ impl Meter {
             machine,
             wal,
             statements,
+            evicted,
             polls: watch.transactions,
         })
     }
@@ -201,9 +207,13 @@ impl Meter {
         }
         db.commits -= polls as f64;
         // pg_stat_statements has no delay: its end is the window's end.
+        // Entries evicted meanwhile (pg_stat_statements.max, with other databases busy) took
+        // counts with them: then the window's statements are not known.
+        let evicted = end.evicted != w.start.evicted;
         let statements = end
             .statements
             .zip(w.start.statements)
+            .filter(|_| !evicted)
             .map(|(b, a)| b - a - polls as f64);
         let backends: f64 = end
             .backends
@@ -235,7 +245,11 @@ impl Meter {
             machine_total: end.machine.1 - w.start.machine.1,
             polls,
             settle: self.settle,
-            statements_missing: self.statements_missing.clone(),
+            statements_missing: self.statements_missing.clone().or_else(|| {
+                evicted.then(|| {
+                    "pg_stat_statements evicted entries during the window (pg_stat_statements.max): its counts are incomplete".to_owned()
+                })
+            }),
         })
     }
 

@@ -14,7 +14,7 @@
 //! depends on an artifact's size: one chunk at a time in, [`PAGE`] chunks at a time out.
 
 use crate::logs;
-use crate::transitions::{self, ArtifactState, AttemptState, State as _};
+use crate::transitions::{self, ArtifactState, AttemptState, Variants as _};
 use futures::Stream;
 use gantry_shared::ids::{ArtifactId, StepRunId, TaskId};
 use gantry_shared::wire::{ArtifactChunk, ArtifactSum};

@@ -27,13 +27,17 @@ pub struct UnknownState {
     pub expected: String,
 }
 
-/// What every state enum offers; [`Machine`] is the table of one state machine.
-pub trait State: Copy + Eq + fmt::Debug + 'static {
+/// What the `state_enum!` macro derives from an enum's variants.
+pub trait Variants: Copy + Eq + fmt::Debug + 'static {
     /// Every variant, in the order of the state diagram.
     const ALL: &'static [Self];
     /// The machine's name, as the database trigger reports it.
     const MACHINE: &'static str;
     fn as_str(self) -> &'static str;
+}
+
+/// One state machine: its variants, and the one table of its transitions.
+pub trait State: Variants {
     /// States a record may leave to enter `to` (empty: only at creation).
     fn sources(to: Self) -> &'static [Self];
     /// States a record may be created in.
@@ -74,6 +78,14 @@ macro_rules! state_enum {
             /// The strings of several states, for binding as a `text[]`.
             pub fn strs(states: &[Self]) -> Vec<&'static str> {
                 states.iter().map(|s| s.as_str()).collect()
+            }
+        }
+
+        impl Variants for $name {
+            const ALL: &'static [Self] = &[$($name::$variant),+];
+            const MACHINE: &'static str = $machine;
+            fn as_str(self) -> &'static str {
+                $name::as_str(self)
             }
         }
 
@@ -195,19 +207,6 @@ state_enum!(
 );
 
 impl State for TaskState {
-    const ALL: &'static [Self] = &[
-        Self::Queued,
-        Self::Executing,
-        Self::Waiting,
-        Self::Cancelling,
-        Self::Success,
-        Self::Failed,
-        Self::Cancelled,
-    ];
-    const MACHINE: &'static str = "task";
-    fn as_str(self) -> &'static str {
-        TaskState::as_str(self)
-    }
     fn initial() -> &'static [Self] {
         &[Self::Queued]
     }
@@ -225,22 +224,6 @@ impl State for TaskState {
 }
 
 impl State for StepState {
-    const ALL: &'static [Self] = &[
-        Self::Pending,
-        Self::Waiting,
-        Self::Queued,
-        Self::Running,
-        Self::Success,
-        Self::Failed,
-        Self::TimedOut,
-        Self::Cancelled,
-        Self::WorkerLost,
-        Self::Skipped,
-    ];
-    const MACHINE: &'static str = "step run";
-    fn as_str(self) -> &'static str {
-        StepState::as_str(self)
-    }
     fn initial() -> &'static [Self] {
         &[Self::Pending]
     }
@@ -265,21 +248,6 @@ impl State for StepState {
 }
 
 impl State for AttemptState {
-    const ALL: &'static [Self] = &[
-        Self::Waiting,
-        Self::Pending,
-        Self::Queued,
-        Self::Running,
-        Self::Success,
-        Self::Failed,
-        Self::TimedOut,
-        Self::Cancelled,
-        Self::WorkerLost,
-    ];
-    const MACHINE: &'static str = "attempt";
-    fn as_str(self) -> &'static str {
-        AttemptState::as_str(self)
-    }
     fn initial() -> &'static [Self] {
         // `Waiting` for a mutex, `Pending` to be published, `Running` on the dispatcher (an
         // e-mail step).
@@ -307,16 +275,6 @@ impl State for AttemptState {
 }
 
 impl State for WorkerHealth {
-    const ALL: &'static [Self] = &[
-        Self::Healthy,
-        Self::HasWarnings,
-        Self::Unhealthy,
-        Self::Unavailable,
-    ];
-    const MACHINE: &'static str = "worker health";
-    fn as_str(self) -> &'static str {
-        WorkerHealth::as_str(self)
-    }
     fn initial() -> &'static [Self] {
         Self::ALL
     }
@@ -327,11 +285,6 @@ impl State for WorkerHealth {
 }
 
 impl State for ArtifactState {
-    const ALL: &'static [Self] = &[Self::Receiving, Self::Stored, Self::Corrupt];
-    const MACHINE: &'static str = "artifact";
-    fn as_str(self) -> &'static str {
-        ArtifactState::as_str(self)
-    }
     fn initial() -> &'static [Self] {
         &[Self::Receiving]
     }

@@ -4,7 +4,7 @@
 
 use gantry_tests::Stack;
 use gantry_tests::gantry_shared::states::{
-    ArtifactState, AttemptState, State, StepState, TaskState,
+    ArtifactState, AttemptState, State, StepState, TaskState, Variants,
 };
 use sqlx::{Executor, PgConnection, PgPool};
 use uuid::Uuid;

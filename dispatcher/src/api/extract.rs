@@ -177,25 +177,36 @@ impl FromRequestParts<AppState> for WorkerCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(WORKER_TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or(ApiError::WorkerUnauthorized)?;
+        let token = worker_token(parts)?;
         let w = crate::store::workers::authenticate(&state.db, &auth::hash_secret(token))
             .await?
             .ok_or(ApiError::WorkerUnauthorized)?;
-        Ok(WorkerCaller {
+        Ok(w.into())
+    }
+}
+
+impl From<crate::store::workers::Authenticated> for WorkerCaller {
+    fn from(w: crate::store::workers::Authenticated) -> Self {
+        WorkerCaller {
             worker_id: WorkerId(w.id),
             name: w.name,
             enabled: w.enabled,
             health: w.health,
             health_reason: w.health_reason,
             builtin: w.builtin,
-        })
+        }
     }
+}
+
+/// The worker credential a request carries (`X-Gantry-Worker-Token`), or a 401.
+fn worker_token(parts: &Parts) -> Result<&str, ApiError> {
+    parts
+        .headers
+        .get(WORKER_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or(ApiError::WorkerUnauthorized)
 }
 
 /// A worker agent, authenticated like [`WorkerCaller`] but only by who it is: the token's
@@ -211,13 +222,7 @@ impl FromRequestParts<AppState> for WorkerIdentity {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(WORKER_TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or(ApiError::WorkerUnauthorized)?;
+        let token = worker_token(parts)?;
         let hash = auth::hash_secret(token);
         let creds = &state.credentials;
         if let Some(w) = creds.worker(&hash) {
@@ -226,12 +231,10 @@ impl FromRequestParts<AppState> for WorkerIdentity {
             });
         }
         let seen = creds.generation();
-        let id: Option<uuid::Uuid> =
-            sqlx::query_scalar("SELECT id FROM workers WHERE token_hash = $1")
-                .bind(&hash)
-                .fetch_optional(&state.db)
-                .await?;
-        let id = id.ok_or(ApiError::WorkerUnauthorized)?;
+        let id = crate::store::workers::authenticate(&state.db, &hash)
+            .await?
+            .ok_or(ApiError::WorkerUnauthorized)?
+            .id;
         creds.remember_worker(&hash, crate::credentials::WorkerEntry { id }, seen);
         Ok(WorkerIdentity {
             worker_id: WorkerId(id),
@@ -242,28 +245,10 @@ impl FromRequestParts<AppState> for WorkerIdentity {
 impl WorkerIdentity {
     /// The worker as it is now, read in the caller's transaction; 401 if it is gone.
     pub async fn fresh(&self, conn: &mut sqlx::PgConnection) -> Result<WorkerCaller, ApiError> {
-        let row: Option<(
-            String,
-            bool,
-            gantry_shared::states::WorkerHealth,
-            Option<String>,
-            bool,
-        )> = sqlx::query_as(
-            "SELECT name, enabled, health, health_reason, builtin FROM workers WHERE id = $1",
-        )
-        .bind(self.worker_id.0)
-        .fetch_optional(conn)
-        .await?;
-        let (name, enabled, health, health_reason, builtin) =
-            row.ok_or(ApiError::WorkerUnauthorized)?;
-        Ok(WorkerCaller {
-            worker_id: self.worker_id,
-            name,
-            enabled,
-            health,
-            health_reason,
-            builtin,
-        })
+        Ok(crate::store::workers::current(conn, self.worker_id)
+            .await?
+            .ok_or(ApiError::WorkerUnauthorized)?
+            .into())
     }
 }
 

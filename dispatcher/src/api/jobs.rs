@@ -188,7 +188,6 @@ pub async fn claim(
                         )
                         .await;
                 }
-                s.orchestrator.kick(locked.task());
                 return Err(ApiError::Conflict(why));
             }
         }
@@ -242,7 +241,6 @@ pub async fn claim(
                 )
                 .await?;
                 tx.commit().await?;
-                s.orchestrator.kick(locked.task());
                 return Err(ApiError::Conflict(why));
             }
         }
@@ -289,7 +287,6 @@ pub async fn claim(
                     )
                     .await?;
                     tx.commit().await?;
-                    s.orchestrator.kick(locked.task());
                     s.locks.wake();
                     return Err(ApiError::Conflict(format!(
                         "job {job_id} no longer holds mutex {name}"

@@ -4,7 +4,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{AppJson, Caller, OptionalJson, parse_id};
 use super::{AppState, query_map};
 use crate::store::{approvals, pools, tasks};
-use crate::transitions::{State as _, TaskState};
+use crate::transitions::{TaskState, Variants as _};
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;

@@ -188,7 +188,6 @@ async fn serve_one(
             )
             .await?;
             tx.commit().await?;
-            inner.orchestrator.kick(TaskId(w.task_id));
         }
         return Ok(None);
     }

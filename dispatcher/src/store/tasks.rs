@@ -15,12 +15,6 @@ use sqlx::{FromRow, PgConnection, PgPool};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
-/// Whether a task state read as text will not change again ([`TaskState::is_terminal`]; for
-/// callers that still hold the state as a string).
-pub fn is_terminal(state: &str) -> bool {
-    state.parse::<TaskState>().is_ok_and(TaskState::is_terminal)
-}
-
 /// Store a validated process as a new task. `pools[i]` is the pool of step `i` (`None`: it
 /// runs on the server).
 /// Insert a task, its step runs, its sealed secrets and its log position row in the caller's

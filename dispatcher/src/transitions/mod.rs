@@ -16,7 +16,7 @@ mod health;
 mod tasks;
 
 pub use gantry_shared::states::{
-    ArtifactState, AttemptState, State, StepState, TaskState, WorkerHealth,
+    ArtifactState, AttemptState, State, StepState, TaskState, Variants, WorkerHealth,
 };
 pub use health::{HealthChange, HeartbeatRow, set_health, store_heartbeats};
 pub use tasks::{settle_artifact, task_to};
