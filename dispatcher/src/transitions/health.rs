@@ -64,6 +64,13 @@ pub struct HealthChange {
 /// Store heartbeats, one per worker, in the caller's transaction: each worker's last
 /// heartbeat time, version and health (row locks taken in worker id order), and a
 /// `worker_health_events` row for each change. Returns the changes.
+///
+/// The locks are `FOR NO KEY UPDATE`, what the `UPDATE` itself takes: a claim's foreign keys
+/// to the worker (`attempts.worker_id`, `task_pool_workers`) hold `FOR KEY SHARE` on its row
+/// until the claim commits, and `FOR UPDATE` conflicts with that. With it, every heartbeat
+/// waited for the claims in flight, and every claim behind it for the heartbeat: stalls of
+/// 100–500 ms under load, in claims and (with the pool's connections held by them) in
+/// submissions.
 pub async fn store_heartbeats(
     conn: &mut PgConnection,
     rows: &[HeartbeatRow<'_>],
@@ -85,7 +92,7 @@ pub async fn store_heartbeats(
                       AS u(id, version, health, reason, builtin_only)),
               old AS (SELECT w.id, w.health, w.health_reason FROM workers w JOIN u ON u.id = w.id
                       WHERE w.builtin OR NOT u.builtin_only
-                      ORDER BY w.id FOR UPDATE OF w)
+                      ORDER BY w.id FOR NO KEY UPDATE OF w)
          UPDATE workers w SET last_heartbeat_at = now(), agent_version = u.version,
                               health = u.health, health_reason = u.reason
          FROM u JOIN old ON old.id = u.id
