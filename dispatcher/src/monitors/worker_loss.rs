@@ -153,24 +153,29 @@ impl Watch {
     /// sticky worker): an agent killed between two steps strands the next.
     async fn watched(&self) -> crate::store::Result<(Duration, Vec<Watched>)> {
         let after = unavailable_after(&self.lose.db).await?;
-        let rows = sqlx::query_as(
-            "SELECT w.id, w.name,
-                    (w.last_heartbeat_at IS NOT NULL
-                     AND w.last_heartbeat_at < now() - make_interval(secs => $1)) AS silent
-             FROM workers w
-             WHERE EXISTS (SELECT 1 FROM attempts a WHERE a.worker_id = w.id AND a.state = $2)
-                OR EXISTS (SELECT 1 FROM attempts a WHERE a.routed_worker = w.id
-                           AND a.state = ANY($3) AND w.health <> $4)",
-        )
-        .bind(silent_after(after).as_secs_f64())
-        .bind(AttemptState::Running)
-        .bind(AttemptState::strs(&[
-            AttemptState::Pending,
-            AttemptState::Queued,
-        ]))
-        .bind(WorkerHealth::Unavailable)
-        .fetch_all(&self.lose.db)
-        .await?;
+        // The states are written into the statement, not bound: a generic plan cannot tell
+        // that `state = $2` matches the partial indexes that make this cheap
+        // (`20261201000005_watch_indexes.sql`).
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT w.id, w.name,
+                        (w.last_heartbeat_at IS NOT NULL
+                         AND w.last_heartbeat_at < now() - make_interval(secs => $1)) AS silent
+                 FROM workers w
+                 WHERE EXISTS (SELECT 1 FROM attempts a WHERE a.worker_id = w.id
+                               AND a.state = '{running}')
+                    OR EXISTS (SELECT 1 FROM attempts a WHERE a.routed_worker = w.id
+                               AND a.state IN ('{pending}', '{queued}') AND w.health <> $2)",
+                running = AttemptState::Running.as_str(),
+                pending = AttemptState::Pending.as_str(),
+                queued = AttemptState::Queued.as_str(),
+            )
+        });
+        let rows = sqlx::query_as(SQL.as_str())
+            .bind(silent_after(after).as_secs_f64())
+            .bind(WorkerHealth::Unavailable)
+            .fetch_all(&self.lose.db)
+            .await?;
         Ok((after, rows))
     }
 
