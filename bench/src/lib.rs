@@ -7,13 +7,14 @@
 //! (and cleaned up) rather than left running.
 //!
 //! References are measured in the same run: raw AMQP round trips through a quorum queue,
-//! the bare spawn rate of `bash -c true`, and sqlx `COPY` into the `log_lines` layout.
+//! the bare spawn rate of `bash -c true`, sqlx `COPY` into the `log_lines` layout, and the
+//! durable skeleton of a step without Gantry's code (`floor`).
 //! Every scenario checks that nothing was lost (every task `Success`, every line present once
 //! and in order) and fails otherwise: a figure from a run that lost work is not a figure.
 //!
 //! Layout: this file holds the counts, the options and the runner; `figures` what a scenario
 //! returns; `stack` the stack and the requests every scenario makes; `measure` the `/proc`
-//! readings; `references` the three references; `scenarios/` one file per scenario;
+//! readings; `references` the three raw references; `floor` the durable skeleton; `scenarios/` one file per scenario;
 //! `report` and `plot` the generated document.
 
 use anyhow::{Context, Result, bail};
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 pub mod costs;
 mod cpu;
 mod figures;
+mod floor;
 pub mod measure;
 pub mod meter;
 pub mod plot;
@@ -41,6 +43,7 @@ pub const SCENARIOS: &[&str] = &[
     "amqp",
     "spawn",
     "copy",
+    "floor",
     "throughput",
     "dispatch",
     "sequential",
@@ -67,6 +70,11 @@ pub struct Counts {
     /// How long the dispatch scenario submits at half that rate.
     pub dispatch_secs: u32,
     pub sequential_steps: usize,
+    /// Closed-loop steps of the floor (the durable skeleton), and its lone commits.
+    pub floor_steps: usize,
+    pub floor_commits: usize,
+    /// Submissions of `api_steps`-step tasks in the floor, from `CLIENTS` clients.
+    pub floor_posts: usize,
     pub lines: usize,
     pub api_tasks: usize,
     pub api_steps: usize,
@@ -86,6 +94,9 @@ impl Counts {
             dispatch_max_tasks: s(4_000),
             dispatch_secs: (60.0 * scale).round().max(2.0) as u32,
             sequential_steps: 50,
+            floor_steps: s(4_000),
+            floor_commits: 500,
+            floor_posts: 1_000,
             lines: s(1_000_000),
             api_tasks: 100,
             api_steps: 10,
@@ -103,6 +114,9 @@ impl Counts {
             dispatch_max_tasks: 24,
             dispatch_secs: 1,
             sequential_steps: 5,
+            floor_steps: 40,
+            floor_commits: 20,
+            floor_posts: 20,
             lines: 5_000,
             api_tasks: 10,
             api_steps: 2,
@@ -215,6 +229,10 @@ async fn run_one(name: &str, opts: &Opts, refs: &mut References) -> Result<Scena
         "copy" => (
             opts.limit(Duration::from_micros(c.lines as u64 * 100)),
             Box::pin(copy(opts)),
+        ),
+        "floor" => (
+            opts.limit(Duration::from_millis(c.floor_steps as u64 * 50)),
+            Box::pin(floor::floor(opts)),
         ),
         "throughput" => {
             let spawn_rate = match refs.spawn_per_sec {

@@ -74,6 +74,21 @@ async fn bench_quick_mode_completes_every_scenario_with_nothing_lost() {
         "{:?}",
         throughput.figures
     );
+    // The floor ran its three parts: a rate, a gap and the submissions, each measured.
+    let floor = outcomes[SCENARIOS.iter().position(|n| *n == "floor").unwrap()]
+        .result
+        .as_ref()
+        .unwrap();
+    for part in ["one-step rate", "gap from a step's exit", "submission of a"] {
+        assert!(
+            floor
+                .figures
+                .iter()
+                .any(|f| f.name.contains(part) && f.value > 0.0),
+            "floor: no {part:?} in {:?}",
+            floor.figures
+        );
+    }
     let doc = std::fs::read_to_string(root.path().join("docs/BENCHMARKS.md")).unwrap();
     for name in SCENARIOS {
         assert!(

@@ -112,7 +112,7 @@ pub(crate) async fn dispatch(opts: &Opts) -> Result<ScenarioResult> {
         )?),
         series: vec![("Queued→Running (ms) vs time (s), half load".into(), lat)],
         notes: vec![
-            "Queued is stamped by the dispatcher once the broker confirmed the job; Running is the agent's `StepStarted` time, on the agent's clock (the same machine here). The maximum is measured in the same stack just before, so the paced phase stays under what this machine sustains.".into(),
+            "Queued is stamped by the dispatcher once the broker confirmed the job; Running is the claim's time, on the dispatcher's clock (PostgreSQL's `now()` in the claim's transaction). The maximum is measured in the same stack just before, so the paced phase stays under what this machine sustains.".into(),
             costs.note(),
         ],
         costs: vec![costs],

@@ -24,8 +24,9 @@ pub(crate) async fn sequential(opts: &Opts) -> Result<ScenarioResult> {
         .finish(&stack, &watch, window, label, steps, "step")
         .await?;
     type At = chrono::DateTime<chrono::Utc>;
-    // started_at and finished_at are the agent's clock; created_at (the advance's
-    // transaction) and queued_at (the confirm's) are PostgreSQL's, on the same machine.
+    // started_at is the claim's transaction start, created_at the advance's and queued_at
+    // the confirm's (PostgreSQL's and the dispatcher's clocks); finished_at is the agent's
+    // clock when it reports the end, after the step's directory is gone (same machine).
     let times: Vec<(At, At, At, Option<At>)> = sqlx::query_as(
         "SELECT a.started_at, a.finished_at, a.created_at, a.queued_at FROM step_runs s
          JOIN attempts a ON a.step_run_id = s.id AND a.attempt = s.attempt
