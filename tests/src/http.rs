@@ -151,6 +151,11 @@ impl Stack {
         }
     }
 
+    /// The text of every line of a task's log, in order.
+    pub async fn log_texts(&self, id: TaskId) -> Result<Vec<String>> {
+        Ok(self.log(id).await?.into_iter().map(|l| l.text).collect())
+    }
+
     /// Wait until the task's first step is `Running` (for at most 30 s); the task as then.
     pub async fn wait_running(&self, id: TaskId) -> Result<Task> {
         self.wait_task_until(id, Duration::from_secs(30), |t| {

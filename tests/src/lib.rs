@@ -22,6 +22,7 @@ pub mod broker;
 mod cleanup;
 mod http;
 mod process;
+pub mod procs;
 mod proxies;
 mod stack;
 pub mod tls;

@@ -34,28 +34,11 @@ wait
 
 /// Live processes (not zombies) whose command line holds `marker`, and the leader `pid`.
 fn left(marker: &str, leader: i32) -> Vec<(i32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, r)| r.starts_with('Z'))
-        {
-            continue;
-        }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        if pid == leader || cmdline.contains(marker) {
-            out.push((pid, cmdline));
-        }
-    }
-    out
+    gantry_tests::procs::live()
+        .into_iter()
+        .filter(|p| p.pid == leader || p.cmdline.contains(marker))
+        .map(|p| (p.pid, p.cmdline))
+        .collect()
 }
 
 /// Wait for the step to say it is ready: its leader's pid and uid.

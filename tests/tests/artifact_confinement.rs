@@ -78,13 +78,7 @@ new_gantryartifact ../../../../../../../../..{outside} dotted
         .get(&format!("/api/tasks/{task}/artifacts"))
         .await
         .unwrap();
-    let log: Vec<String> = stack
-        .log(task)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let log: Vec<String> = stack.log_texts(task).await.unwrap();
     let log = log.join("\n");
 
     // Assert: the swap happened during the upload (small.txt was refused as a link), the

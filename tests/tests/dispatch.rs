@@ -497,13 +497,7 @@ print("plain is #{Steps.mint.Output.plain}, PATH var #{PATH}")
     let mint = done.steps.iter().find(|s| s.name == "mint").unwrap();
     assert_eq!(mint.outputs["token"], "********");
     assert_eq!(mint.outputs["plain"], "visible-1");
-    let texts: Vec<String> = stack
-        .log(task)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let texts: Vec<String> = stack.log_texts(task).await.unwrap();
     assert!(texts.contains(&"token is ********".to_owned()), "{texts:?}");
     assert!(
         texts.contains(&"env has a4f3e2d1c8-kot".to_owned()),

@@ -67,24 +67,11 @@ fn start_group(marker: &str) -> (Child, i32) {
 
 /// Live (not zombie) processes of process group `pgid`, from `/proc`.
 fn members(pgid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // state, ppid, pgrp
-        if f.len() > 2 && f[0] != "Z" && f[2] == pgid.to_string() {
-            out.push(pid);
-        }
-    }
-    out
+    gantry_tests::procs::live()
+        .into_iter()
+        .filter(|p| p.pgid == pgid)
+        .map(|p| p.pid)
+        .collect()
 }
 
 fn gone_within(pgid: i32, limit: Duration) -> bool {

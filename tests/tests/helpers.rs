@@ -66,13 +66,7 @@ fn failing(syntax: &str, tag: &str) -> String {
 }
 
 async fn texts(stack: &Stack, id: TaskId) -> Vec<String> {
-    stack
-        .log(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.text)
-        .collect()
+    stack.log_texts(id).await.unwrap()
 }
 
 async fn wait(stack: &Stack, id: TaskId) -> Task {

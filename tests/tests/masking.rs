@@ -74,14 +74,7 @@ async fn run(stack: &mut Stack, process: &str) -> (Task, Traces) {
         broker.push_str(&String::from_utf8_lossy(&m.delivery.data));
         broker.push('\n');
     }
-    let log = stack
-        .log(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.text)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let log = stack.log_texts(id).await.unwrap().join("\n");
     let out = Command::new("pg_dump")
         .args([
             "-h",

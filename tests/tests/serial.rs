@@ -504,13 +504,7 @@ print("later: #{{Steps.leaky.Output.Derived}}")
 
     // Assert
     assert_eq!(done.summary.state, "Success", "{done:#?}");
-    let lines: Vec<String> = stack
-        .log(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let lines: Vec<String> = stack.log_texts(id).await.unwrap();
     for expected in [
         "twice: ******** and ********",
         "inside: xx********yy",

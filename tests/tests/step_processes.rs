@@ -29,13 +29,7 @@ async fn a_script_killed_by_a_signal_ends_with_128_plus_its_number() {
         let step = &done.steps[0];
         assert_eq!(done.summary.state, "Failed", "{done:#?}");
         assert_eq!(step.attempts[0].exit_code, Some(code), "{done:#?}");
-        let log: Vec<String> = stack
-            .log(id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| l.text)
-            .collect();
+        let log: Vec<String> = stack.log_texts(id).await.unwrap();
         assert!(log.iter().any(|l| l == "before"), "{log:?}");
         assert!(!log.iter().any(|l| l == "after"), "{log:?}");
     }
@@ -59,16 +53,9 @@ async fn what_a_script_leaves_running_in_its_group_is_killed_when_it_ends() {
     // Assert: the step succeeded without waiting for it, and it is gone.
     assert_eq!(done.summary.state, "Success", "{done:#?}");
     let left = eventually(Duration::from_secs(2), "no process left", || async {
-        let found = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
-                    && std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
-                        !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
-                    })
-            })
+        let found = gantry_tests::procs::live()
+            .iter()
+            .filter(|p| p.cmdline.contains(&marker))
             .count();
         (found == 0).then_some(())
     })
@@ -101,13 +88,7 @@ async fn an_interpreter_that_cannot_be_run_ends_the_step_with_127() {
     // Assert
     assert_eq!(done.summary.state, "Failed", "{done:#?}");
     assert_eq!(done.steps[0].attempts[0].exit_code, Some(127), "{done:#?}");
-    let log: Vec<String> = stack
-        .log(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.text)
-        .collect();
+    let log: Vec<String> = stack.log_texts(id).await.unwrap();
     assert!(
         log.iter().any(|l| l.starts_with("cannot start bash: ")),
         "{log:?}"
