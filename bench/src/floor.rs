@@ -19,15 +19,12 @@
 //! Gantry's code.
 
 use crate::measure::percentile;
+use crate::raw::{bash_true, confirming, consumer, declare_quorum, publish, scratch_db};
 use crate::{AGENTS, Figure, Opts, SLOTS, ScenarioResult};
 use anyhow::{Context, Result, ensure};
 use futures::{FutureExt, StreamExt};
-use gantry_tests::{AMQP_URL, PG_ADMIN_URL};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use gantry_tests::AMQP_URL;
+use lapin::options::{BasicAckOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -39,67 +36,55 @@ const SUBMITTERS: usize = crate::CLIENTS;
 
 pub(crate) async fn floor(opts: &Opts) -> Result<ScenarioResult> {
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..12];
-    let db_name = format!("gantry_bench_floor_{tag}");
     let (jobs, results, posts) = (
         format!("bench-{tag}.jobs"),
         format!("bench-{tag}.results"),
         format!("bench-{tag}.posts"),
     );
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(PG_ADMIN_URL)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE \"{db_name}\""))
-        .execute(&admin)
-        .await?;
     let conn = Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await?;
-    let result = async {
-        let db = sqlx::postgres::PgPoolOptions::new()
-            .max_connections((SUBMITTERS + AGENTS * SLOTS as usize + 2) as u32)
-            .connect(&format!("postgres://root@127.0.0.1:5432/{db_name}"))
-            .await?;
+    let connections = (SUBMITTERS + AGENTS * SLOTS as usize + 2) as u32;
+    let result = scratch_db("floor", connections, async |db: &PgPool| {
         sqlx::query(
             "CREATE TABLE steps (id bigint PRIMARY KEY, state text NOT NULL,
                  created_at timestamptz NOT NULL DEFAULT now(), started_at timestamptz,
                  ended_at timestamptz)",
         )
-        .execute(&db)
+        .execute(db)
         .await?;
         sqlx::query("CREATE TABLE tasks (id bigint PRIMARY KEY, spec jsonb NOT NULL)")
-            .execute(&db)
+            .execute(db)
             .await?;
         sqlx::query(
             "CREATE TABLE task_steps (task_id bigint NOT NULL REFERENCES tasks (id), idx int NOT NULL,
                  name text NOT NULL, PRIMARY KEY (task_id, idx))",
         )
-        .execute(&db)
+        .execute(db)
         .await?;
         let setup = conn.create_channel().await?;
         for q in [&jobs, &results, &posts] {
             declare_quorum(&setup, q).await?;
         }
-        let commit_ms = commit_latency(&db, opts.counts.floor_commits).await?;
-        let (rate, n) = closed_loop(&conn, &db, &jobs, &results, opts.counts.floor_steps).await?;
-        let gaps = sequential(&conn, &db, &jobs, &results, opts.counts.sequential_steps).await?;
+        let commit_ms = commit_latency(db, opts.counts.floor_commits).await?;
+        let (rate, n) = closed_loop(&conn, db, &jobs, &results, opts.counts.floor_steps).await?;
+        let gaps = sequential(&conn, db, &jobs, &results, opts.counts.sequential_steps).await?;
         let post_ms = submissions(
             &conn,
-            &db,
+            db,
             &posts,
             opts.counts.floor_posts,
             opts.counts.api_steps,
         )
         .await?;
         let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM steps WHERE state = 'Success'")
-            .fetch_one(&db)
+            .fetch_one(db)
             .await?;
         let expected = n + opts.counts.sequential_steps;
         ensure!(
             stored as usize == expected,
             "{stored}/{expected} floor steps stored as Success"
         );
-        db.close().await;
-        Ok::<_, anyhow::Error>((commit_ms, rate, n, gaps, post_ms))
-    }
+        Ok((commit_ms, rate, n, gaps, post_ms))
+    })
     .await;
     if let Ok(ch) = conn.create_channel().await {
         for q in [&jobs, &results, &posts] {
@@ -109,12 +94,6 @@ pub(crate) async fn floor(opts: &Opts) -> Result<ScenarioResult> {
         }
     }
     let _ = conn.close(200, "bench done".into()).await;
-    let _ = sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
-    ))
-    .execute(&admin)
-    .await;
-    admin.close().await;
     let (commit_ms, rate, n, gaps, post_ms) = result?;
     let (posts_n, steps) = (opts.counts.floor_posts, opts.counts.api_steps);
     let parallelism = AGENTS * SLOTS as usize;
@@ -169,65 +148,6 @@ pub(crate) async fn floor(opts: &Opts) -> Result<ScenarioResult> {
     })
 }
 
-async fn declare_quorum(ch: &Channel, queue: &str) -> Result<()> {
-    let mut args = FieldTable::default();
-    args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
-    Ok(())
-}
-
-/// A channel in confirm mode.
-async fn confirming(conn: &Connection) -> Result<Channel> {
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(ch)
-}
-
-/// Publish persistently and wait for the broker's confirm.
-async fn publish(ch: &Channel, queue: &str, body: &[u8]) -> Result<()> {
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            lapin::BasicProperties::default().with_delivery_mode(2),
-        )
-        .await?
-        .await?;
-    ensure!(
-        confirm.is_ack() && confirm.take_message().is_none(),
-        "a publish to {queue} was not confirmed as queued"
-    );
-    Ok(())
-}
-
-async fn consumer(ch: &Channel, queue: &str, prefetch: u16) -> Result<lapin::Consumer> {
-    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    Ok(ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?)
-}
-
 fn id_of(data: &[u8]) -> Result<i64> {
     std::str::from_utf8(data)?
         .parse()
@@ -260,12 +180,7 @@ async fn work(db: &PgPool, results_ch: &Channel, results: &str, id: i64) -> Resu
     .execute(db)
     .await?;
     ensure!(claimed.rows_affected() == 1, "step {id} claimed twice");
-    let status = tokio::process::Command::new("bash")
-        .args(["-c", "true"])
-        .stdin(std::process::Stdio::null())
-        .status()
-        .await?;
-    ensure!(status.success(), "bash -c true failed: {status}");
+    bash_true().await?;
     publish(results_ch, results, id.to_string().as_bytes()).await
 }
 
@@ -424,12 +339,7 @@ async fn sequential(
         if let Some(t) = exited {
             gaps.push(t.elapsed().as_secs_f64() * 1000.0);
         }
-        let status = tokio::process::Command::new("bash")
-            .args(["-c", "true"])
-            .stdin(std::process::Stdio::null())
-            .status()
-            .await?;
-        ensure!(status.success(), "bash -c true failed: {status}");
+        bash_true().await?;
         exited = Some(Instant::now());
         d.ack(BasicAckOptions::default()).await?;
     }

@@ -14,7 +14,7 @@
 //!
 //! Layout: this file holds the counts, the options and the runner; `figures` what a scenario
 //! returns; `stack` the stack and the requests every scenario makes; `measure` the `/proc`
-//! readings; `references` the three raw references; `floor` the durable skeleton; `scenarios/` one file per scenario;
+//! readings; `references` the three raw references; `floor` the durable skeleton; `raw` the raw clients both are made of; `scenarios/` one file per scenario;
 //! `report` and `plot` the generated document.
 
 use anyhow::{Context, Result, bail};
@@ -28,6 +28,7 @@ mod floor;
 pub mod measure;
 pub mod meter;
 pub mod plot;
+mod raw;
 mod references;
 pub mod report;
 mod scenarios;

@@ -1,23 +1,20 @@
 //! The references, measured in the same run as the scenarios that divide by them: raw AMQP
 //! round trips through a quorum queue, the bare spawn rate of `bash -c true`, and sqlx
-//! `COPY` into the `log_lines` layout.
+//! `COPY` into the `log_lines` layout, each made of the raw clients in `raw`.
 
 use crate::measure::{percentile, write_csv};
+use crate::raw;
 use crate::{AGENTS, Figure, Opts, SLOTS, ScenarioResult};
 use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
-use gantry_tests::PG_ADMIN_URL;
 use std::fmt::Write as _;
 use std::time::Instant;
 
 /// Raw AMQP: one persistent message per round trip through a quorum queue, published with
 /// confirms and consumed with a manual ack.
 pub(crate) async fn amqp(opts: &Opts) -> Result<ScenarioResult> {
-    use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
-    };
-    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
     let n = opts.counts.amqp_round_trips;
     let conn = lapin::Connection::connect(
         gantry_tests::AMQP_URL,
@@ -29,25 +26,8 @@ pub(crate) async fn amqp(opts: &Opts) -> Result<ScenarioResult> {
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
     let result = async {
-        let publisher = conn.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-        publisher
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await?;
+        let publisher = raw::confirming(&conn).await?;
+        raw::declare_quorum(&publisher, &queue).await?;
         let consumer_ch = conn.create_channel().await?;
         let mut consumer = consumer_ch
             .basic_consume(
@@ -62,23 +42,9 @@ pub(crate) async fn amqp(opts: &Opts) -> Result<ScenarioResult> {
         let started = Instant::now();
         for i in 0..n {
             let t = Instant::now();
-            let confirm = publisher
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    lapin::BasicProperties::default().with_delivery_mode(2),
-                )
-                .await?
-                .await?;
-            ensure!(
-                confirm.is_ack() && confirm.take_message().is_none(),
-                "message {i} not confirmed as queued"
-            );
+            raw::publish(&publisher, &queue, &body)
+                .await
+                .with_context(|| format!("message {i}"))?;
             let delivery = consumer
                 .next()
                 .await
@@ -138,15 +104,7 @@ pub(crate) async fn spawn(opts: &Opts) -> Result<ScenarioResult> {
     let parallelism = AGENTS * SLOTS as usize;
     let started = Instant::now();
     let mut stream = futures::stream::iter(0..n)
-        .map(|_| async {
-            let status = tokio::process::Command::new("bash")
-                .args(["-c", "true"])
-                .stdin(std::process::Stdio::null())
-                .status()
-                .await?;
-            ensure!(status.success(), "bash -c true failed: {status}");
-            Ok::<_, anyhow::Error>(())
-        })
+        .map(|_| raw::bash_true())
         .buffer_unordered(parallelism);
     let mut done = 0;
     while let Some(r) = stream.next().await {
@@ -176,34 +134,19 @@ pub(crate) fn line_text(i: usize) -> String {
 pub(crate) async fn copy(opts: &Opts) -> Result<ScenarioResult> {
     use sqlx::postgres::PgPoolCopyExt;
     let n = opts.counts.lines;
-    let db_name = format!(
-        "gantry_bench_copy_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(PG_ADMIN_URL)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE \"{db_name}\""))
-        .execute(&admin)
-        .await?;
-    let result = async {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("postgres://root@127.0.0.1:5432/{db_name}"))
-            .await?;
+    let result = raw::scratch_db("copy", 1, async |pool: &sqlx::PgPool| {
         sqlx::query(
             "CREATE TABLE log_lines (
                 task_id uuid NOT NULL, pos bigint NOT NULL, step_run_id uuid, attempt integer,
                 seq bigint, ts timestamptz NOT NULL, stream smallint NOT NULL, text text NOT NULL,
                 PRIMARY KEY (task_id, pos))",
         )
-        .execute(&pool)
+        .execute(pool)
         .await?;
         sqlx::query(
             "CREATE UNIQUE INDEX log_lines_attempt_seq ON log_lines (step_run_id, attempt, seq)",
         )
-        .execute(&pool)
+        .execute(pool)
         .await?;
         let task = uuid::Uuid::new_v4();
         let run = uuid::Uuid::new_v4();
@@ -229,22 +172,15 @@ pub(crate) async fn copy(opts: &Opts) -> Result<ScenarioResult> {
         let rows = copy.finish().await?;
         let elapsed = started.elapsed().as_secs_f64();
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM log_lines")
-            .fetch_one(&pool)
+            .fetch_one(pool)
             .await?;
-        pool.close().await;
         ensure!(
             rows as usize == n && count as usize == n,
             "COPY stored {count}/{n} rows"
         );
-        Ok::<_, anyhow::Error>(elapsed)
-    }
+        Ok(elapsed)
+    })
     .await;
-    let _ = sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
-    ))
-    .execute(&admin)
-    .await;
-    admin.close().await;
     let elapsed = result?;
     Ok(ScenarioResult {
         name: "copy".into(),
