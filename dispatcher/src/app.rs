@@ -290,31 +290,24 @@ pub async fn declare_workers(
 /// Reconcile the broker's worker users with PostgreSQL at start and every
 /// [`RECONCILE_EVERY`] (see [`BrokerUsers::reconcile`]).
 fn spawn_reconcile(db: sqlx::PgPool, users: BrokerUsers, cancel: CancellationToken) {
-    crate::supervise::spawn("broker-users", cancel.clone(), move || {
-        let (db, users, cancel) = (db.clone(), users.clone(), cancel.clone());
+    crate::supervise::every("broker-users", RECONCILE_EVERY, cancel, move || {
+        let (db, users) = (db.clone(), users.clone());
         async move {
-            let mut tick = tokio::time::interval(RECONCILE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = cancel.cancelled() => return Ok(()),
+            match crate::store::workers::reconcile_broker_users(&db, &users).await {
+                Ok(r) if r != Default::default() => {
+                    tracing::warn!(
+                        created = r.created,
+                        repermissioned = r.repermissioned,
+                        deleted = r.deleted,
+                        "corrected the broker's worker users"
+                    )
                 }
-                match crate::store::workers::reconcile_broker_users(&db, &users).await {
-                    Ok(r) if r != Default::default() => {
-                        tracing::warn!(
-                            created = r.created,
-                            repermissioned = r.repermissioned,
-                            deleted = r.deleted,
-                            "corrected the broker's worker users"
-                        )
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not reconcile the broker's worker users; will retry")
-                    }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not reconcile the broker's worker users; will retry")
                 }
             }
+            Ok(())
         }
     });
 }

@@ -99,7 +99,8 @@ pub async fn request(c: &Canceller<'_>, task: TaskId) -> store::Result<(String, 
             continue;
         }
         if let Some(locked) = attempts::lock(&mut tx, step_run, attempt).await? {
-            attempts::conclude(
+            // Quietly: the task is woken once, after the loop.
+            attempts::conclude_quietly(
                 &mut tx,
                 &locked,
                 step_run,

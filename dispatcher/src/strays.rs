@@ -50,24 +50,11 @@ pub struct Strays {
 impl Strays {
     pub fn spawn(self, cancel: CancellationToken) {
         let me = std::sync::Arc::new(self);
-        crate::supervise::spawn("strays", cancel.clone(), move || {
+        crate::supervise::every("strays", CHECK_EVERY, cancel, move || {
             let me = me.clone();
-            let cancel = cancel.clone();
             async move {
-                let mut tick = tokio::time::interval(CHECK_EVERY);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = cancel.cancelled() => return Ok(()),
-                    }
-                    if let Err(e) = me.check().await {
-                        crate::supervise::pass_failed(
-                            "strays",
-                            &format!("checking queues for lost jobs: {e:#}"),
-                        );
-                    }
-                }
+                use anyhow::Context as _;
+                me.check().await.context("checking queues for lost jobs")
             }
         });
     }

@@ -112,6 +112,33 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// [`spawn`] a loop that runs `pass` every `period`, the first at once, until `cancel` fires.
+/// A pass that fails is logged ([`pass_failed`]) and tried again at the next tick; a tick
+/// missed while a pass ran is not made up for.
+pub fn every<F, Fut>(name: &'static str, period: Duration, cancel: CancellationToken, pass: F)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let pass = std::sync::Arc::new(pass);
+    spawn(name, cancel.clone(), move || {
+        let (pass, cancel) = (pass.clone(), cancel.clone());
+        async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+                if let Err(e) = pass().await {
+                    pass_failed(name, &format!("{e:#}"));
+                }
+            }
+        }
+    });
+}
+
 /// Log a failed pass of a loop that retries on its next tick (it is not restarted: only
 /// this pass failed).
 pub fn pass_failed(name: &'static str, e: &dyn std::fmt::Display) {

@@ -297,16 +297,16 @@ impl State for ArtifactState {
 }
 
 impl TaskState {
-    /// Ended: nothing changes any more.
+    /// Ended: nothing changes any more (a final state of the table).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Success | Self::Failed | Self::Cancelled)
+        <Self as State>::is_final(self)
     }
 }
 
 impl AttemptState {
-    /// Ended: `Success` or one of [`AttemptState::FAILURES`].
+    /// Ended: a final state of the table, `Success` or one of [`AttemptState::FAILURES`].
     pub fn is_final(self) -> bool {
-        self == Self::Success || self.is_failure()
+        <Self as State>::is_final(self)
     }
     /// Final states that count as a failure of the step.
     pub const FAILURES: [Self; 4] = [
@@ -365,10 +365,6 @@ impl StepState {
             self,
             Self::Failed | Self::TimedOut | Self::Cancelled | Self::WorkerLost
         )
-    }
-    /// Started and not ended.
-    pub fn is_live(self) -> bool {
-        matches!(self, Self::Waiting | Self::Queued | Self::Running)
     }
 }
 
@@ -436,11 +432,18 @@ mod tests {
 
     #[test]
     fn final_states_leave_nowhere() {
+        // The final states the table gives are the ones the code means: a task's three ends,
+        // and an attempt's success and failures.
         for &s in AttemptState::ALL {
-            assert_eq!(s.is_final(), <AttemptState as State>::is_final(s), "{s:?}");
+            let expected = s == AttemptState::Success || AttemptState::FAILURES.contains(&s);
+            assert_eq!(s.is_final(), expected, "{s:?}");
         }
         for &s in TaskState::ALL {
-            assert_eq!(s.is_terminal(), <TaskState as State>::is_final(s), "{s:?}");
+            let expected = matches!(
+                s,
+                TaskState::Success | TaskState::Failed | TaskState::Cancelled
+            );
+            assert_eq!(s.is_terminal(), expected, "{s:?}");
         }
         assert!(StepState::Skipped.is_final());
         assert!(StepState::Success.is_final());

@@ -23,7 +23,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{AppJson, WorkerCaller, WorkerIdentity, parse_id};
 use crate::attempts;
 use crate::store::workers;
-use crate::transitions::{self, AttemptState};
+use crate::transitions::{self, AttemptState, WorkerHealth};
 use axum::Json;
 use axum::extract::{Path, State};
 use gantry_shared::api::{
@@ -85,8 +85,8 @@ pub async fn claim(
     let worker = identity.fresh(&mut tx).await?;
     let task = locked.task_id;
     let attempt = attempt as i32;
-    match locked.state.as_str() {
-        "Pending" | "Queued" => {
+    match locked.state {
+        AttemptState::Pending | AttemptState::Queued => {
             let outside_pool = !serves_step(&mut tx, &worker, step_run).await?;
             if outside_pool && !routed_to(&mut tx, &worker, step_run, attempt).await? {
                 // Refused without a trace: voiding the job here would let any worker outside
@@ -113,7 +113,7 @@ pub async fn claim(
                     "worker {} is disabled and takes no new steps",
                     worker.name
                 ))
-            } else if worker.health == "Unhealthy" {
+            } else if worker.health == WorkerHealth::Unhealthy {
                 Some(format!(
                     "worker {} is Unhealthy ({}) and takes no new steps",
                     worker.name,
@@ -191,20 +191,21 @@ pub async fn claim(
                 return Err(ApiError::Conflict(why));
             }
         }
-        "Running"
+        AttemptState::Running
             if locked.worker_id == Some(worker.worker_id.0)
                 && locked.claim_id == Some(req.claim_id.0) =>
         {
             // The same claim again: the agent did not get our first answer.
         }
-        "Running" => {
+        AttemptState::Running => {
             return Err(ApiError::Conflict(format!(
                 "job {job_id} is already claimed and running"
             )));
         }
         other => {
             return Err(ApiError::Conflict(format!(
-                "job {job_id}'s attempt has ended ({other})"
+                "job {job_id}'s attempt has ended ({})",
+                other.as_str()
             )));
         }
     }
@@ -257,7 +258,7 @@ pub async fn claim(
                     token: token as u64,
                     lease_ms: s.locks.lease().as_millis() as u64,
                 }),
-                Ok(false) if locked.state != "Running" => {
+                Ok(false) if locked.state != AttemptState::Running => {
                     drop(tx);
                     s.locks
                         .requeue(

@@ -119,6 +119,9 @@ async fn resolve_pools(
         }
         Ok(builtin_enabled == Some(true))
     };
+    // Many steps name the same pool, or none: each pool is looked up once per submission.
+    let mut found: std::collections::HashMap<&str, PoolId> = Default::default();
+    let mut default_has_workers: Option<bool> = None;
     let mut step_pools: Vec<Option<PoolId>> = Vec::with_capacity(process.steps.len());
     for (i, step) in process.steps.iter().enumerate() {
         if step.kind != gantry_shared::process::StepKind::Script {
@@ -154,22 +157,31 @@ async fn resolve_pools(
                 }
                 None
             }
-            (Some(reference), Location::Pool) => Some(
-                pools::find(&mut *tx, reference)
-                    .await?
-                    .ok_or_else(|| {
-                        ApiError::bad(
-                            format!("steps[{i}].pool"),
-                            format!("no worker pool named {reference:?}"),
-                        )
-                    })?
-                    .id,
-            ),
+            (Some(reference), Location::Pool) => match found.get(reference.as_str()) {
+                Some(id) => Some(*id),
+                None => {
+                    let id = pools::find(&mut *tx, reference)
+                        .await?
+                        .ok_or_else(|| {
+                            ApiError::bad(
+                                format!("steps[{i}].pool"),
+                                format!("no worker pool named {reference:?}"),
+                            )
+                        })?
+                        .id;
+                    found.insert(reference, id);
+                    Some(id)
+                }
+            },
             (None, Location::Pool) => Some(default_pool.id),
         };
         if pool == Some(default_pool.id)
             && !(s.builtin_runs_code && builtin(&mut *tx).await?)
-            && !pools::has_registered_workers(&mut *tx, default_pool.id).await?
+            && !match default_has_workers {
+                Some(has) => has,
+                None => *default_has_workers
+                    .insert(pools::has_registered_workers(&mut *tx, default_pool.id).await?),
+            }
         {
             return Err(ApiError::bad(
                 format!("steps[{i}].pool"),

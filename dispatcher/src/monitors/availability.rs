@@ -9,21 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Mark workers whose heartbeats stopped as `Unavailable`, every [`CHECK_EVERY`].
 pub fn spawn_availability(db: PgPool, cancel: CancellationToken) {
-    crate::supervise::spawn("availability", cancel.clone(), move || {
-        let (db, cancel) = (db.clone(), cancel.clone());
-        async move {
-            let mut tick = tokio::time::interval(CHECK_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = cancel.cancelled() => return Ok(()),
-                }
-                if let Err(e) = pass(&db).await {
-                    crate::supervise::pass_failed("availability", &e);
-                }
-            }
-        }
+    crate::supervise::every("availability", CHECK_EVERY, cancel, move || {
+        let db = db.clone();
+        async move { Ok(pass(&db).await?) }
     });
 }
 

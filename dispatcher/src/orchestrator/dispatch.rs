@@ -139,7 +139,8 @@ async fn fail_attempt(
 ) -> sqlx::Result<()> {
     let step_run = StepRunId(step.id);
     if let Some(locked) = attempts::lock(tx, step_run, attempt).await? {
-        attempts::conclude(
+        // Quietly: the one wake-up is below.
+        attempts::conclude_quietly(
             tx,
             &locked,
             step_run,

@@ -9,7 +9,7 @@ use crate::logs;
 use crate::outputs;
 use crate::quotas::Quota;
 use crate::senders::Sender;
-use crate::transitions::{self, StepState};
+use crate::transitions::{self, AttemptState, StepState};
 use gantry_shared::wire::{Event, Origin};
 use sqlx::PgConnection;
 
@@ -49,7 +49,7 @@ impl ResultConsumer {
                 .await?;
             return Ok(Handled::Done(None, None));
         }
-        let live = locked.state == "Running";
+        let live = locked.state == AttemptState::Running;
         let mut kick = None;
         match event {
             Event::StepWaiting(w) => {

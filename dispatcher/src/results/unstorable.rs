@@ -26,7 +26,9 @@ impl ResultConsumer {
             .worker(sender, origin.worker_id, || locked.claimant_builtin)
             .ok()
             .filter(|w| locked.is_claimant(origin.job_id, *w));
-        let Some(claimant) = claimant.filter(|_| locked.state == "Running") else {
+        let Some(claimant) =
+            claimant.filter(|_| locked.state == crate::transitions::AttemptState::Running)
+        else {
             return Ok(Handled::Done(None, None));
         };
         self.finish(

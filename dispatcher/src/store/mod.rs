@@ -49,10 +49,6 @@ impl Error {
             message: message.into(),
         }
     }
-    /// A database failure that may go away by itself (PostgreSQL restarting or away).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Db(e) if crate::db::is_transient(e))
-    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

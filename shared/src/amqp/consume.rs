@@ -293,10 +293,6 @@ impl QueueConsumer {
         }
     }
 
-    pub fn queue(&self) -> &str {
-        &self.queue
-    }
-
     /// Open a consuming channel; `None` once cancelled.
     async fn open(&mut self) -> Option<()> {
         if self.pause {
