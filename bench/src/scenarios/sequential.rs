@@ -43,8 +43,8 @@ pub(crate) async fn sequential(opts: &Opts) -> Result<ScenarioResult> {
     let gaps: Vec<f64> = times.windows(2).map(|w| ms(w[1].0 - w[0].1)).collect();
     // Where the gap goes: the previous step's end to the next attempt's creation (the
     // StepFinished event, its transaction, the wake-up, the advance's start), creation to
-    // the broker's confirm (the advance, the publish), and the confirm to the agent's start
-    // (the delivery, the claim, the spawn). A claim can beat the Queued mark; those gaps
+    // the broker's confirm (the advance, the publish), and the confirm to the claim
+    // (the delivery, the claim's transaction). A claim can beat the Queued mark; those gaps
     // are left out of the last two parts.
     let to_created: Vec<f64> = times.windows(2).map(|w| ms(w[1].2 - w[0].1)).collect();
     let (mut to_queued, mut to_started) = (Vec::new(), Vec::new());
@@ -84,7 +84,7 @@ pub(crate) async fn sequential(opts: &Opts) -> Result<ScenarioResult> {
                 "ms",
             ),
             Figure::plain(
-                "of which: Queued to the agent's start (delivery, claim, spawn), p50",
+                "of which: Queued to the claim (delivery, the claim's transaction), p50",
                 percentile(&to_started, 50.0),
                 "ms",
             ),
