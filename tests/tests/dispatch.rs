@@ -246,11 +246,14 @@ async fn intervals_by_worker(
     map
 }
 
+/// Steps that outlast the agent's queue probe: a consumer waiting on the worker's own empty
+/// queue moves to the pool's only at the next probe, up to 1 s later (`slots/consumers.rs`),
+/// so with 1-second steps the overlaps asserted below were once missed under load.
 const SLEEPER: &str = r##"
 name = "sleeper"
 [[steps]]
 name = "nap"
-script = "echo start; sleep 1; echo end"
+script = "echo start; sleep 3; echo end"
 "##;
 
 #[tokio::test]
