@@ -172,21 +172,25 @@ async fn pass(
     retry_base: Duration,
     seen: &mut HashMap<(Uuid, i32), Instant>,
 ) -> sqlx::Result<()> {
-    let running: Vec<(Uuid, i32, Option<String>, i64)> = sqlx::query_as(
-        "SELECT a.step_run_id, a.attempt, w.name,
-                CASE WHEN jsonb_typeof(s.spec->'cancel_grace_secs') = 'number'
-                     THEN GREATEST(LEAST((s.spec->>'cancel_grace_secs')::numeric, 3600), 0)::bigint
-                     ELSE 5 END
-         FROM attempts a
-         JOIN step_runs s ON s.id = a.step_run_id JOIN tasks t ON t.id = s.task_id
-         LEFT JOIN workers w ON w.id = a.worker_id
-         WHERE t.state = $1 AND a.state = $2
-         LIMIT 10000",
-    )
-    .bind(TaskState::Cancelling)
-    .bind(AttemptState::Running)
-    .fetch_all(db)
-    .await?;
+    // The states in the text, not bound: the partial indexes on active tasks and running
+    // attempts match them (see `crate::db::connect`).
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT a.step_run_id, a.attempt, w.name,
+                    CASE WHEN jsonb_typeof(s.spec->'cancel_grace_secs') = 'number'
+                         THEN GREATEST(LEAST((s.spec->>'cancel_grace_secs')::numeric, 3600), 0)::bigint
+                         ELSE 5 END
+             FROM attempts a
+             JOIN step_runs s ON s.id = a.step_run_id JOIN tasks t ON t.id = s.task_id
+             LEFT JOIN workers w ON w.id = a.worker_id
+             WHERE t.state = '{cancelling}' AND a.state = '{running}'
+             LIMIT 10000",
+            cancelling = TaskState::Cancelling.as_str(),
+            running = AttemptState::Running.as_str(),
+        )
+    });
+    let running: Vec<(Uuid, i32, Option<String>, i64)> =
+        sqlx::query_as(SQL.as_str()).fetch_all(db).await?;
     let now = Instant::now();
     seen.retain(|k, _| running.iter().any(|(s, a, _, _)| (*s, *a) == *k));
     let mut ended = false;

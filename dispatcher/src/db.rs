@@ -35,16 +35,38 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
     }
 }
 
-/// A pool of connections. Connections are checked before use, so the pool heals by itself
-/// after a Postgres restart.
+/// A connection idle longer than this is pinged before it is handed out.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// A pool of connections. A connection that sat idle is checked before use, so the pool heals
+/// by itself after a Postgres restart; one in steady use is not (a ping would be one more
+/// round trip for every transaction), and a broken one fails its statement as a transient
+/// error, which every caller retries.
+///
+/// Its statements use generic plans (`plan_cache_mode = force_generic_plan`). Every statement
+/// is prepared once per connection, and PostgreSQL would otherwise plan the first five
+/// executions of each on each connection afresh, and go on planning the ones whose generic
+/// plan it thinks dearer: that planning was about half of PostgreSQL's time on the hot path
+/// (docs/BENCHMARKS.md). The rule that comes with it: a query that must use a partial index
+/// writes the index's condition (a state, say) into its text, never as a parameter, since a
+/// generic plan cannot match `state = $1` against `WHERE state = 'Running'`.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     let opts = PgConnectOptions::from_str(&settings.postgres_url())
         .context("postgres.url")?
-        .application_name("gantry-dispatcher");
+        .application_name("gantry-dispatcher")
+        .options([("plan_cache_mode", "force_generic_plan")]);
     let pool = PgPoolOptions::new()
         .max_connections(settings.postgres.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .test_before_acquire(true)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(opts)
         .await
         .context("connecting to PostgreSQL")?;

@@ -61,18 +61,23 @@ impl Strays {
 
     async fn check(&self) -> anyhow::Result<()> {
         // Per routing key, the attempts Queued there for longer than the grace, oldest first.
-        let rows: Vec<(String, Vec<Uuid>, Vec<i32>)> = sqlx::query_as(
-            "SELECT routing_key, array_agg(step_run_id ORDER BY queued_at),
-                    array_agg(attempt ORDER BY queued_at)
-             FROM attempts
-             WHERE state = $2 AND routing_key IS NOT NULL
-               AND queued_at < now() - $1::interval
-             GROUP BY routing_key",
-        )
-        .bind(GRACE)
-        .bind(AttemptState::Queued)
-        .fetch_all(&self.db)
-        .await?;
+        // The state in the text, not bound: the partial index on queued attempts matches it
+        // (see `crate::db::connect`).
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT routing_key, array_agg(step_run_id ORDER BY queued_at),
+                        array_agg(attempt ORDER BY queued_at)
+                 FROM attempts
+                 WHERE state = '{queued}' AND routing_key IS NOT NULL
+                   AND queued_at < now() - $1::interval
+                 GROUP BY routing_key",
+                queued = AttemptState::Queued.as_str()
+            )
+        });
+        let rows: Vec<(String, Vec<Uuid>, Vec<i32>)> = sqlx::query_as(SQL.as_str())
+            .bind(GRACE)
+            .fetch_all(&self.db)
+            .await?;
         if rows.is_empty() {
             return Ok(());
         }

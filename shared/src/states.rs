@@ -79,6 +79,16 @@ macro_rules! state_enum {
             pub fn strs(states: &[Self]) -> Vec<&'static str> {
                 states.iter().map(|s| s.as_str()).collect()
             }
+            /// Several states as SQL literals, `'A', 'B'`, for `state IN (...)` written into
+            /// a statement's text: a generic plan matches a partial index's condition only
+            /// against literals, never against a bound parameter.
+            pub fn sql_list(states: &[Self]) -> String {
+                states
+                    .iter()
+                    .map(|s| format!("'{}'", s.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
         }
 
         impl Variants for $name {
@@ -499,5 +509,14 @@ mod tests {
             AttemptState::TimedOut.describe(None, Some("after 5s")),
             "timed out: after 5s"
         );
+    }
+
+    #[test]
+    fn state_lists_are_written_as_sql_literals() {
+        assert_eq!(
+            AttemptState::sql_list(&[AttemptState::Pending, AttemptState::Queued]),
+            "'Pending', 'Queued'"
+        );
+        assert_eq!(TaskState::sql_list(&[]), "");
     }
 }

@@ -16,19 +16,23 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 pub(super) async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
-    let waiters: Vec<Waiter> = sqlx::query_as(
-        "SELECT a.step_run_id, a.attempt, a.waiting_since, s.task_id, s.name AS step_name,
-                s.spec->>'mutex' AS mutex,
-                CASE WHEN jsonb_typeof(s.spec->'mutex_timeout_secs') = 'number'
-                     THEN GREATEST(LEAST((s.spec->>'mutex_timeout_secs')::numeric, $1), 0)::bigint
-                END AS mutex_timeout_secs
-         FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
-         WHERE a.state = $2 ORDER BY a.waiting_since, a.created_at",
-    )
-    .bind(MAX_MUTEX_TIMEOUT_SECS)
-    .bind(AttemptState::Waiting)
-    .fetch_all(&inner.db)
-    .await?;
+    // The state in the text, not bound, for the partial index (see `crate::db::connect`).
+    static WAITERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT a.step_run_id, a.attempt, a.waiting_since, s.task_id, s.name AS step_name,
+                    s.spec->>'mutex' AS mutex,
+                    CASE WHEN jsonb_typeof(s.spec->'mutex_timeout_secs') = 'number'
+                         THEN GREATEST(LEAST((s.spec->>'mutex_timeout_secs')::numeric, $1), 0)::bigint
+                    END AS mutex_timeout_secs
+             FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
+             WHERE a.state = '{waiting}' ORDER BY a.waiting_since, a.created_at",
+            waiting = AttemptState::Waiting.as_str()
+        )
+    });
+    let waiters: Vec<Waiter> = sqlx::query_as(WAITERS.as_str())
+        .bind(MAX_MUTEX_TIMEOUT_SECS)
+        .fetch_all(&inner.db)
+        .await?;
     {
         // Forget reports of attempts no longer waiting.
         let live: std::collections::HashSet<(Uuid, i32)> =
@@ -61,16 +65,19 @@ pub(super) async fn serve_waiters(inner: &Arc<Inner>) -> anyhow::Result<()> {
         // The previous holder's attempt must have ended in PostgreSQL too, not only its lease
         // in Redis: a lost worker's lease can expire before the worker is declared lost, and
         // its step must be marked lost before the next holder starts.
-        let previous: Option<(Uuid, String)> = sqlx::query_as(
-            "SELECT s.task_id, s.name FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
-             WHERE a.mutex_token IS NOT NULL AND a.state = ANY($2)
-               AND s.spec->>'mutex' = $1
-             LIMIT 1",
-        )
-        .bind(&mutex)
-        .bind(AttemptState::strs(&HOLDING))
-        .fetch_optional(&inner.db)
-        .await?;
+        static PREVIOUS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT s.task_id, s.name FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
+                 WHERE a.mutex_token IS NOT NULL AND a.state IN ({holding})
+                   AND s.spec->>'mutex' = $1
+                 LIMIT 1",
+                holding = AttemptState::sql_list(&HOLDING)
+            )
+        });
+        let previous: Option<(Uuid, String)> = sqlx::query_as(PREVIOUS.as_str())
+            .bind(&mutex)
+            .fetch_optional(&inner.db)
+            .await?;
         let mut held = previous.is_some();
         for w in ws {
             let key = (w.step_run_id, w.attempt);

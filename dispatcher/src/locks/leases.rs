@@ -17,15 +17,17 @@ const UNCLAIMED: [AttemptState; 2] = [AttemptState::Pending, AttemptState::Queue
 
 /// Keep the leases of granted attempts no agent has claimed yet.
 pub(super) async fn renew_unclaimed(inner: &Arc<Inner>) -> anyhow::Result<()> {
-    let held: Vec<Held> = sqlx::query_as(
-        "SELECT a.step_run_id, a.attempt, s.task_id, s.name AS step_name,
-                s.spec->>'mutex' AS mutex, a.mutex_token
-         FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
-         WHERE a.mutex_token IS NOT NULL AND a.state = ANY($1)",
-    )
-    .bind(AttemptState::strs(&UNCLAIMED))
-    .fetch_all(&inner.db)
-    .await?;
+    // The states in the text, not bound, for the partial index (see `crate::db::connect`).
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT a.step_run_id, a.attempt, s.task_id, s.name AS step_name,
+                    s.spec->>'mutex' AS mutex, a.mutex_token
+             FROM attempts a JOIN step_runs s ON s.id = a.step_run_id
+             WHERE a.mutex_token IS NOT NULL AND a.state IN ({unclaimed})",
+            unclaimed = AttemptState::sql_list(&UNCLAIMED)
+        )
+    });
+    let held: Vec<Held> = sqlx::query_as(SQL.as_str()).fetch_all(&inner.db).await?;
     for h in held {
         let Some(mutex) = h.mutex.as_deref() else {
             continue;
@@ -108,14 +110,18 @@ pub(super) async fn requeue(
 
 /// Set a new epoch if Redis has none while any mutex is in use.
 pub(super) async fn check_epoch(inner: &Arc<Inner>) -> anyhow::Result<()> {
-    let in_use: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM attempts WHERE state = $1
-                        OR (mutex_token IS NOT NULL AND state = ANY($2)))",
-    )
-    .bind(AttemptState::Waiting)
-    .bind(AttemptState::strs(&HOLDING))
-    .fetch_one(&inner.db)
-    .await?;
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT EXISTS (SELECT 1 FROM attempts WHERE state = '{waiting}')
+                 OR EXISTS (SELECT 1 FROM attempts
+                            WHERE mutex_token IS NOT NULL AND state IN ({holding}))",
+            waiting = AttemptState::Waiting.as_str(),
+            holding = AttemptState::sql_list(&HOLDING)
+        )
+    });
+    let in_use: bool = sqlx::query_scalar(SQL.as_str())
+        .fetch_one(&inner.db)
+        .await?;
     if in_use && !locks::has_epoch(&inner.redis, &inner.ns).await? {
         ensure_epoch(inner).await?;
     }
@@ -124,13 +130,16 @@ pub(super) async fn check_epoch(inner: &Arc<Inner>) -> anyhow::Result<()> {
 
 /// A new epoch from PostgreSQL; a quiet period only if some attempt may still hold a mutex.
 pub(super) async fn ensure_epoch(inner: &Inner) -> anyhow::Result<()> {
-    let holders: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM attempts
-                        WHERE mutex_token IS NOT NULL AND state = ANY($1))",
-    )
-    .bind(AttemptState::strs(&HOLDING))
-    .fetch_one(&inner.db)
-    .await?;
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT EXISTS (SELECT 1 FROM attempts
+                            WHERE mutex_token IS NOT NULL AND state IN ({holding}))",
+            holding = AttemptState::sql_list(&HOLDING)
+        )
+    });
+    let holders: bool = sqlx::query_scalar(SQL.as_str())
+        .fetch_one(&inner.db)
+        .await?;
     let epoch: i64 = sqlx::query_scalar("SELECT nextval('mutex_epochs')")
         .fetch_one(&inner.db)
         .await?;

@@ -104,11 +104,13 @@ async fn attempts_of(
     worker: Uuid,
     states: &[AttemptState],
 ) -> sqlx::Result<Parked> {
+    // The states in the text, not bound: the partial indexes by worker match them (see
+    // `crate::db::connect`).
     let rows: Vec<(Uuid, i32)> = sqlx::query_as(&format!(
-        "SELECT step_run_id, attempt FROM attempts WHERE {column} = $1 AND state = ANY($2)"
+        "SELECT step_run_id, attempt FROM attempts WHERE {column} = $1 AND state IN ({})",
+        AttemptState::sql_list(states)
     ))
     .bind(worker)
-    .bind(AttemptState::strs(states))
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
