@@ -39,18 +39,7 @@ pub fn storable_opt(text: Option<&str>) -> Option<std::borrow::Cow<'_, str>> {
     text.map(storable)
 }
 
-/// Reserve `n` positions in a task's log; returns the first.
-async fn reserve(conn: &mut PgConnection, task: TaskId, n: i64) -> sqlx::Result<i64> {
-    let last: i64 = sqlx::query_scalar(
-        "UPDATE task_log_positions SET last_pos = last_pos + $2 WHERE task_id = $1 RETURNING last_pos",
-    )
-    .bind(task.0)
-    .bind(n)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(last.saturating_sub(n).saturating_add(1))
-}
-
+/// Tell the followers of `channel` that `task` changed.
 pub async fn notify(conn: &mut PgConnection, channel: &str, task: TaskId) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(channel)
@@ -60,26 +49,29 @@ pub async fn notify(conn: &mut PgConnection, channel: &str, task: TaskId) -> sql
     Ok(())
 }
 
-/// Append a line written by Gantry itself.
+/// Append a line written by Gantry itself: its position reserved, the line stored and its
+/// followers told, in one statement.
 pub async fn append_system(
     conn: &mut PgConnection,
     task: TaskId,
     step: Option<(StepRunId, u32)>,
     text: &str,
 ) -> sqlx::Result<()> {
-    let pos = reserve(conn, task, 1).await?;
     sqlx::query(
-        "INSERT INTO log_lines (task_id, pos, step_run_id, attempt, seq, ts, stream, text)
-         VALUES ($1, $2, $3, $4, NULL, now(), 0, $5)",
+        "WITH r AS (UPDATE task_log_positions SET last_pos = last_pos + 1 WHERE task_id = $1
+                    RETURNING last_pos),
+              i AS (INSERT INTO log_lines (task_id, pos, step_run_id, attempt, seq, ts, stream, text)
+                    SELECT $1, r.last_pos, $2, $3, NULL, now(), 0, $4 FROM r)
+         SELECT r.last_pos, pg_notify($5, $1::text) FROM r",
     )
     .bind(task.0)
-    .bind(pos)
     .bind(step.map(|s| s.0.0))
     .bind(step.map(|s| s.1 as i32))
     .bind(text)
-    .execute(&mut *conn)
+    .bind(LOG_CHANNEL)
+    .fetch_one(&mut *conn)
     .await?;
-    notify(conn, LOG_CHANNEL, task).await
+    Ok(())
 }
 
 /// One line to store: its seq and content.
@@ -91,13 +83,16 @@ pub struct SeqLine<'a> {
 }
 
 /// Apply a batch to an attempt whose row the caller has locked, given the attempt's
-/// `lines_stored`. Returns the new `lines_stored`.
+/// `lines_stored`. `last`: the batch ends at the attempt's announced line count, so no parked
+/// line can follow it (`log_lines_pending` is not looked at). Returns the new `lines_stored`.
+#[allow(clippy::too_many_arguments)]
 pub async fn apply_batch(
     conn: &mut PgConnection,
     task: TaskId,
     step_run: StepRunId,
     attempt: u32,
     lines_stored: i64,
+    last: bool,
     first_seq: i64,
     lines: &[LogLine],
 ) -> sqlx::Result<i64> {
@@ -143,15 +138,19 @@ pub async fn apply_batch(
         })
         .collect();
     // Lines parked earlier that now continue the prefix.
-    let parked: Vec<(i64, DateTime<Utc>, i16, String)> = sqlx::query_as(
-        "DELETE FROM log_lines_pending WHERE step_run_id = $1 AND attempt = $2 AND seq >= $3
+    let parked: Vec<(i64, DateTime<Utc>, i16, String)> = if last {
+        Vec::new()
+    } else {
+        sqlx::query_as(
+            "DELETE FROM log_lines_pending WHERE step_run_id = $1 AND attempt = $2 AND seq >= $3
          RETURNING seq, ts, stream, text",
-    )
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .bind(end)
-    .fetch_all(&mut *conn)
-    .await?;
+        )
+        .bind(step_run.0)
+        .bind(attempt as i32)
+        .bind(end)
+        .fetch_all(&mut *conn)
+        .await?
+    };
     if !parked.is_empty() {
         let mut parked = parked;
         parked.sort_by_key(|p| p.0);
@@ -187,29 +186,32 @@ pub async fn apply_batch(
         }
     }
     let n = fresh.len() as i64;
-    let first_pos = reserve(conn, task, n).await?;
-    let pos: Vec<i64> = (0..n).map(|i| first_pos.saturating_add(i)).collect();
     let seqs: Vec<i64> = fresh.iter().map(|l| l.seq).collect();
     let ts: Vec<DateTime<Utc>> = fresh.iter().map(|l| l.ts).collect();
     let streams: Vec<i16> = fresh.iter().map(|l| l.stream).collect();
     let texts: Vec<&str> = fresh.iter().map(|l| l.text.as_ref()).collect();
+    // The task's positions reserved, the lines stored at them in seq order, and the log's
+    // followers told: one statement.
     sqlx::query(
-        "INSERT INTO log_lines (task_id, pos, step_run_id, attempt, seq, ts, stream, text)
-         SELECT $1, u.pos, $2, $3, u.seq, u.ts, u.stream, u.text
-         FROM unnest($4::bigint[], $5::bigint[], $6::timestamptz[], $7::smallint[], $8::text[])
-              AS u(pos, seq, ts, stream, text)",
+        "WITH r AS (UPDATE task_log_positions SET last_pos = last_pos + $8 WHERE task_id = $1
+                    RETURNING last_pos - $8 AS base),
+              i AS (INSERT INTO log_lines (task_id, pos, step_run_id, attempt, seq, ts, stream, text)
+                    SELECT $1, r.base + u.ord, $2, $3, u.seq, u.ts, u.stream, u.text
+                    FROM r, unnest($4::bigint[], $5::timestamptz[], $6::smallint[], $7::text[])
+                         WITH ORDINALITY AS u(seq, ts, stream, text, ord))
+         SELECT r.base, pg_notify($9, $1::text) FROM r",
     )
     .bind(task.0)
     .bind(step_run.0)
     .bind(attempt as i32)
-    .bind(&pos)
     .bind(&seqs)
     .bind(&ts)
     .bind(&streams)
     .bind(&texts)
-    .execute(&mut *conn)
+    .bind(n)
+    .bind(LOG_CHANNEL)
+    .fetch_one(&mut *conn)
     .await?;
-    notify(conn, LOG_CHANNEL, task).await?;
     Ok(lines_stored.saturating_add(n))
 }
 

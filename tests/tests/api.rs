@@ -213,12 +213,24 @@ async fn malformed_messages_are_dead_lettered_and_nothing_crashes() {
     let conn = stack.amqp().await;
     let ch = conn.create_channel().await.unwrap();
 
-    // Act: garbage, an unknown wire version and an unknown type, on a pool queue (via the
+    // Act: garbage, an unknown wire version, an unknown type and a `StepFinished` carrying
+    // more lines than it counts (they would start before seq 0), on a pool queue (via the
     // jobs exchange) and on the results queue.
-    let bodies: [&[u8]; 3] = [
+    let too_many_lines = format!(
+        r#"{{"v": 1, "type": "StepFinished", "step_run_id": "{}", "attempt": 1, "job_id": "{}",
+            "worker_id": "{}", "outcome": "Success", "exit_code": 0, "line_count": 1,
+            "finished_at": "2026-12-02T00:00:00Z",
+            "lines": [{l}, {l}, {l}]}}"#,
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+        l = r#"{"ts": "2026-12-02T00:00:00Z", "stream": "stdout", "text": "x"}"#,
+    );
+    let bodies: [&[u8]; 4] = [
         b"this is not json",
         br#"{"v": 2, "type": "Job"}"#,
         br#"{"v": 1, "type": "Nonsense"}"#,
+        too_many_lines.as_bytes(),
     ];
     ch.confirm_select(Default::default()).await.unwrap();
     for body in bodies {
@@ -259,7 +271,7 @@ async fn malformed_messages_are_dead_lettered_and_nothing_crashes() {
                     .fetch_all(&db)
                     .await
                     .ok()?;
-            (rows.len() >= 6).then_some(rows)
+            (rows.len() >= 8).then_some(rows)
         })
         .await
         .unwrap();
@@ -273,7 +285,7 @@ async fn malformed_messages_are_dead_lettered_and_nothing_crashes() {
         .iter()
         .filter(|(q, _)| q.as_deref() == Some(t.results_queue().as_str()))
         .count();
-    assert_eq!((from_pool, from_results), (3, 3), "{rows:?}");
+    assert_eq!((from_pool, from_results), (4, 4), "{rows:?}");
     assert!(rows.iter().all(|(_, reason)| reason == "rejected"));
     // Both processes are alive and still do their work.
     let task = stack

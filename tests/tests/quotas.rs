@@ -53,6 +53,16 @@ head -c 600000 /dev/urandom > big.bin
 echo uploaded
 """
 "#;
+    // 120 kB in one burst, then a clean exit: a step this short sends its lines with its
+    // `StepFinished`, and the quota holds there too.
+    let burst = r#"
+name = "burst"
+[[steps]]
+name = "blurt"
+script = """
+yes "$(printf '%0200d' 0)" | head -n 600
+"""
+"#;
     // Within both quotas: the honest path still works.
     let modest = r#"
 name = "modest"
@@ -69,6 +79,7 @@ echo small and fine
     let t_log = stack.submit(chatty).await.unwrap();
     let t_art = stack.submit(bulky).await.unwrap();
     let t_ok = stack.submit(modest).await.unwrap();
+    let t_burst = stack.submit(burst).await.unwrap();
     let log_done = stack
         .wait_task(t_log, Duration::from_secs(90))
         .await
@@ -79,6 +90,10 @@ echo small and fine
         .unwrap();
     let ok_done = stack
         .wait_task(t_ok, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let burst_done = stack
+        .wait_task(t_burst, Duration::from_secs(90))
         .await
         .unwrap();
     let log_lines = stack.log(t_log).await.unwrap();
@@ -135,6 +150,23 @@ echo small and fine
         "the step's log says which limit"
     );
     assert!(stored_art <= ARTIFACT_LIMIT, "{stored_art} bytes stored");
+
+    // Assert: the log quota, for lines that came with the step's end.
+    assert_eq!(burst_done.summary.state, "Failed", "{burst_done:#?}");
+    let err = burst_done.steps[0].attempts[0]
+        .error
+        .clone()
+        .unwrap_or_default();
+    assert!(err.contains("limits.task_log_bytes"), "{err}");
+    let burst_text: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(octet_length(text)), 0)::bigint FROM log_lines
+         WHERE task_id = $1 AND seq IS NOT NULL",
+    )
+    .bind(t_burst.0)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(burst_text <= LOG_LIMIT, "{burst_text} bytes stored");
 
     // Assert: within quota, nothing changes.
     assert_eq!(ok_done.summary.state, "Success", "{ok_done:#?}");

@@ -11,7 +11,9 @@ use crate::output::MAX_LINE;
 use chrono::Utc;
 use gantry_shared::mask::Masker;
 use gantry_shared::text::into_storable;
-use gantry_shared::wire::{Event, LogBatch, LogLine, Origin, Stream};
+use gantry_shared::wire::{
+    ArtifactSum, Event, LogBatch, LogLine, Origin, Outcome, StepFinished, Stream,
+};
 
 /// Lines per batch, at most.
 pub const BATCH_LINES: usize = 1000;
@@ -154,6 +156,31 @@ impl Emitter {
         self.event(Event::LogBatch(LogBatch {
             origin: self.origin.clone(),
             first_seq,
+            lines,
+        }))
+        .await;
+    }
+
+    /// End the attempt: `StepFinished`, carrying the lines still in the batch (one message,
+    /// not a last `LogBatch` and then `StepFinished`), its error masked.
+    pub(crate) async fn finish(
+        mut self,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+        error: Option<String>,
+        artifacts: Vec<ArtifactSum>,
+    ) {
+        let lines = std::mem::take(&mut self.batch);
+        self.next_seq = self.next_seq.saturating_add(lines.len() as u64);
+        let error = error.map(|e| self.masker.mask(&e).into_owned());
+        self.event(Event::StepFinished(StepFinished {
+            origin: self.origin(),
+            outcome,
+            exit_code,
+            line_count: self.next_seq,
+            error,
+            finished_at: Utc::now(),
+            artifacts,
             lines,
         }))
         .await;

@@ -91,42 +91,45 @@ impl ResultConsumer {
                             .record(&mut *tx)
                             .await?;
                     }
-                } else if !self.charge_log(&mut *tx, &locked, b).await? {
-                    self.over_quota(&mut *tx, &locked, origin, worker, Quota::Log)
-                        .await?;
-                    kick = Some(locked.task());
                 } else {
-                    let stored = logs::apply_batch(
-                        &mut *tx,
-                        locked.task(),
-                        origin.step_run_id,
-                        origin.attempt,
-                        locked.lines_stored,
-                        first_seq,
-                        &b.lines,
-                    )
-                    .await?;
-                    if stored != locked.lines_stored {
-                        self.metrics.observe_log_batch(
-                            stored.saturating_sub(locked.lines_stored).max(0) as u64,
-                        );
-                        sqlx::query(
-                            "UPDATE attempts SET lines_stored = $3 WHERE step_run_id = $1 AND attempt = $2",
+                    match self
+                        .store_lines(
+                            &mut *tx,
+                            &locked,
+                            origin,
+                            worker,
+                            (first_seq, &b.lines),
+                            false,
                         )
-                        .bind(origin.step_run_id.0)
-                        .bind(origin.attempt as i32)
-                        .bind(stored)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    if let Some(count) = locked.line_count
-                        && locked.outcome.is_some()
-                        && stored >= count
-                        && self
-                            .try_finish(&mut *tx, &locked, origin, Now::locked(&locked, stored))
-                            .await?
+                        .await?
                     {
-                        kick = Some(locked.task());
+                        Lines::OverQuota => kick = Some(locked.task()),
+                        Lines::Stored(stored) => {
+                            if stored != locked.lines_stored {
+                                sqlx::query(
+                                    "UPDATE attempts SET lines_stored = $3 WHERE step_run_id = $1 AND attempt = $2",
+                                )
+                                .bind(origin.step_run_id.0)
+                                .bind(origin.attempt as i32)
+                                .bind(stored)
+                                .execute(&mut *tx)
+                                .await?;
+                            }
+                            if let Some(count) = locked.line_count
+                                && locked.outcome.is_some()
+                                && stored >= count
+                                && self
+                                    .try_finish(
+                                        &mut *tx,
+                                        &locked,
+                                        origin,
+                                        Now::locked(&locked, stored),
+                                    )
+                                    .await?
+                            {
+                                kick = Some(locked.task());
+                            }
+                        }
                     }
                 }
             }
@@ -220,51 +223,11 @@ impl ResultConsumer {
                 }
             }
             Event::StepFinished(f) => {
-                if live && locked.outcome.is_none() {
-                    sqlx::query(
-                        "UPDATE attempts SET outcome = $3, exit_code = $4, error = $5,
-                             line_count = $6, finished_at = $7
-                         WHERE step_run_id = $1 AND attempt = $2",
-                    )
-                    .bind(origin.step_run_id.0)
-                    .bind(origin.attempt as i32)
-                    .bind(f.outcome.as_str())
-                    .bind(f.exit_code)
-                    .bind(logs::storable_opt(f.error.as_deref()))
-                    .bind(i64::try_from(f.line_count).unwrap_or(i64::MAX))
-                    .bind(f.finished_at)
-                    .execute(&mut *tx)
-                    .await?;
-                    artifacts::announce(
-                        &mut *tx,
-                        locked.task(),
-                        origin.step_run_id,
-                        origin.attempt,
-                        &f.artifacts,
-                    )
-                    .await?;
-                    // With none announced, `announce` has just removed every artifact row of
-                    // the attempt: nothing to settle, nothing pending.
-                    if !f.artifacts.is_empty() {
-                        artifacts::settle(
-                            &mut *tx,
-                            locked.task(),
-                            origin.step_run_id,
-                            origin.attempt,
-                        )
-                        .await?;
-                    }
-                    let now = Now {
-                        outcome: Some(f.outcome.as_str().to_owned()),
-                        line_count: Some(i64::try_from(f.line_count).unwrap_or(i64::MAX)),
-                        lines_stored: locked.lines_stored,
-                        exit_code: f.exit_code,
-                        error: logs::storable_opt(f.error.as_deref()).map(|e| e.into_owned()),
-                        no_artifacts: f.artifacts.is_empty(),
-                    };
-                    if self.try_finish(&mut *tx, &locked, origin, now).await? {
-                        kick = Some(locked.task());
-                    }
+                if live
+                    && locked.outcome.is_none()
+                    && self.finished(&mut *tx, &locked, origin, worker, f).await?
+                {
+                    kick = Some(locked.task());
                 }
             }
         }
@@ -280,6 +243,121 @@ impl ResultConsumer {
             _ => None,
         };
         Ok(Handled::Done(kick, release))
+    }
+}
+
+/// What storing a live attempt's log lines came to.
+enum Lines {
+    /// Stored (or already there, or parked beyond a gap): the attempt's `lines_stored` now.
+    Stored(i64),
+    /// They would pass the task's log quota: nothing stored, the attempt failed.
+    OverQuota,
+}
+
+impl ResultConsumer {
+    /// Store lines of a live attempt from `first_seq` on, charged against the task's log
+    /// quota; `last`: they are the attempt's last (`StepFinished`'s). The caller writes the
+    /// new `lines_stored` on the attempt's row.
+    async fn store_lines(
+        &self,
+        tx: &mut PgConnection,
+        locked: &attempts::Locked,
+        origin: &Origin,
+        worker: gantry_shared::ids::WorkerId,
+        (first_seq, lines): (i64, &[gantry_shared::wire::LogLine]),
+        last: bool,
+    ) -> sqlx::Result<Lines> {
+        if !self.charge_log(&mut *tx, locked, first_seq, lines).await? {
+            self.over_quota(&mut *tx, locked, origin, worker, Quota::Log)
+                .await?;
+            return Ok(Lines::OverQuota);
+        }
+        let stored = logs::apply_batch(
+            &mut *tx,
+            locked.task(),
+            origin.step_run_id,
+            origin.attempt,
+            locked.lines_stored,
+            last,
+            first_seq,
+            lines,
+        )
+        .await?;
+        if stored != locked.lines_stored {
+            self.metrics
+                .observe_log_batch(stored.saturating_sub(locked.lines_stored).max(0) as u64);
+        }
+        Ok(Lines::Stored(stored))
+    }
+
+    /// A live attempt's `StepFinished`, the first one: the lines it carries stored (as a
+    /// `LogBatch` of their own would be), its outcome recorded, its artifacts announced, and
+    /// the attempt concluded if nothing it announced is still missing. True if the attempt
+    /// ended (concluded, or failed for its log quota).
+    async fn finished(
+        &self,
+        tx: &mut PgConnection,
+        locked: &attempts::Locked,
+        origin: &Origin,
+        worker: gantry_shared::ids::WorkerId,
+        f: &gantry_shared::wire::StepFinished,
+    ) -> sqlx::Result<bool> {
+        let lines_stored = if f.lines.is_empty() {
+            locked.lines_stored
+        } else {
+            let first_seq = i64::try_from(f.first_seq()).unwrap_or(i64::MAX);
+            match self
+                .store_lines(
+                    &mut *tx,
+                    locked,
+                    origin,
+                    worker,
+                    (first_seq, &f.lines),
+                    true,
+                )
+                .await?
+            {
+                Lines::OverQuota => return Ok(true),
+                Lines::Stored(n) => n,
+            }
+        };
+        sqlx::query(
+            "UPDATE attempts SET outcome = $3, exit_code = $4, error = $5,
+                 line_count = $6, finished_at = $7, lines_stored = $8
+             WHERE step_run_id = $1 AND attempt = $2",
+        )
+        .bind(origin.step_run_id.0)
+        .bind(origin.attempt as i32)
+        .bind(f.outcome.as_str())
+        .bind(f.exit_code)
+        .bind(logs::storable_opt(f.error.as_deref()))
+        .bind(i64::try_from(f.line_count).unwrap_or(i64::MAX))
+        .bind(f.finished_at)
+        .bind(lines_stored)
+        .execute(&mut *tx)
+        .await?;
+        artifacts::announce(
+            &mut *tx,
+            locked.task(),
+            origin.step_run_id,
+            origin.attempt,
+            &f.artifacts,
+        )
+        .await?;
+        // With none announced, `announce` has just removed every artifact row of the
+        // attempt: nothing to settle, nothing pending.
+        if !f.artifacts.is_empty() {
+            artifacts::settle(&mut *tx, locked.task(), origin.step_run_id, origin.attempt).await?;
+        }
+        let now = Now {
+            outcome: Some(f.outcome.as_str().to_owned()),
+            line_count: Some(i64::try_from(f.line_count).unwrap_or(i64::MAX)),
+            lines_stored,
+            exit_code: f.exit_code,
+            error: logs::storable_opt(f.error.as_deref()).map(|e| e.into_owned()),
+            no_artifacts: f.artifacts.is_empty(),
+        };
+        self.try_finish(&mut *tx, locked, origin, now).await
     }
 }
 

@@ -250,12 +250,13 @@ impl ResultConsumer {
     /// After the commit: ack the deliveries (one multiple ack when they are everything the
     /// channel has out), publish what the advances started, give back mutexes.
     async fn settle(&self, batch: Vec<Received>, stored: Stored) {
-        // Not acked (the channel broke): redelivered later, and handling them again changes
-        // nothing.
-        settle_all(batch.into_iter().map(|r| r.ticket).collect(), Settle::Ack).await;
+        // The next jobs first: they are what the next steps wait for.
         for done in stored.advanced {
             self.orchestrator.committed(done);
         }
+        // Not acked (the channel broke): redelivered later, and handling them again changes
+        // nothing.
+        settle_all(batch.into_iter().map(|r| r.ticket).collect(), Settle::Ack).await;
         for h in stored.handled {
             self.follow_up(h);
         }

@@ -16,9 +16,10 @@ impl ResultConsumer {
         &self,
         conn: &mut PgConnection,
         locked: &Locked,
-        b: &gantry_shared::wire::LogBatch,
+        first_seq: i64,
+        lines: &[gantry_shared::wire::LogLine],
     ) -> sqlx::Result<bool> {
-        let bytes = quotas::new_log_bytes(b.first_seq as i64, locked.lines_stored, &b.lines);
+        let bytes = quotas::new_log_bytes(first_seq, locked.lines_stored, lines);
         let limit = self.limits.task_log_bytes;
         quotas::charge(conn, locked.task(), Quota::Log, bytes, limit).await
     }

@@ -31,6 +31,7 @@ async fn a_foreign_user_id_is_refused_by_the_broker_and_none_is_believed_of_nobo
         error: Some("forged".into()),
         finished_at: chrono::Utc::now(),
         artifacts: vec![],
+        lines: vec![],
     })
     .encode();
     let x = stack.topology().results_exchange();

@@ -1,4 +1,4 @@
-//! Forged `StepFinished`, `LogBatch` and `OutputVariable` for another worker's running step:
+//! Forged `StepFinished` (with lines of its own), `LogBatch` and `OutputVariable` for another worker's running step:
 //! before, the task went `Success` early and a forged output ran as a command in the next step.
 
 use crate::common::{Scene, gate, gated_process, running, stale_events};
@@ -58,10 +58,15 @@ async fn forged_results_for_another_workers_attempt_change_nothing() {
                 origin: origin.clone(),
                 outcome: Outcome::Success,
                 exit_code: Some(0),
-                line_count: 0,
+                line_count: 1,
                 error: None,
                 finished_at: chrono::Utc::now(),
                 artifacts: vec![],
+                lines: vec![LogLine {
+                    ts: chrono::Utc::now(),
+                    stream: Stream::Stdout,
+                    text: "FORGED TAIL".into(),
+                }],
             }),
         ];
         for ev in &forged {
@@ -113,6 +118,7 @@ async fn forged_results_for_another_workers_attempt_change_nothing() {
     );
     let text: Vec<&str> = log.iter().map(|l| l.text.as_str()).collect();
     assert!(!text.contains(&"FORGED LINE"), "{text:?}");
+    assert!(!text.contains(&"FORGED TAIL"), "{text:?}");
     assert!(text.contains(&"real end"), "{text:?}");
     assert!(text.contains(&"next got 1.4.2"), "{text:?}");
     assert!(!text.iter().any(|l| l.contains("INJECTED")), "{text:?}");

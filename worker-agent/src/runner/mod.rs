@@ -18,8 +18,9 @@
 //! Then its artifacts are collected (see [`crate::artifacts`]) and sent in chunks through the
 //! outbox, whatever the outcome but a cancel: the outbox is bounded, so a large file is read
 //! only as fast as the broker confirms it and memory does not grow with its size.
-//! `StepFinished` goes out after the last batch and the last chunk, with the number of lines
-//! sent and each artifact's size and sha256.
+//! `StepFinished` goes out after the last chunk, carrying the lines not yet sent (so a short
+//! step's end is one message), the number of lines in all and each artifact's size and
+//! sha256.
 //!
 //! # Layout
 //! - `mod.rs` (here): one step from the gate to `StepFinished`.
@@ -36,7 +37,7 @@ use chrono::Utc;
 use gantry_shared::api::ClaimGrant;
 use gantry_shared::ids::WorkerId;
 use gantry_shared::mask::Masker;
-use gantry_shared::wire::{Event, Job, Origin, Outcome, StepFinished, StepStarted, StepWaiting};
+use gantry_shared::wire::{Event, Job, Origin, Outcome, StepStarted, StepWaiting};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,17 +110,9 @@ pub async fn run(ctx: StepContext) {
     }
     if let Some(why) = &ctx.refuse {
         // Ours to end, not to run.
-        let em = Emitter::new(origin.clone(), ctx.outbox.clone(), masker);
-        em.event(Event::StepFinished(StepFinished {
-            origin,
-            outcome: Outcome::Failed,
-            exit_code: None,
-            line_count: 0,
-            error: Some(why.clone()),
-            finished_at: Utc::now(),
-            artifacts: Vec::new(),
-        }))
-        .await;
+        let em = Emitter::new(origin, ctx.outbox.clone(), masker);
+        em.finish(Outcome::Failed, None, Some(why.clone()), Vec::new())
+            .await;
         return;
     }
     let hold = ctx.grant.mutex.as_ref().map(|m| mutex::hold(&ctx, m));
@@ -147,21 +140,12 @@ pub async fn run(ctx: StepContext) {
             .unwrap_or_else(|| "cancelled before it started".into());
         em.gantry(&format!("Step did not start: {why}")).await;
         mutex::end(hold).await;
-        em.flush().await;
-        em.event(Event::StepFinished(StepFinished {
-            origin: em.origin(),
-            outcome: if ctx.cancel.is_cancelled() {
-                Outcome::Cancelled
-            } else {
-                Outcome::Failed
-            },
-            exit_code: None,
-            line_count: em.next_seq,
-            error: Some(why),
-            finished_at: Utc::now(),
-            artifacts: Vec::new(),
-        }))
-        .await;
+        let outcome = if ctx.cancel.is_cancelled() {
+            Outcome::Cancelled
+        } else {
+            Outcome::Failed
+        };
+        em.finish(outcome, None, Some(why), Vec::new()).await;
         return;
     }
     let started_at = Utc::now();
@@ -223,16 +207,5 @@ pub async fn run(ctx: StepContext) {
     if let Err(e) = files::end_work_dir(&ctx, &work_dir, step_user).await {
         em.gantry(&format!("warning: {e}")).await;
     }
-    em.flush().await;
-    let error = error.map(|e| em.masker.mask(&e).into_owned());
-    em.event(Event::StepFinished(StepFinished {
-        origin: em.origin(),
-        outcome,
-        exit_code,
-        line_count: em.next_seq,
-        error,
-        finished_at: Utc::now(),
-        artifacts,
-    }))
-    .await;
+    em.finish(outcome, exit_code, error, artifacts).await;
 }

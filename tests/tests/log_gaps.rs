@@ -1,0 +1,157 @@
+//! Results that arrive out of order (a redelivery can overtake later messages): lines ahead
+//! of a gap wait until it closes, and a `StepFinished` whose own last lines arrive before
+//! the batch in front of them ends its attempt only once every line is stored, each once and
+//! in order. The events are published as the running agent itself would (its own broker
+//! user).
+
+use gantry_tests::gantry_shared::wire::{
+    Event, LogBatch, LogLine, Origin, Outcome, StepFinished, Stream,
+};
+use gantry_tests::{AgentOpts, Stack, eventually};
+use std::time::Duration;
+
+fn lines(texts: &[&str]) -> Vec<LogLine> {
+    texts
+        .iter()
+        .map(|t| LogLine {
+            ts: chrono::Utc::now(),
+            stream: Stream::Stdout,
+            text: (*t).into(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn lines_ahead_of_a_gap_wait_for_it_even_when_they_end_the_step() {
+    // Arrange: an agent runs a step that prints one line and waits for a gate.
+    let mut stack = Stack::start().await.unwrap();
+    let agent = stack.add_agent("a1", AgentOpts::default()).await.unwrap();
+    let gate = stack.dir.path().join("gate");
+    let task = stack
+        .submit(&format!(
+            "name = \"t\"\n[[steps]]\nname = \"work\"\nscript = '''\necho before\nwhile [ ! -e '{}' ]; do sleep 0.05; done\n'''\n",
+            gate.display()
+        ))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the first line stored", || async {
+        let log = stack.log(task).await.ok()?;
+        log.iter().any(|l| l.text == "before").then_some(())
+    })
+    .await
+    .unwrap();
+    let next: u64 = stack
+        .log(task)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.seq)
+        .max()
+        .map_or(0, |s| s + 1);
+    let t = stack.task(task).await.unwrap();
+    let a = t.steps[0].attempts[0].clone();
+    let origin = Origin {
+        step_run_id: t.steps[0].id,
+        attempt: a.attempt,
+        job_id: a.job_id,
+        worker_id: a.worker_id.unwrap(),
+    };
+    let creds = stack.broker_credentials(agent).unwrap();
+    let as_agent = (creds.user.as_str(), creds.password.as_str());
+    let x = stack.topology().results_exchange();
+    let publish = |ev: Event| {
+        let (stack, x, user) = (&stack, x.clone(), creds.user.clone());
+        async move {
+            stack
+                .publish_as(as_agent, &x, "", &ev.encode(), Some(&user))
+                .await
+                .unwrap();
+        }
+    };
+
+    // Act: lines next+2.. first (ahead of a gap), then the end carrying next+4 and next+5,
+    // and only then the batch that closes the gap (next, next+1).
+    publish(Event::LogBatch(LogBatch {
+        origin: origin.clone(),
+        first_seq: next + 2,
+        lines: lines(&["three", "four"]),
+    }))
+    .await;
+    publish(Event::StepFinished(StepFinished {
+        origin: origin.clone(),
+        outcome: Outcome::Success,
+        exit_code: Some(0),
+        line_count: next + 6,
+        error: None,
+        finished_at: chrono::Utc::now(),
+        artifacts: vec![],
+        lines: lines(&["five", "six"]),
+    }))
+    .await;
+    let db = stack.db().await;
+    let parked: i64 = eventually(
+        Duration::from_secs(20),
+        "the early lines parked",
+        || async {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM log_lines_pending WHERE step_run_id = $1")
+                    .bind(origin.step_run_id.0)
+                    .fetch_one(&db)
+                    .await
+                    .ok()?;
+            (n >= 4).then_some(n)
+        },
+    )
+    .await
+    .unwrap();
+    let meanwhile = stack.task(task).await.unwrap();
+    publish(Event::LogBatch(LogBatch {
+        origin: origin.clone(),
+        first_seq: next,
+        lines: lines(&["one", "two"]),
+    }))
+    .await;
+    let done = stack
+        .wait_task(task, Duration::from_secs(20))
+        .await
+        .unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let log = stack.log(task).await.unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM log_lines_pending WHERE step_run_id = $1")
+            .bind(origin.step_run_id.0)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+
+    let by_pos: Vec<i64> = sqlx::query_scalar(
+        "SELECT seq FROM log_lines WHERE task_id = $1 AND seq IS NOT NULL ORDER BY pos",
+    )
+    .bind(task.0)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+
+    // Assert
+    assert_eq!(parked, 4, "the lines beyond the gap waited, the end's too");
+    assert_eq!(
+        meanwhile.steps[0].state, "Running",
+        "an end whose lines are not all stored ends nothing"
+    );
+    assert_eq!(done.summary.state, "Success", "{done:#?}");
+    let ours: Vec<(u64, &str)> = log
+        .iter()
+        .filter_map(|l| l.seq.filter(|s| *s >= next).map(|s| (s, l.text.as_str())))
+        .collect();
+    let want: Vec<(u64, &str)> = ["one", "two", "three", "four", "five", "six"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (next + i as u64, t))
+        .collect();
+    assert_eq!(ours, want, "each line once, in seq order");
+    assert!(
+        by_pos.windows(2).all(|w| w[0] < w[1]),
+        "in the task's log order, seqs grow: {by_pos:?}"
+    );
+    assert_eq!(left, 0, "nothing left parked");
+}
