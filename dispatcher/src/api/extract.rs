@@ -211,7 +211,7 @@ fn worker_token(parts: &Parts) -> Result<&str, ApiError> {
 
 /// A worker agent, authenticated like [`WorkerCaller`] but only by who it is: the token's
 /// worker is remembered (`credentials`), and what may change (enabled, health) is read in
-/// the handler's own transaction with [`WorkerIdentity::fresh`]. For the claim, which runs
+/// the handler's own transaction (`store::claims::claimant`). For the claim, which runs
 /// once per step.
 #[derive(Clone, Debug)]
 pub struct WorkerIdentity {
@@ -239,16 +239,6 @@ impl FromRequestParts<AppState> for WorkerIdentity {
         Ok(WorkerIdentity {
             worker_id: WorkerId(id),
         })
-    }
-}
-
-impl WorkerIdentity {
-    /// The worker as it is now, read in the caller's transaction; 401 if it is gone.
-    pub async fn fresh(&self, conn: &mut sqlx::PgConnection) -> Result<WorkerCaller, ApiError> {
-        Ok(crate::store::workers::current(conn, self.worker_id)
-            .await?
-            .ok_or(ApiError::WorkerUnauthorized)?
-            .into())
     }
 }
 

@@ -22,7 +22,7 @@ use super::AppState;
 use super::error::{ApiError, ApiResult};
 use super::extract::{AppJson, WorkerCaller, WorkerIdentity, parse_id};
 use crate::attempts;
-use crate::store::workers;
+use crate::store::{claims, workers};
 use crate::transitions::{self, AttemptState, WorkerHealth};
 use axum::Json;
 use axum::extract::{Path, State};
@@ -81,14 +81,20 @@ pub async fn claim(
             "job {job_id} is unknown: never published, or superseded by a newer publication of its attempt"
         )));
     };
-    // Whether it is enabled and healthy is read here, in the claim's transaction.
-    let worker = identity.fresh(&mut tx).await?;
+    // Whether it is enabled and healthy, and serves the step's pool, is read here, in the
+    // claim's transaction.
+    let Some(claimant) = claims::claimant(&mut tx, identity.worker_id, step_run).await? else {
+        return Err(ApiError::WorkerUnauthorized);
+    };
+    let worker = WorkerCaller::from(claimant.worker);
     let task = locked.task_id;
     let attempt = attempt as i32;
     match locked.state {
         AttemptState::Pending | AttemptState::Queued => {
-            let outside_pool = !serves_step(&mut tx, &worker, step_run).await?;
-            if outside_pool && !routed_to(&mut tx, &worker, step_run, attempt).await? {
+            let outside_pool = !claimant.serves;
+            if outside_pool
+                && !claims::routed_to(&mut tx, worker.worker_id, step_run, attempt as u32).await?
+            {
                 // Refused without a trace: voiding the job here would let any worker outside
                 // the pool (one sharing the broker user in development mode, or one whose
                 // pools just changed) void a job again and again. The job stays as it is,
@@ -139,15 +145,7 @@ pub async fn claim(
                 // The agent acks a refused job, so this job is gone: void it and send the
                 // attempt out again for a worker that may run it (not this one again, even
                 // if it was the task's worker for the pool).
-                sqlx::query(
-                    "DELETE FROM task_pool_workers tp USING step_runs s
-                     WHERE s.id = $1 AND tp.task_id = s.task_id AND tp.pool_id = s.pool_id
-                       AND tp.worker_id = $2",
-                )
-                .bind(step_run.0)
-                .bind(worker.worker_id.0)
-                .execute(&mut *tx)
-                .await?;
+                claims::forget_task_worker(&mut tx, worker.worker_id, step_run).await?;
                 let job = crate::orchestrator::void_job(&mut tx, step_run, attempt as u32).await?;
                 tx.commit().await?;
                 s.orchestrator
@@ -209,18 +207,7 @@ pub async fn claim(
             )));
         }
     }
-    // The task's sealed secrets and earlier steps' sensitive outputs (named as the script
-    // references them), in one statement.
-    let sealed: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT name, value FROM task_secrets WHERE task_id = $1
-         UNION ALL
-         SELECT 'Steps.' || s.name || '.Output.' || o.name, o.sealed FROM output_variables o
-         JOIN step_runs s ON s.id = o.step_run_id AND o.attempt = s.attempt
-         WHERE s.task_id = $1 AND o.sensitive AND o.sealed IS NOT NULL",
-    )
-    .bind(task)
-    .fetch_all(&mut *tx)
-    .await?;
+    let sealed = claims::sealed_values(&mut tx, task).await?;
     let mut sensitive_variables = BTreeMap::new();
     for (name, value) in sealed {
         match s.secrets.open(task, &name, &value) {
@@ -319,18 +306,7 @@ pub async fn claim(
         )
         .await?;
         if !worker.builtin {
-            // The first step of a task in a pool chooses the task's worker there; its later
-            // steps in that pool go to the same worker while it stays healthy.
-            sqlx::query(
-                "INSERT INTO task_pool_workers (task_id, pool_id, worker_id)
-                 SELECT s.task_id, s.pool_id, $2 FROM step_runs s
-                 WHERE s.id = $1 AND s.pool_id IS NOT NULL
-                 ON CONFLICT (task_id, pool_id) DO NOTHING",
-            )
-            .bind(step_run.0)
-            .bind(worker.worker_id.0)
-            .execute(&mut *tx)
-            .await?;
+            claims::choose_task_worker(&mut tx, worker.worker_id, step_run).await?;
         }
     }
     tx.commit().await?;
@@ -403,50 +379,6 @@ pub async fn renew_lease(
             "Redis is unavailable, so mutex {name} cannot be renewed; try again ({e})"
         ))),
     }
-}
-
-/// Whether the attempt's current job went to this worker's own queue.
-async fn routed_to(
-    conn: &mut sqlx::PgConnection,
-    worker: &WorkerCaller,
-    step_run: StepRunId,
-    attempt: i32,
-) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM attempts
-                        WHERE step_run_id = $1 AND attempt = $2 AND routed_worker = $3)",
-    )
-    .bind(step_run.0)
-    .bind(attempt)
-    .bind(worker.worker_id.0)
-    .fetch_one(&mut *conn)
-    .await
-}
-
-/// Whether the worker may run the step: a registered worker serves its pools' steps; a
-/// built-in worker serves steps at location `server` (no pool) and the default pool's steps.
-async fn serves_step(
-    conn: &mut sqlx::PgConnection,
-    worker: &WorkerCaller,
-    step_run: StepRunId,
-) -> sqlx::Result<bool> {
-    if worker.builtin {
-        return sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM step_runs s LEFT JOIN pools p ON p.id = s.pool_id
-                            WHERE s.id = $1 AND (s.pool_id IS NULL OR p.is_default))",
-        )
-        .bind(step_run.0)
-        .fetch_one(&mut *conn)
-        .await;
-    }
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM step_runs s JOIN worker_pools wp ON wp.pool_id = s.pool_id
-                        WHERE s.id = $1 AND wp.worker_id = $2)",
-    )
-    .bind(step_run.0)
-    .bind(worker.worker_id.0)
-    .fetch_one(&mut *conn)
-    .await
 }
 
 /// `POST /api/jobs/{job_id}/outputs`: a sensitive output variable from the job's claimant,

@@ -7,6 +7,7 @@
 //! it into an HTTP answer (`impl From<store::Error> for ApiError`).
 
 pub mod approvals;
+pub mod claims;
 pub mod dead_letters;
 pub mod jobs;
 pub mod keys;

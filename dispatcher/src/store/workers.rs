@@ -108,16 +108,6 @@ pub async fn authenticate(db: &PgPool, token_hash: &str) -> Result<Option<Authen
     .await?)
 }
 
-/// Worker `id` as it is now, in the caller's transaction (what a claim decides by).
-pub async fn current(conn: &mut sqlx::PgConnection, id: WorkerId) -> Result<Option<Authenticated>> {
-    Ok(sqlx::query_as(
-        "SELECT id, name, enabled, health, health_reason, builtin FROM workers WHERE id = $1",
-    )
-    .bind(id.0)
-    .fetch_optional(conn)
-    .await?)
-}
-
 /// Every worker's id (registered and built-in).
 pub async fn ids(db: &PgPool) -> Result<Vec<WorkerId>> {
     let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM workers")
