@@ -95,19 +95,16 @@ pub(super) async fn apply(
                         done.wake_locks = true;
                     }
                     Start::Job => {
+                        // The attempt is created by the dispatch, routed in the same
+                        // statement when it can go.
                         let job_id = JobId::new();
-                        transitions::create_attempt(
-                            tx,
-                            StepRunId(s.id),
-                            attempt,
-                            job_id,
-                            transitions::Start::Publish,
-                        )
-                        .await?;
                         let mut s = s.clone();
                         s.attempt = attempt as i32;
-                        if let Some(out) =
-                            dispatch::dispatch_or_wait(inner, tx, task, &s, attempt, job_id).await?
+                        let attempt_is = dispatch::Attempt::New;
+                        if let Some(out) = dispatch::dispatch_or_wait(
+                            inner, tx, task, &s, attempt, job_id, attempt_is,
+                        )
+                        .await?
                         {
                             inner
                                 .publishing

@@ -9,10 +9,21 @@ use gantry_shared::ids::{JobId, StepRunId};
 use sqlx::PgConnection;
 use std::time::Duration;
 
+/// Whether the attempt being dispatched exists yet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Attempt {
+    /// To be created here (`Pending`), with its routing when it can go.
+    New,
+    /// `Pending` already (it waited for a worker, or its job was voided).
+    Existing,
+}
+
 /// Route a `Pending` attempt and act on it: the job to publish (its routing and sha256
 /// recorded on the attempt), or nothing: a waiting attempt stays `Pending` and unpublished
 /// (the sweep looks again every few seconds) until the policy's
 /// `no_healthy_worker_timeout_secs`, then fails; an attempt that can never run fails now.
+/// A [`Attempt::New`] one is created here: with its routing in the same statement when it
+/// can go, before the wait or the failure otherwise.
 pub(super) async fn dispatch_or_wait(
     inner: &Inner,
     tx: &mut PgConnection,
@@ -20,6 +31,7 @@ pub(super) async fn dispatch_or_wait(
     step: &StepRecord,
     attempt: u32,
     job_id: JobId,
+    attempt_is: Attempt,
 ) -> anyhow::Result<Option<Outgoing>> {
     let pool = StepPool {
         id: step.pool_id,
@@ -35,6 +47,10 @@ pub(super) async fn dispatch_or_wait(
         route::forget_sticky(tx, task.id, pool).await?;
     }
     let step_run = StepRunId(step.id);
+    if attempt_is == Attempt::New && !matches!(routed.route, Route::Go { .. }) {
+        let start = transitions::Start::Publish;
+        transitions::create_attempt(tx, step_run, attempt, job_id, start).await?;
+    }
     match routed.route {
         Route::Go {
             routing_key,
@@ -45,18 +61,28 @@ pub(super) async fn dispatch_or_wait(
             // The sha256 of exactly the bytes that will be published: the claim compares it
             // with what the agent received.
             let body = out.job.encode();
-            sqlx::query(
-                "UPDATE attempts SET routed_worker = $3, routing_key = $4, no_worker_since = NULL,
-                     job_sha256 = $5
-                 WHERE step_run_id = $1 AND attempt = $2",
-            )
-            .bind(step.id)
-            .bind(attempt as i32)
-            .bind(worker)
-            .bind(&routing_key)
-            .bind(gantry_shared::wire::body_sha256(&body))
-            .execute(&mut *tx)
-            .await?;
+            let job_sha256 = gantry_shared::wire::body_sha256(&body);
+            if attempt_is == Attempt::New {
+                let start = transitions::Start::Routed {
+                    worker,
+                    routing_key: &routing_key,
+                    job_sha256: &job_sha256,
+                };
+                transitions::create_attempt(tx, step_run, attempt, job_id, start).await?;
+            } else {
+                sqlx::query(
+                    "UPDATE attempts SET routed_worker = $3, routing_key = $4,
+                         no_worker_since = NULL, job_sha256 = $5
+                     WHERE step_run_id = $1 AND attempt = $2",
+                )
+                .bind(step.id)
+                .bind(attempt as i32)
+                .bind(worker)
+                .bind(&routing_key)
+                .bind(&job_sha256)
+                .execute(&mut *tx)
+                .await?;
+            }
             out.body = body;
             // Only a step that was waiting for a worker is `Waiting` here: mutex waits end
             // before their attempt is routed.

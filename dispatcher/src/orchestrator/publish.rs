@@ -125,9 +125,11 @@ pub(super) async fn publish_all(inner: &Arc<Inner>, outgoing: Vec<Outgoing>) {
 }
 
 /// How long confirmed jobs gather before their `Queued` marks are stored together. Nothing
-/// waits for the mark (a claim accepts `Pending`), so this only trades a few milliseconds
-/// of its timing for one commit per window instead of one per job.
-const QUEUED_WINDOW: std::time::Duration = std::time::Duration::from_millis(25);
+/// waits for the mark (a claim accepts `Pending`, and `queued_at` is the confirm's time,
+/// not the flush's), so this only delays what the API shows as `Queued` by up to 100 ms, for
+/// one commit per window instead of one per job: at 50 jobs a second, 0.2 commits per job
+/// rather than 0.8 with a 25 ms window.
+const QUEUED_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Store the `Queued` marks of confirmed jobs: one transaction per [`QUEUED_WINDOW`] (more
 /// often only when over 1,000 jobs gather).
@@ -258,7 +260,16 @@ pub(super) async fn republish(
         if step.attempt != attempt as i32 || !current {
             return Ok(None);
         }
-        let out = dispatch::dispatch_or_wait(inner, &mut tx, &task, &step, attempt, job_id).await?;
+        let out = dispatch::dispatch_or_wait(
+            inner,
+            &mut tx,
+            &task,
+            &step,
+            attempt,
+            job_id,
+            dispatch::Attempt::Existing,
+        )
+        .await?;
         tx.commit().await?;
         if out.is_none() {
             // Waiting for a worker (the sweep looks again), or failed (the task moves on).

@@ -35,6 +35,13 @@ pub fn sources<S: State>(to: S) -> Vec<&'static str> {
 pub enum Start<'a> {
     /// To be routed and published (`Pending`; its step stays `Pending`).
     Publish,
+    /// Routed already, its job built: `Pending`, with where the job goes and the sha256 of
+    /// its body recorded in the same statement.
+    Routed {
+        worker: Option<uuid::Uuid>,
+        routing_key: &'a str,
+        job_sha256: &'a str,
+    },
     /// Waiting for its mutex before anything is published (`Waiting`, and its step says
     /// what for).
     Mutex(&'a str),
@@ -50,18 +57,29 @@ pub async fn create_attempt(
     job: JobId,
     start: Start<'_>,
 ) -> sqlx::Result<()> {
+    let mut routed = (None, None, None);
     let (state, waiting_for, worker_name) = match start {
         Start::Publish => (AttemptState::Pending, None, None),
+        Start::Routed {
+            worker,
+            routing_key,
+            job_sha256,
+        } => {
+            routed = (worker, Some(routing_key), Some(job_sha256));
+            (AttemptState::Pending, None, None)
+        }
         Start::Mutex(name) => (AttemptState::Waiting, Some(format!("mutex {name}")), None),
         Start::Dispatcher(name) => (AttemptState::Running, None, Some(name)),
     };
     debug_assert!(AttemptState::initial().contains(&state));
     sqlx::query(
         "WITH a AS (INSERT INTO attempts (step_run_id, attempt, job_id, state, worker_name,
-                                          waiting_since, started_at)
+                                          waiting_since, started_at,
+                                          routed_worker, routing_key, job_sha256)
                     VALUES ($1, $2, $3, $4, $5,
                             CASE WHEN $4 = 'Waiting' THEN now() END,
-                            CASE WHEN $4 = 'Running' THEN now() END)
+                            CASE WHEN $4 = 'Running' THEN now() END,
+                            $8, $9, $10)
                     RETURNING 1)
          UPDATE step_runs SET attempt = $2, state = $6, waiting_for = $7, not_before = NULL
          WHERE id = $1 AND EXISTS (SELECT 1 FROM a)",
@@ -73,6 +91,9 @@ pub async fn create_attempt(
     .bind(worker_name)
     .bind(state.step_state())
     .bind(waiting_for)
+    .bind(routed.0)
+    .bind(routed.1)
+    .bind(routed.2)
     .execute(&mut *conn)
     .await?;
     Ok(())
