@@ -153,17 +153,10 @@ impl Dispatcher {
             db.clone(),
             broker.clone(),
             &topology,
-            orchestrator.clone(),
             retry_base,
             cancel.clone(),
         );
-        crate::cancels::spawn(
-            db.clone(),
-            orchestrator.clone(),
-            locks.clone(),
-            retry_base,
-            cancel.clone(),
-        );
+        crate::cancels::spawn(db.clone(), locks.clone(), retry_base, cancel.clone());
         let db_handle = db.clone();
         let state = AppState {
             notifier,

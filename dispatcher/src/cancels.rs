@@ -128,7 +128,7 @@ pub async fn request(c: &Canceller<'_>, task: TaskId) -> store::Result<(String, 
             .cancel_running(worker, step_run, attempt)
             .await;
     }
-    c.orchestrator.kick(task);
+    // The task was woken above (its wake-up row and NOTIFY): one path.
     tracing::info!(%task, "cancellation requested");
     Ok((name, TaskState::Cancelling))
 }
@@ -136,18 +136,12 @@ pub async fn request(c: &Canceller<'_>, task: TaskId) -> store::Result<(String, 
 /// Start the loop (supervised).
 pub fn spawn(
     db: PgPool,
-    orchestrator: Orchestrator,
     locks: crate::locks::Locks,
     retry_base: Duration,
     cancel: CancellationToken,
 ) {
     crate::supervise::spawn("cancels", cancel.clone(), move || {
-        let (db, orchestrator, locks, cancel) = (
-            db.clone(),
-            orchestrator.clone(),
-            locks.clone(),
-            cancel.clone(),
-        );
+        let (db, locks, cancel) = (db.clone(), locks.clone(), cancel.clone());
         async move {
             let mut tick = tokio::time::interval(CHECK_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -157,7 +151,7 @@ pub fn spawn(
                     _ = tick.tick() => {}
                     _ = cancel.cancelled() => return Ok(()),
                 }
-                if let Err(e) = pass(&db, &orchestrator, &locks, retry_base, &mut seen).await {
+                if let Err(e) = pass(&db, &locks, retry_base, &mut seen).await {
                     crate::supervise::pass_failed("cancels", &e);
                 }
             }
@@ -167,7 +161,6 @@ pub fn spawn(
 
 async fn pass(
     db: &PgPool,
-    orchestrator: &Orchestrator,
     locks: &crate::locks::Locks,
     retry_base: Duration,
     seen: &mut HashMap<(Uuid, i32), Instant>,
@@ -227,7 +220,6 @@ async fn pass(
             .await?;
             tx.commit().await?;
             tracing::warn!(%step_run, attempt, task = %locked.task(), "concluded a cancelled attempt its agent did not answer for");
-            orchestrator.kick(locked.task());
             ended = true;
         }
     }

@@ -4,11 +4,9 @@
 //! one published for its attempt fails that attempt (if it never started).
 
 use crate::attempts;
-use crate::orchestrator::Orchestrator;
 use crate::transitions::AttemptState;
 use gantry_shared::amqp::Broker;
 use gantry_shared::amqp::consume::{Message, QueueConsumer, Settle};
-use gantry_shared::ids::TaskId;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::Job;
 use sqlx::PgPool;
@@ -23,7 +21,6 @@ pub fn spawn_dead_letters(
     db: PgPool,
     broker: Broker,
     topology: &Topology,
-    orchestrator: Orchestrator,
     retry_base: Duration,
     cancel: CancellationToken,
 ) {
@@ -36,11 +33,9 @@ pub fn spawn_dead_letters(
             PREFETCH,
             cancel.clone(),
         );
-        let (db, orchestrator, cancel) = (db.clone(), orchestrator.clone(), cancel.clone());
+        let (db, cancel) = (db.clone(), cancel.clone());
         async move {
-            consumer
-                .run(|m| handle(&db, &orchestrator, retry_base, &cancel, m))
-                .await;
+            consumer.run(|m| handle(&db, retry_base, &cancel, m)).await;
             Ok(())
         }
     });
@@ -73,7 +68,6 @@ impl DeadLetter {
 /// to 5 s) with the delivery held, so the next ones wait behind it rather than pile up.
 async fn handle(
     db: &PgPool,
-    orchestrator: &Orchestrator,
     retry_base: Duration,
     cancel: &CancellationToken,
     m: Message,
@@ -84,12 +78,8 @@ async fn handle(
     let mut recorded = false;
     loop {
         match once(db, retry_base, &m, &dead, &mut recorded).await {
-            Ok(task) => {
-                if let Some(task) = task {
-                    orchestrator.kick(task);
-                }
-                return Settle::Ack;
-            }
+            // The attempt's conclusion woke its task (the wake-up row and its NOTIFY).
+            Ok(()) => return Settle::Ack,
             Err(e) if crate::db::is_transient(&e) => {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
@@ -106,14 +96,14 @@ async fn handle(
     }
 }
 
-/// Record the dead letter (once) and fail its job's attempt; the task to wake.
+/// Record the dead letter (once) and fail its job's attempt (which wakes its task).
 async fn once(
     db: &PgPool,
     retry_base: Duration,
     m: &Message,
     dead: &DeadLetter,
     recorded: &mut bool,
-) -> sqlx::Result<Option<TaskId>> {
+) -> sqlx::Result<()> {
     if !*recorded {
         match crate::store::dead_letters::record(db, dead.from.as_deref(), &dead.reason, &dead.text)
             .await
@@ -129,7 +119,7 @@ async fn once(
         *recorded = true;
     }
     let Ok(job) = Job::decode(&m.data) else {
-        return Ok(None);
+        return Ok(());
     };
     let sha = gantry_shared::wire::body_sha256(&m.data);
     let mut tx = db.begin().await?;
@@ -137,13 +127,13 @@ async fn once(
     // dead-lettered (an agent rejects what it publishes itself), and its headers say
     // whatever its sender wrote.
     let Some(locked) = attempts::lock(&mut tx, job.step_run_id, job.attempt).await? else {
-        return Ok(None);
+        return Ok(());
     };
     if locked.job_id != job.job_id.0
         || locked.job_sha256.as_ref().is_some_and(|s| *s != sha)
         || !matches!(locked.state, AttemptState::Pending | AttemptState::Queued)
     {
-        return Ok(None);
+        return Ok(());
     }
     let why = format!(
         "its job was dead-lettered ({}) from {}",
@@ -161,7 +151,7 @@ async fn once(
     )
     .await?;
     tx.commit().await?;
-    Ok(Some(locked.task()))
+    Ok(())
 }
 
 /// `text` without NUL, at most `max` bytes (on a character boundary).

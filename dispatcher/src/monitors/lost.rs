@@ -32,11 +32,10 @@ pub(super) async fn lose(l: &Lose, worker: Uuid, name: &str, reason: &str) {
             for (step_run, attempt) in parked {
                 l.orchestrator.republish(step_run, attempt).await;
             }
-            // A waiter for a lost step's mutex may go once the lease has expired too.
+            // A waiter for a lost step's mutex may go once the lease has expired too. The
+            // tasks themselves were woken by their attempts' conclusions (one path: the
+            // wake-up row and its NOTIFY).
             l.locks.wake();
-            for t in tasks {
-                l.orchestrator.kick(t);
-            }
         }
         Err(e) => {
             tracing::warn!(error = %e, worker = name, "could not mark a worker lost; will retry")
