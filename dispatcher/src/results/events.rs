@@ -223,11 +223,19 @@ impl ResultConsumer {
                 }
             }
             Event::StepFinished(f) => {
-                if live
-                    && locked.outcome.is_none()
-                    && self.finished(&mut *tx, &locked, origin, worker, f).await?
+                if live && locked.outcome.is_none() {
+                    if self.finished(&mut *tx, &locked, origin, worker, f).await? {
+                        kick = Some(locked.task());
+                    }
+                } else if !live
+                    && (locked.outcome.is_none()
+                        || i64::try_from(f.line_count).unwrap_or(i64::MAX) > locked.lines_stored)
                 {
-                    kick = Some(locked.task());
+                    // Not a repeat of an end already stored: the late end (and last lines) of
+                    // an attempt that ended otherwise (lost, cancelled, failed by a quota).
+                    stale_as("an end for an attempt that has ended".into())
+                        .record(&mut *tx)
+                        .await?;
                 }
             }
         }
