@@ -271,7 +271,6 @@ pub async fn conclude_quietly(
     retry_base: Duration,
 ) -> sqlx::Result<()> {
     debug_assert!(state.is_final());
-    transitions::end_attempt(conn, step_run, attempt, state, error).await?;
     let task = locked.task();
     let what = state.describe(locked.exit_code, error.or(locked.error.as_deref()));
     let is_current = locked.current_attempt == attempt as i32;
@@ -281,6 +280,7 @@ pub async fn conclude_quietly(
         && is_current
         && (attempt as i32) <= locked.retries
     {
+        transitions::end_attempt(conn, step_run, attempt, state, error).await?;
         let delay = backoff(retry_base, attempt);
         let reason = format!(
             "attempt {attempt} {what}; attempt {} of {} starts after {:.1}s",
@@ -298,7 +298,15 @@ pub async fn conclude_quietly(
         .await?;
     } else if is_current {
         let reason = (state != AttemptState::Success).then(|| what.clone());
-        transitions::settle_step(conn, step_run, state.step_state(), reason.as_deref()).await?;
+        transitions::end_attempt_settling_step(
+            conn,
+            step_run,
+            attempt,
+            state,
+            error,
+            reason.as_deref(),
+        )
+        .await?;
         if state != AttemptState::Success {
             logs::append_system(
                 conn,
@@ -308,6 +316,9 @@ pub async fn conclude_quietly(
             )
             .await?;
         }
+    } else {
+        // An earlier attempt than the step's current one: the step is not its to settle.
+        transitions::end_attempt(conn, step_run, attempt, state, error).await?;
     }
     Ok(())
 }

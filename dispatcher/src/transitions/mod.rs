@@ -273,6 +273,39 @@ pub async fn end_attempt(
     Ok(r.rows_affected() == 1)
 }
 
+/// [`end_attempt`] and [`settle_step`] in one statement: the current attempt ended and its
+/// step run settles with it (no retry follows). Each compare-and-set applies on its own, as
+/// the two calls would.
+pub async fn end_attempt_settling_step(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    to: AttemptState,
+    error: Option<&str>,
+    reason: Option<&str>,
+) -> sqlx::Result<()> {
+    debug_assert!(to.is_final());
+    let step_to = to.step_state();
+    sqlx::query(
+        "WITH a AS (UPDATE attempts SET state = $3, error = COALESCE($4, error),
+                        finished_at = COALESCE(finished_at, now())
+                    WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($5))
+         UPDATE step_runs SET state = $6, reason = $7, waiting_for = NULL, not_before = NULL
+         WHERE id = $1 AND state = ANY($8)",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(to)
+    .bind(error)
+    .bind(sources(to))
+    .bind(step_to)
+    .bind(reason)
+    .bind(sources(step_to))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// A step run's outcome (its current attempt ended, a skip, an approval, a cancel).
 pub async fn settle_step(
     conn: &mut PgConnection,
