@@ -21,14 +21,12 @@ use crate::outbox::Outbox;
 use crate::reconfig::{Reconfig, fetch_config, queues_of, refresh_config};
 use crate::slots::{self, AgentContext, Slots};
 use anyhow::{Context, bail};
-use futures::StreamExt;
+use gantry_shared::amqp::consume::{QueueConsumer, Settle};
 use gantry_shared::amqp::{Broker, DeclareFn, Publisher, json_properties};
 use gantry_shared::api::{AgentConfig, BrokerCredentials, MachinePolicy};
 use gantry_shared::config::Settings;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::{Control, Heartbeat};
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -516,48 +514,11 @@ async fn control(
     reconfigure: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
-    let mut failures = 0u32;
-    loop {
-        let conn = tokio::select! {
-            c = broker.connected() => c,
-            _ = cancel.cancelled() => return,
-        };
-        let consumer = async {
-            let ch = conn.create_channel().await?;
-            ch.basic_consume(
-                topology.control_queue(config.worker_id).into(),
-                "control".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        }
-        .await;
-        let mut consumer = match consumer {
-            Ok(c) => {
-                failures = 0;
-                c
-            }
-            Err(e) => {
-                failures += 1;
-                if failures == 5 {
-                    tracing::warn!(error = %e, "cannot consume this worker's control queue; retrying (the dispatcher declares it)");
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        loop {
-            let next = tokio::select! {
-                n = consumer.next() => n,
-                _ = cancel.cancelled() => return,
-            };
-            let Some(Ok(d)) = next else { break };
-            match Control::decode(&d.data) {
+    let queue = topology.control_queue(config.worker_id);
+    QueueConsumer::new(broker, queue, "control", 16, cancel)
+        .exclusive()
+        .run(|m| {
+            match Control::decode(&m.data) {
                 Ok(Control::Reconfigure) => reconfigure.notify_one(),
                 Ok(Control::CancelAttempt {
                     step_run_id,
@@ -570,7 +531,8 @@ async fn control(
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed control message"),
             }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            // Instructions are acted on at once (or dropped if malformed): nothing to keep.
+            std::future::ready(Settle::Ack)
+        })
+        .await;
 }

@@ -13,6 +13,12 @@
 //! to the queue. A delivery whose settlement fails (its channel broke meanwhile) is
 //! redelivered by the broker, which is why every consumer must be idempotent.
 //!
+//! Every consumer in Gantry settles through it: the dispatcher's (results, heartbeats, dead
+//! letters) and the agent's control queue consume with [`QueueConsumer`]; the agent's job
+//! consumers, which it starts and cancels on one channel as its slots free up and fill, take
+//! each delivery as an [`Incoming`] ([`Incoming::from_delivery`]) and settle its ticket the
+//! same way.
+//!
 //! Three ways to use it:
 //! - [`QueueConsumer::run`]: a handler per delivery, each settled by the handler's answer;
 //! - [`QueueConsumer::run_batches`]: whatever has already arrived (up to a maximum) handed to
@@ -182,6 +188,13 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// A delivery from a consumer that manages its own channel and consumers (the agent's job
+    /// consumers, started and cancelled as its slots free up and fill): settled the same way,
+    /// exactly once, and requeued if dropped unsettled.
+    pub fn from_delivery(d: lapin::message::Delivery) -> Self {
+        Self::new(d, &Arc::new(ChannelState::default()))
+    }
+
     fn new(d: lapin::message::Delivery, state: &Arc<ChannelState>) -> Self {
         let lapin::message::Delivery {
             data,
@@ -270,6 +283,8 @@ pub struct QueueConsumer {
     live: Option<Live>,
     /// The last channel broke: pause before the next one.
     pause: bool,
+    /// Consume as the queue's only consumer.
+    exclusive: bool,
 }
 
 impl QueueConsumer {
@@ -290,7 +305,15 @@ impl QueueConsumer {
             cancel,
             live: None,
             pause: false,
+            exclusive: false,
         }
+    }
+
+    /// Consume as the queue's only consumer (`exclusive`): nobody else can consume it while
+    /// this consumer lives, and the queue's consumer count says whether it does.
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
     }
 
     /// Open a consuming channel; `None` once cancelled.
@@ -313,7 +336,10 @@ impl QueueConsumer {
                     .basic_consume(
                         self.queue.as_str().into(),
                         self.tag.as_str().into(),
-                        BasicConsumeOptions::default(),
+                        BasicConsumeOptions {
+                            exclusive: self.exclusive,
+                            ..Default::default()
+                        },
                         FieldTable::default(),
                     )
                     .await?;

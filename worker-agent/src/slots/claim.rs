@@ -4,9 +4,10 @@
 use super::{AgentContext, RunningStep, Slots};
 use crate::api::ApiError;
 use crate::runner::{self, StepContext};
+use gantry_shared::amqp::consume::{Incoming, Settle};
 use gantry_shared::ids::ClaimId;
 use gantry_shared::wire::Job;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::BasicCancelOptions;
 use lapin::{Channel, Connection};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,16 +18,20 @@ pub(super) async fn handle_delivery(
     conn: &Connection,
     ch: &Channel,
     tag: &str,
-    delivery: lapin::message::Delivery,
+    delivery: Incoming,
     id: u64,
     slots: &Arc<Slots>,
     agent: &Arc<AgentContext>,
 ) -> bool {
-    let job = match Job::decode(&delivery.data) {
+    let Incoming {
+        message,
+        ticket: delivery,
+    } = delivery;
+    let job = match Job::decode(&message.data) {
         Ok(j) => j,
         Err(e) => {
             tracing::warn!(error = %e, "dead-lettering a malformed job");
-            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            delivery.settle(Settle::Reject).await;
             return true;
         }
     };
@@ -40,21 +45,16 @@ pub(super) async fn handle_delivery(
     if already_running {
         // A redelivery of a job running here (after a reconnect): already ours.
         tracing::info!(job_id = %job.job_id, "redelivery of a job already running here; acking it");
-        let _ = delivery.ack(BasicAckOptions::default()).await;
+        delivery.settle(Settle::Ack).await;
         return true;
     }
     if full {
         // Only after the limit was lowered: give the job back for another agent.
-        let _ = delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await;
+        delivery.settle(Settle::Requeue).await;
         return false;
     }
     // What the claim checks: the body exactly as it arrived.
-    let sha = gantry_shared::wire::body_sha256(&delivery.data);
+    let sha = gantry_shared::wire::body_sha256(&message.data);
     let claim_id = ClaimId::new();
     let mut delay = Duration::from_millis(100);
     let grant = loop {
@@ -73,12 +73,7 @@ pub(super) async fn handle_delivery(
                 let _ = ch
                     .basic_cancel(tag.into(), BasicCancelOptions::default())
                     .await;
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
+                delivery.settle(Settle::Requeue).await;
                 if let Some(q) = queue {
                     slots.lock().refused.insert(q, std::time::Instant::now());
                 }
@@ -91,12 +86,7 @@ pub(super) async fn handle_delivery(
             }
             Err(ApiError::Unauthorized(m)) => {
                 tracing::error!(message = %m, "the dispatcher refused this agent's credential");
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
+                delivery.settle(Settle::Requeue).await;
                 agent.fatal.cancel();
                 return false;
             }
@@ -113,7 +103,7 @@ pub(super) async fn handle_delivery(
         }
     };
     let Some(grant) = grant else {
-        let _ = delivery.ack(BasicAckOptions::default()).await;
+        delivery.settle(Settle::Ack).await;
         return true;
     };
     let cancel = CancellationToken::new();
@@ -145,9 +135,11 @@ pub(super) async fn handle_delivery(
     {
         tracing::warn!("fault injection: closing the broker connection before the ack");
         let _ = conn.close(320, "fault injection".into()).await;
-    } else if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        // Its channel is gone with the connection: the broker redelivers it.
+        drop(delivery);
+    } else if !delivery.settle(Settle::Ack).await {
         // Redelivered elsewhere; that claim will be refused.
-        tracing::debug!(error = %e, "ack failed after a granted claim");
+        tracing::debug!("ack failed after a granted claim");
     }
     // The dispatcher refuses a claim for another body; check anyway, and if it still differs
     // run nothing and report the attempt failed (it is ours now, so it must end).

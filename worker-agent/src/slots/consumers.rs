@@ -220,6 +220,7 @@ async fn consume(
         if let Some(c) = slots.lock().consumers.get_mut(&id) {
             c.busy = true;
         }
+        let delivery = gantry_shared::amqp::consume::Incoming::from_delivery(delivery);
         let keep = handle_delivery(&conn, &ch, &tag, delivery, id, &slots, &agent).await;
         if let Some(c) = slots.lock().consumers.get_mut(&id) {
             c.busy = false;
