@@ -21,6 +21,7 @@ mod bins;
 pub mod broker;
 mod cleanup;
 mod http;
+pub mod impersonate;
 mod process;
 pub mod procs;
 mod proxies;

@@ -4,10 +4,9 @@
 //! in order. The events are published as the running agent itself would (its own broker
 //! user).
 
-use gantry_tests::gantry_shared::wire::{
-    Event, LogBatch, LogLine, Origin, Outcome, StepFinished, Stream,
-};
-use gantry_tests::{AgentOpts, Stack, eventually};
+use gantry_tests::gantry_shared::wire::{Event, LogBatch, LogLine, Outcome, StepFinished, Stream};
+use gantry_tests::impersonate::HeldStep;
+use gantry_tests::{Stack, eventually};
 use std::time::Duration;
 
 fn lines(texts: &[&str]) -> Vec<LogLine> {
@@ -25,48 +24,11 @@ fn lines(texts: &[&str]) -> Vec<LogLine> {
 async fn lines_ahead_of_a_gap_wait_for_it_even_when_they_end_the_step() {
     // Arrange: an agent runs a step that prints one line and waits for a gate.
     let mut stack = Stack::start().await.unwrap();
-    let agent = stack.add_agent("a1", AgentOpts::default()).await.unwrap();
-    let gate = stack.dir.path().join("gate");
-    let task = stack
-        .submit(&format!(
-            "name = \"t\"\n[[steps]]\nname = \"work\"\nscript = '''\necho before\nwhile [ ! -e '{}' ]; do sleep 0.05; done\n'''\n",
-            gate.display()
-        ))
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(30), "the first line stored", || async {
-        let log = stack.log(task).await.ok()?;
-        log.iter().any(|l| l.text == "before").then_some(())
-    })
-    .await
-    .unwrap();
-    let next: u64 = stack
-        .log(task)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|l| l.seq)
-        .max()
-        .map_or(0, |s| s + 1);
-    let t = stack.task(task).await.unwrap();
-    let a = t.steps[0].attempts[0].clone();
-    let origin = Origin {
-        step_run_id: t.steps[0].id,
-        attempt: a.attempt,
-        job_id: a.job_id,
-        worker_id: a.worker_id.unwrap(),
-    };
-    let creds = stack.broker_credentials(agent).unwrap();
-    let as_agent = (creds.user.as_str(), creds.password.as_str());
-    let x = stack.topology().results_exchange();
+    let held = HeldStep::start(&mut stack).await;
+    let (task, origin, next) = (held.task, held.origin.clone(), held.next_seq);
     let publish = |ev: Event| {
-        let (stack, x, user) = (&stack, x.clone(), creds.user.clone());
-        async move {
-            stack
-                .publish_as(as_agent, &x, "", &ev.encode(), Some(&user))
-                .await
-                .unwrap();
-        }
+        let (stack, held) = (&stack, &held);
+        async move { held.publish(stack, &ev).await }
     };
 
     // Act: lines next+2.. first (ahead of a gap), then the end carrying next+4 and next+5,
@@ -115,7 +77,7 @@ async fn lines_ahead_of_a_gap_wait_for_it_even_when_they_end_the_step() {
         .wait_task(task, Duration::from_secs(20))
         .await
         .unwrap();
-    std::fs::write(&gate, b"").unwrap();
+    held.release();
     let log = stack.log(task).await.unwrap();
     let left: i64 =
         sqlx::query_scalar("SELECT count(*) FROM log_lines_pending WHERE step_run_id = $1")

@@ -4,15 +4,11 @@
 //! running agent itself would (its own broker user), bypassing whatever the agent cleans.
 
 use gantry_tests::gantry_shared::wire::{Event, LogBatch, LogLine, Origin, Stream};
-use gantry_tests::{AgentOpts, Stack, eventually};
+use gantry_tests::impersonate::HeldStep;
+use gantry_tests::{Stack, eventually};
 use std::time::Duration;
 
-fn batch(
-    origin: &Origin,
-    first_seq: u64,
-    ts: chrono::DateTime<chrono::Utc>,
-    text: &str,
-) -> Vec<u8> {
+fn batch(origin: &Origin, first_seq: u64, ts: chrono::DateTime<chrono::Utc>, text: &str) -> Event {
     Event::LogBatch(LogBatch {
         origin: origin.clone(),
         first_seq,
@@ -22,48 +18,14 @@ fn batch(
             text: text.into(),
         }],
     })
-    .encode()
 }
 
 #[tokio::test]
 async fn an_unstorable_log_batch_fails_its_attempt_and_blocks_nothing() {
     // Arrange: an agent runs a step that prints one line and waits for a gate.
     let mut stack = Stack::start().await.unwrap();
-    let agent = stack.add_agent("a1", AgentOpts::default()).await.unwrap();
-    let gate = stack.dir.path().join("gate");
-    let task = stack
-        .submit(&format!(
-            "name = \"t\"\n[[steps]]\nname = \"work\"\nscript = '''\necho before\nwhile [ ! -e '{}' ]; do sleep 0.05; done\necho after\n'''\n",
-            gate.display()
-        ))
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(30), "the first line stored", || async {
-        let log = stack.log(task).await.ok()?;
-        log.iter().any(|l| l.text == "before").then_some(())
-    })
-    .await
-    .unwrap();
-    // The agent's lines so far (its own first line included): ours continue them.
-    let next: u64 = stack
-        .log(task)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|l| l.seq)
-        .max()
-        .map_or(0, |s| s + 1);
-    let t = stack.task(task).await.unwrap();
-    let a = t.steps[0].attempts[0].clone();
-    let origin = Origin {
-        step_run_id: t.steps[0].id,
-        attempt: a.attempt,
-        job_id: a.job_id,
-        worker_id: a.worker_id.unwrap(),
-    };
-    let creds = stack.broker_credentials(agent).unwrap();
-    let as_agent = (creds.user.as_str(), creds.password.as_str());
-    let x = stack.topology().results_exchange();
+    let held = HeldStep::start(&mut stack).await;
+    let (task, origin, next) = (held.task, held.origin.clone(), held.next_seq);
     // A time PostgreSQL cannot hold (before 4713 BC): the batch can never be stored.
     let ancient = chrono::DateTime::parse_from_rfc3339("-10000-01-01T00:00:00Z")
         .map(|d| d.with_timezone(&chrono::Utc))
@@ -71,37 +33,13 @@ async fn an_unstorable_log_batch_fails_its_attempt_and_blocks_nothing() {
 
     // Act: a line with a NUL, then a batch that cannot be stored, then one more batch.
     let now = chrono::Utc::now();
-    stack
-        .publish_as(
-            as_agent,
-            &x,
-            "",
-            &batch(&origin, next, now, "a\0b"),
-            Some(&creds.user),
-        )
-        .await
-        .unwrap();
-    stack
-        .publish_as(
-            as_agent,
-            &x,
-            "",
-            &batch(&origin, next + 1, ancient, "old"),
-            Some(&creds.user),
-        )
-        .await
-        .unwrap();
+    held.publish(&stack, &batch(&origin, next, now, "a\0b"))
+        .await;
+    held.publish(&stack, &batch(&origin, next + 1, ancient, "old"))
+        .await;
     let ended = stack.wait_task(task, Duration::from_secs(20)).await;
-    stack
-        .publish_as(
-            as_agent,
-            &x,
-            "",
-            &batch(&origin, next + 2, now, "late"),
-            Some(&creds.user),
-        )
-        .await
-        .unwrap();
+    held.publish(&stack, &batch(&origin, next + 2, now, "late"))
+        .await;
     let db = stack.db().await;
     let late = eventually(
         Duration::from_secs(10),
@@ -118,7 +56,7 @@ async fn an_unstorable_log_batch_fails_its_attempt_and_blocks_nothing() {
     )
     .await;
     let log = stack.log(task).await.unwrap();
-    std::fs::write(&gate, b"").unwrap();
+    held.release();
 
     // Assert
     let ended = ended.unwrap();
