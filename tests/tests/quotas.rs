@@ -2,11 +2,24 @@
 //! past `limits.artifact_bytes`, fails saying which limit, and what it sends beyond the limit
 //! is not stored.
 
+use gantry_tests::gantry_shared::ids::TaskId;
 use gantry_tests::{AgentOpts, Stack};
 use std::time::Duration;
 
 const LOG_LIMIT: i64 = 100_000;
 const ARTIFACT_LIMIT: i64 = 200_000;
+
+/// Bytes of the agent's log lines stored for a task (Gantry's own lines left out).
+async fn stored_log_bytes(db: &sqlx::PgPool, task: TaskId) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(SUM(octet_length(text)), 0)::bigint FROM log_lines
+         WHERE task_id = $1 AND seq IS NOT NULL",
+    )
+    .bind(task.0)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
 
 #[tokio::test]
 async fn a_step_past_the_log_or_artifact_quota_fails_naming_the_limit() {
@@ -99,14 +112,7 @@ echo small and fine
     let log_lines = stack.log(t_log).await.unwrap();
     let art_log = stack.log(t_art).await.unwrap();
     let db = stack.db().await;
-    let stored_text: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(SUM(octet_length(text)), 0)::bigint FROM log_lines
-         WHERE task_id = $1 AND seq IS NOT NULL",
-    )
-    .bind(t_log.0)
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    let stored_text = stored_log_bytes(&db, t_log).await;
     let stored_art: i64 = sqlx::query_scalar(
         "SELECT COALESCE(SUM(octet_length(k.data)), 0)::bigint FROM artifact_chunks k
          JOIN artifacts a ON a.id = k.artifact_id WHERE a.task_id = $1",
@@ -158,14 +164,7 @@ echo small and fine
         .clone()
         .unwrap_or_default();
     assert!(err.contains("limits.task_log_bytes"), "{err}");
-    let burst_text: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(SUM(octet_length(text)), 0)::bigint FROM log_lines
-         WHERE task_id = $1 AND seq IS NOT NULL",
-    )
-    .bind(t_burst.0)
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    let burst_text = stored_log_bytes(&db, t_burst).await;
     assert!(burst_text <= LOG_LIMIT, "{burst_text} bytes stored");
 
     // Assert: within quota, nothing changes.

@@ -303,7 +303,7 @@ async fn decide(
         by_key: caller.key_id,
         allow_self: s.approvals_allow_self,
     };
+    // The decision woke the task (its wake-up row and NOTIFY): one path.
     let approval = approvals::decide(&s.db, &decision).await?;
-    s.orchestrator.kick(task);
     Ok(Json(approval))
 }

@@ -170,11 +170,6 @@ impl Orchestrator {
         &self.inner.node
     }
 
-    /// Look at a task again soon.
-    pub fn kick(&self, task: TaskId) {
-        schedule::kick(&self.inner, task);
-    }
-
     /// Tell an agent to stop a running attempt.
     pub async fn cancel_running(&self, worker: WorkerId, step_run: StepRunId, attempt: u32) {
         publish::send_cancel(&self.inner, worker, step_run, attempt).await

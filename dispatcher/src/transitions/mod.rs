@@ -33,7 +33,8 @@ pub fn sources<S: State>(to: S) -> Vec<&'static str> {
 
 /// How a new attempt starts.
 pub enum Start<'a> {
-    /// To be routed and published (`Pending`; its step stays `Pending`).
+    /// `Pending` with no route yet (its step stays `Pending`): one that waits for a worker
+    /// or fails at once; a routable one is created [`Start::Routed`].
     Publish,
     /// Routed already, its job built: `Pending`, with where the job goes and the sha256 of
     /// its body recorded in the same statement.
