@@ -255,12 +255,17 @@ pub async fn conclude(
     error: Option<&str>,
     retry_base: Duration,
 ) -> sqlx::Result<()> {
-    conclude_quietly(conn, locked, step_run, attempt, state, error, retry_base).await?;
+    conclude_quietly(
+        conn, locked, step_run, attempt, state, error, retry_base, None,
+    )
+    .await?;
     wake(conn, locked.task()).await
 }
 
 /// [`conclude`] without the wake-up: for a caller that advances the task itself in the same
-/// transaction (or wakes it), so a conclusion wakes its task one way only.
+/// transaction (or wakes it), so a conclusion wakes its task one way only. `report`: the
+/// agent's `StepFinished`, when it ends the attempt here (written with the end).
+#[allow(clippy::too_many_arguments)]
 pub async fn conclude_quietly(
     conn: &mut PgConnection,
     locked: &Locked,
@@ -269,6 +274,7 @@ pub async fn conclude_quietly(
     state: AttemptState,
     error: Option<&str>,
     retry_base: Duration,
+    report: Option<&transitions::Report<'_>>,
 ) -> sqlx::Result<()> {
     debug_assert!(state.is_final());
     let task = locked.task();
@@ -280,7 +286,7 @@ pub async fn conclude_quietly(
         && is_current
         && (attempt as i32) <= locked.retries
     {
-        transitions::end_attempt(conn, step_run, attempt, state, error).await?;
+        transitions::end_attempt(conn, step_run, attempt, state, error, report).await?;
         let delay = backoff(retry_base, attempt);
         let reason = format!(
             "attempt {attempt} {what}; attempt {} of {} starts after {:.1}s",
@@ -305,6 +311,7 @@ pub async fn conclude_quietly(
             state,
             error,
             reason.as_deref(),
+            report,
         )
         .await?;
         if state != AttemptState::Success {
@@ -318,7 +325,7 @@ pub async fn conclude_quietly(
         }
     } else {
         // An earlier attempt than the step's current one: the step is not its to settle.
-        transitions::end_attempt(conn, step_run, attempt, state, error).await?;
+        transitions::end_attempt(conn, step_run, attempt, state, error, report).await?;
     }
     Ok(())
 }

@@ -108,6 +108,7 @@ pub async fn request(c: &Canceller<'_>, task: TaskId) -> store::Result<(String, 
                 AttemptState::Cancelled,
                 Some("cancelled before it started"),
                 c.retry_base,
+                None,
             )
             .await?;
             if let Some(mutex) = locked.mutex.clone() {

@@ -82,26 +82,61 @@ pub struct SeqLine<'a> {
     pub text: std::borrow::Cow<'a, str>,
 }
 
-/// Apply a batch to an attempt whose row the caller has locked, given the attempt's
-/// `lines_stored`. `last`: the batch ends at the attempt's announced line count, so no parked
-/// line can follow it (`log_lines_pending` is not looked at). Returns the new `lines_stored`.
-#[allow(clippy::too_many_arguments)]
-pub async fn apply_batch(
-    conn: &mut PgConnection,
-    task: TaskId,
-    step_run: StepRunId,
-    attempt: u32,
-    lines_stored: i64,
-    last: bool,
-    first_seq: i64,
-    lines: &[LogLine],
-) -> sqlx::Result<i64> {
+/// A batch of one attempt's lines, as [`apply_batch`] stores it.
+pub struct Batch<'a> {
+    pub task: TaskId,
+    pub step_run: StepRunId,
+    pub attempt: u32,
+    /// The attempt's `lines_stored`, its row locked by the caller.
+    pub lines_stored: i64,
+    /// The batch ends at the attempt's announced line count (it came with `StepFinished`):
+    /// no parked line can follow it, so `log_lines_pending` is not looked at, and the
+    /// attempt's end writes its `lines_stored`.
+    pub last: bool,
+    pub first_seq: i64,
+    pub lines: &'a [LogLine],
+    /// The bytes it adds to the task's log ([`crate::quotas::new_log_bytes`]) and the task's
+    /// `limits.task_log_bytes`.
+    pub charge: (u64, u64),
+}
+
+/// What [`apply_batch`] came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored, already there, or parked beyond a gap: the attempt's `lines_stored` now.
+    Stored(i64),
+    /// The batch would pass the task's log quota: nothing was stored or counted.
+    OverQuota,
+}
+
+/// Apply a batch to an attempt whose row the caller has locked: charged against the task's
+/// log quota, then stored where it continues the prefix (with the parked lines it joins) or
+/// parked beyond a gap. Where it continues the prefix, one statement charges the quota,
+/// reserves the positions, inserts the lines, writes the attempt's `lines_stored` (unless
+/// `last`) and tells the log's followers.
+pub async fn apply_batch(conn: &mut PgConnection, b: Batch<'_>) -> sqlx::Result<Applied> {
+    let Batch {
+        task,
+        step_run,
+        attempt,
+        lines_stored,
+        last,
+        first_seq,
+        lines,
+        charge: (bytes, limit),
+    } = b;
     let end = first_seq.saturating_add(i64::try_from(lines.len()).unwrap_or(i64::MAX));
     if end <= lines_stored || lines.is_empty() || first_seq < 0 {
-        return Ok(lines_stored);
+        return Ok(Applied::Stored(lines_stored));
+    }
+    if bytes > limit {
+        return Ok(Applied::OverQuota);
     }
     if first_seq > lines_stored {
-        // Ahead of a gap: park it.
+        // Ahead of a gap: charged now, parked until the gap closes.
+        if !crate::quotas::charge(conn, task, crate::quotas::Quota::Log, bytes, limit).await? {
+            return Ok(Applied::OverQuota);
+        }
         let seqs: Vec<i64> = (0..lines.len())
             .map(|i| first_seq.saturating_add(i as i64))
             .collect();
@@ -124,7 +159,7 @@ pub async fn apply_batch(
         .bind(&texts)
         .execute(&mut *conn)
         .await?;
-        return Ok(lines_stored);
+        return Ok(Applied::Stored(lines_stored));
     }
     let skip = usize::try_from(lines_stored.saturating_sub(first_seq)).unwrap_or(usize::MAX);
     let mut fresh: Vec<SeqLine<'_>> = lines[skip.min(lines.len())..]
@@ -186,33 +221,48 @@ pub async fn apply_batch(
         }
     }
     let n = fresh.len() as i64;
+    let stored = lines_stored.saturating_add(n);
     let seqs: Vec<i64> = fresh.iter().map(|l| l.seq).collect();
     let ts: Vec<DateTime<Utc>> = fresh.iter().map(|l| l.ts).collect();
     let streams: Vec<i16> = fresh.iter().map(|l| l.stream).collect();
     let texts: Vec<&str> = fresh.iter().map(|l| l.text.as_ref()).collect();
-    // The task's positions reserved, the lines stored at them in seq order, and the log's
-    // followers told: one statement.
-    sqlx::query(
-        "WITH r AS (UPDATE task_log_positions SET last_pos = last_pos + $8 WHERE task_id = $1
+    let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    // One statement: the quota charged and the positions reserved on the task's row (no
+    // row when the quota would be passed: nothing else happens then), the lines stored at
+    // them in seq order, the attempt's `lines_stored` (its row locked already, so the lock
+    // order holds) and the log's followers told.
+    static SQL: &str =
+        "WITH r AS (UPDATE task_log_positions SET last_pos = last_pos + $8, log_bytes = log_bytes + $10
+                    WHERE task_id = $1 AND log_bytes <= $11 - $10
                     RETURNING last_pos - $8 AS base),
               i AS (INSERT INTO log_lines (task_id, pos, step_run_id, attempt, seq, ts, stream, text)
                     SELECT $1, r.base + u.ord, $2, $3, u.seq, u.ts, u.stream, u.text
                     FROM r, unnest($4::bigint[], $5::timestamptz[], $6::smallint[], $7::text[])
-                         WITH ORDINALITY AS u(seq, ts, stream, text, ord))
-         SELECT r.base, pg_notify($9, $1::text) FROM r",
-    )
-    .bind(task.0)
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .bind(&seqs)
-    .bind(&ts)
-    .bind(&streams)
-    .bind(&texts)
-    .bind(n)
-    .bind(LOG_CHANNEL)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(lines_stored.saturating_add(n))
+                         WITH ORDINALITY AS u(seq, ts, stream, text, ord)),
+              l AS (UPDATE attempts SET lines_stored = $12
+                    WHERE step_run_id = $2 AND attempt = $3 AND NOT $13 AND EXISTS (SELECT 1 FROM r))
+         SELECT r.base, pg_notify($9, $1::text) FROM r";
+    let row = sqlx::query(SQL)
+        .bind(task.0)
+        .bind(step_run.0)
+        .bind(attempt as i32)
+        .bind(&seqs)
+        .bind(&ts)
+        .bind(&streams)
+        .bind(&texts)
+        .bind(n)
+        .bind(LOG_CHANNEL)
+        .bind(bytes)
+        .bind(limit)
+        .bind(stored)
+        .bind(last)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match row {
+        Some(_) => Applied::Stored(stored),
+        None => Applied::OverQuota,
+    })
 }
 
 /// Parse an API cursor (`""` or absent means the start).

@@ -174,6 +174,7 @@ async fn fail_attempt(
             AttemptState::Failed,
             Some(why),
             inner.retry_base,
+            None,
         )
         .await?;
         attempts::wake(tx, task.id).await?;

@@ -7,7 +7,7 @@ use crate::artifacts;
 use crate::attempts;
 use crate::logs;
 use crate::outputs;
-use crate::quotas::Quota;
+use crate::quotas::{self, Quota};
 use crate::senders::Sender;
 use crate::transitions::{self, AttemptState, StepState};
 use gantry_shared::wire::{Event, Origin};
@@ -103,18 +103,8 @@ impl ResultConsumer {
                         )
                         .await?
                     {
-                        Lines::OverQuota => kick = Some(locked.task()),
-                        Lines::Stored(stored) => {
-                            if stored != locked.lines_stored {
-                                sqlx::query(
-                                    "UPDATE attempts SET lines_stored = $3 WHERE step_run_id = $1 AND attempt = $2",
-                                )
-                                .bind(origin.step_run_id.0)
-                                .bind(origin.attempt as i32)
-                                .bind(stored)
-                                .execute(&mut *tx)
-                                .await?;
-                            }
+                        logs::Applied::OverQuota => kick = Some(locked.task()),
+                        logs::Applied::Stored(stored) => {
                             if let Some(count) = locked.line_count
                                 && locked.outcome.is_some()
                                 && stored >= count
@@ -254,18 +244,11 @@ impl ResultConsumer {
     }
 }
 
-/// What storing a live attempt's log lines came to.
-enum Lines {
-    /// Stored (or already there, or parked beyond a gap): the attempt's `lines_stored` now.
-    Stored(i64),
-    /// They would pass the task's log quota: nothing stored, the attempt failed.
-    OverQuota,
-}
-
 impl ResultConsumer {
     /// Store lines of a live attempt from `first_seq` on, charged against the task's log
-    /// quota; `last`: they are the attempt's last (`StepFinished`'s). The caller writes the
-    /// new `lines_stored` on the attempt's row.
+    /// quota (an attempt that would pass it fails here); `last`: they are the attempt's last
+    /// (`StepFinished`'s), and its end writes the new `lines_stored`, which otherwise the
+    /// store itself does.
     async fn store_lines(
         &self,
         tx: &mut PgConnection,
@@ -274,28 +257,32 @@ impl ResultConsumer {
         worker: gantry_shared::ids::WorkerId,
         (first_seq, lines): (i64, &[gantry_shared::wire::LogLine]),
         last: bool,
-    ) -> sqlx::Result<Lines> {
-        if !self.charge_log(&mut *tx, locked, first_seq, lines).await? {
-            self.over_quota(&mut *tx, locked, origin, worker, Quota::Log)
-                .await?;
-            return Ok(Lines::OverQuota);
-        }
-        let stored = logs::apply_batch(
-            &mut *tx,
-            locked.task(),
-            origin.step_run_id,
-            origin.attempt,
-            locked.lines_stored,
+    ) -> sqlx::Result<logs::Applied> {
+        let batch = logs::Batch {
+            task: locked.task(),
+            step_run: origin.step_run_id,
+            attempt: origin.attempt,
+            lines_stored: locked.lines_stored,
             last,
             first_seq,
             lines,
-        )
-        .await?;
-        if stored != locked.lines_stored {
-            self.metrics
-                .observe_log_batch(stored.saturating_sub(locked.lines_stored).max(0) as u64);
+            charge: (
+                quotas::new_log_bytes(first_seq, locked.lines_stored, lines),
+                self.limits.task_log_bytes,
+            ),
+        };
+        let applied = logs::apply_batch(&mut *tx, batch).await?;
+        match applied {
+            logs::Applied::OverQuota => {
+                self.over_quota(&mut *tx, locked, origin, worker, Quota::Log)
+                    .await?
+            }
+            logs::Applied::Stored(stored) if stored != locked.lines_stored => self
+                .metrics
+                .observe_log_batch(stored.saturating_sub(locked.lines_stored).max(0) as u64),
+            logs::Applied::Stored(_) => {}
         }
-        Ok(Lines::Stored(stored))
+        Ok(applied)
     }
 
     /// A live attempt's `StepFinished`, the first one: the lines it carries stored (as a
@@ -325,10 +312,45 @@ impl ResultConsumer {
                 )
                 .await?
             {
-                Lines::OverQuota => return Ok(true),
-                Lines::Stored(n) => n,
+                logs::Applied::OverQuota => return Ok(true),
+                logs::Applied::Stored(n) => n,
             }
         };
+        let line_count = i64::try_from(f.line_count).unwrap_or(i64::MAX);
+        let error = logs::storable_opt(f.error.as_deref());
+        if f.artifacts.is_empty() && lines_stored >= line_count {
+            // Nothing it announced is missing: the outcome is written with the attempt's end,
+            // in one statement, which drops any artifact it did not announce.
+            let report = transitions::Report {
+                outcome: f.outcome.as_str(),
+                exit_code: f.exit_code,
+                error: error.as_deref(),
+                line_count,
+                lines_stored,
+                finished_at: f.finished_at,
+            };
+            let finished = attempts::Locked {
+                lines_stored,
+                line_count: Some(line_count),
+                outcome: Some(f.outcome.as_str().to_owned()),
+                exit_code: f.exit_code,
+                error: error.as_deref().map(str::to_owned),
+                ..locked.clone()
+            };
+            let (step_run, attempt) = (origin.step_run_id, origin.attempt);
+            let outcome = f.outcome.as_str();
+            self.finish(
+                tx,
+                &finished,
+                step_run,
+                attempt,
+                outcome,
+                None,
+                Some(&report),
+            )
+            .await?;
+            return Ok(true);
+        }
         sqlx::query(
             "UPDATE attempts SET outcome = $3, exit_code = $4, error = $5,
                  line_count = $6, finished_at = $7, lines_stored = $8
@@ -338,8 +360,8 @@ impl ResultConsumer {
         .bind(origin.attempt as i32)
         .bind(f.outcome.as_str())
         .bind(f.exit_code)
-        .bind(logs::storable_opt(f.error.as_deref()))
-        .bind(i64::try_from(f.line_count).unwrap_or(i64::MAX))
+        .bind(error.as_deref())
+        .bind(line_count)
         .bind(f.finished_at)
         .bind(lines_stored)
         .execute(&mut *tx)
@@ -359,10 +381,10 @@ impl ResultConsumer {
         }
         let now = Now {
             outcome: Some(f.outcome.as_str().to_owned()),
-            line_count: Some(i64::try_from(f.line_count).unwrap_or(i64::MAX)),
+            line_count: Some(line_count),
             lines_stored,
             exit_code: f.exit_code,
-            error: logs::storable_opt(f.error.as_deref()).map(|e| e.into_owned()),
+            error: error.map(|e| e.into_owned()),
             no_artifacts: f.artifacts.is_empty(),
         };
         self.try_finish(&mut *tx, locked, origin, now).await

@@ -68,11 +68,15 @@ impl ResultConsumer {
             origin.attempt,
             &outcome,
             override_error.as_deref(),
+            None,
         )
         .await?;
         Ok(true)
     }
 
+    /// End the attempt as `outcome` says, with `error` over the attempt's own; `report`: the
+    /// agent's `StepFinished`, when it ends the attempt here and its row does not hold it yet.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn finish(
         &self,
         conn: &mut PgConnection,
@@ -81,6 +85,7 @@ impl ResultConsumer {
         attempt: u32,
         outcome: &str,
         error: Option<&str>,
+        report: Option<&crate::transitions::Report<'_>>,
     ) -> sqlx::Result<()> {
         if let Some(started) = locked.started_at {
             let secs = (chrono::Utc::now() - started).num_milliseconds().max(0) as f64 / 1000.0;
@@ -102,6 +107,7 @@ impl ResultConsumer {
             state,
             error,
             self.retry_base,
+            report,
         )
         .await
     }

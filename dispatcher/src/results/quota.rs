@@ -10,20 +10,6 @@ use sqlx::PgConnection;
 use std::time::Duration;
 
 impl ResultConsumer {
-    /// Count a live attempt's new log bytes against `limits.task_log_bytes`; false (nothing
-    /// counted) when the batch would pass it.
-    pub(super) async fn charge_log(
-        &self,
-        conn: &mut PgConnection,
-        locked: &Locked,
-        first_seq: i64,
-        lines: &[gantry_shared::wire::LogLine],
-    ) -> sqlx::Result<bool> {
-        let bytes = quotas::new_log_bytes(first_seq, locked.lines_stored, lines);
-        let limit = self.limits.task_log_bytes;
-        quotas::charge(conn, locked.task(), Quota::Log, bytes, limit).await
-    }
-
     /// Fail a live attempt that went past a quota, and ask its agent to stop the script.
     pub(super) async fn over_quota(
         &self,

@@ -38,6 +38,7 @@ impl ResultConsumer {
             origin.attempt,
             "Failed",
             Some(reason),
+            None,
         )
         .await?;
         attempts::wake(&mut tx, locked.task()).await?;

@@ -249,29 +249,68 @@ pub async fn grant(
     Ok(moved > 0)
 }
 
+/// What the agent reported of an attempt that ends as its `StepFinished` is stored: written
+/// with the attempt's end, in the same statement, and the attempt's unannounced artifacts
+/// dropped with it (it announced none). `finished_at` is the agent's clock.
+pub struct Report<'a> {
+    pub outcome: &'a str,
+    pub exit_code: Option<i32>,
+    pub error: Option<&'a str>,
+    pub line_count: i64,
+    pub lines_stored: i64,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// The attempt's end (`$1`–`$11`), shared by [`end_attempt`] and
+/// [`end_attempt_settling_step`]: its state, its error, when it finished, and the agent's
+/// [`Report`] when one comes with it (`$6`–`$10` and `$12` NULL, `$11` false, when none does).
+const END_ATTEMPT: &str = "a AS (UPDATE attempts SET state = $3, error = COALESCE($4, $7, error),
+               finished_at = COALESCE($10, finished_at, now()),
+               outcome = COALESCE($6, outcome), exit_code = COALESCE($8, exit_code),
+               line_count = COALESCE($9, line_count), lines_stored = COALESCE($12, lines_stored)
+           WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($5)
+           RETURNING 1),
+     d AS (DELETE FROM artifacts WHERE $11 AND step_run_id = $1 AND attempt = $2)";
+
+/// Bind [`END_ATTEMPT`]'s parameters, in order.
+fn bind_end<'q>(
+    q: sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>,
+    (step_run, attempt, to, error): (StepRunId, u32, AttemptState, Option<&'q str>),
+    report: Option<&'q Report<'q>>,
+) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments> {
+    q.bind(step_run.0)
+        .bind(attempt as i32)
+        .bind(to)
+        .bind(error)
+        .bind(sources(to))
+        .bind(report.map(|r| r.outcome))
+        .bind(report.and_then(|r| r.error))
+        .bind(report.and_then(|r| r.exit_code))
+        .bind(report.map(|r| r.line_count))
+        .bind(report.map(|r| r.finished_at))
+        .bind(report.is_some())
+        .bind(report.map(|r| r.lines_stored))
+}
+
 /// End an attempt in a final state (its step run is settled by [`settle_step`] or
-/// [`retry_step`], which may differ: a failure with retries left). Returns whether it moved.
+/// [`retry_step`], which may differ: a failure with retries left), with the agent's
+/// [`Report`] if its `StepFinished` ends it. Returns whether it moved.
 pub async fn end_attempt(
     conn: &mut PgConnection,
     step_run: StepRunId,
     attempt: u32,
     to: AttemptState,
     error: Option<&str>,
+    report: Option<&Report<'_>>,
 ) -> sqlx::Result<bool> {
     debug_assert!(to.is_final());
-    let r = sqlx::query(
-        "UPDATE attempts SET state = $3, error = COALESCE($4, error),
-             finished_at = COALESCE(finished_at, now())
-         WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($5)",
-    )
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .bind(to)
-    .bind(error)
-    .bind(sources(to))
-    .execute(&mut *conn)
-    .await?;
-    Ok(r.rows_affected() == 1)
+    static SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("WITH {END_ATTEMPT} SELECT count(*) FROM a"));
+    let q = sqlx::query_scalar(SQL.as_str());
+    let moved = bind_end(q, (step_run, attempt, to, error), report)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(moved == 1)
 }
 
 /// [`end_attempt`] and [`settle_step`] in one statement: the current attempt ended and its
@@ -284,26 +323,26 @@ pub async fn end_attempt_settling_step(
     to: AttemptState,
     error: Option<&str>,
     reason: Option<&str>,
+    report: Option<&Report<'_>>,
 ) -> sqlx::Result<()> {
     debug_assert!(to.is_final());
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH {END_ATTEMPT},
+                  s AS (UPDATE step_runs SET state = $13, reason = $14, waiting_for = NULL,
+                            not_before = NULL
+                        WHERE id = $1 AND state = ANY($15))
+             SELECT count(*) FROM a"
+        )
+    });
     let step_to = to.step_state();
-    sqlx::query(
-        "WITH a AS (UPDATE attempts SET state = $3, error = COALESCE($4, error),
-                        finished_at = COALESCE(finished_at, now())
-                    WHERE step_run_id = $1 AND attempt = $2 AND state = ANY($5))
-         UPDATE step_runs SET state = $6, reason = $7, waiting_for = NULL, not_before = NULL
-         WHERE id = $1 AND state = ANY($8)",
-    )
-    .bind(step_run.0)
-    .bind(attempt as i32)
-    .bind(to)
-    .bind(error)
-    .bind(sources(to))
-    .bind(step_to)
-    .bind(reason)
-    .bind(sources(step_to))
-    .execute(&mut *conn)
-    .await?;
+    let q = sqlx::query_scalar(SQL.as_str());
+    bind_end(q, (step_run, attempt, to, error), report)
+        .bind(step_to)
+        .bind(reason)
+        .bind(sources(step_to))
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(())
 }
 
