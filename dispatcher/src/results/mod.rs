@@ -165,18 +165,25 @@ impl ResultConsumer {
         // attempt's events in the order they arrived.
         good.sort_by_key(|r| r.attempt());
         let mut delay = Duration::from_millis(100);
+        let mut advance = true;
         loop {
-            match self.store(&good).await {
+            match self.store(&good, advance).await {
                 Ok(stored) => {
                     self.settle(good, stored).await;
                     return true;
                 }
-                Err(e) if crate::db::is_transient(&e) => {
+                Err(Failed::Advance(task, e)) => {
+                    // Nothing of the batch committed: store it again, waking its tasks for
+                    // the orchestrator instead of advancing them here.
+                    tracing::warn!(%task, error = %e, "could not advance a task after its attempt ended; storing its events again and waking it instead");
+                    advance = false;
+                }
+                Err(Failed::Db(e)) if crate::db::is_transient(&e) => {
                     if !hold(&mut delay, &e, cancel).await {
                         return false;
                     }
                 }
-                Err(_) if good.len() > 1 => {
+                Err(Failed::Db(_)) if good.len() > 1 => {
                     for r in good {
                         if !Box::pin(self.process_batch(vec![r], cancel)).await {
                             return false;
@@ -184,7 +191,7 @@ impl ResultConsumer {
                     }
                     return true;
                 }
-                Err(e) => {
+                Err(Failed::Db(e)) => {
                     let r = good.pop().expect("one");
                     return self.unstorable(r, &e, cancel).await;
                 }
@@ -194,14 +201,21 @@ impl ResultConsumer {
 
     /// Store events in one transaction: the tasks this node owns first (their rows locked,
     /// in id order), then each event; a task whose attempt ended is advanced in the same
-    /// transaction when this node owns it, and woken for its owner otherwise.
-    async fn store(&self, batch: &[Received]) -> Result<Stored, sqlx::Error> {
+    /// transaction when this node owns it (and `advance`), and woken for its owner otherwise.
+    /// An advance that fails fails the whole transaction (no savepoint: it would cost two
+    /// round trips on every conclusion); the caller then stores the batch again without
+    /// advancing.
+    async fn store(&self, batch: &[Received], advance: bool) -> Result<Stored, Failed> {
         let mut tx = self.db.begin().await?;
         let step_runs: Vec<uuid::Uuid> = batch
             .iter()
             .filter_map(|r| r.attempt().map(|(s, _)| s.0))
             .collect();
-        let mut owned = lock_owned_tasks(&mut tx, &step_runs, self.orchestrator.node().id).await?;
+        let mut owned = if advance {
+            lock_owned_tasks(&mut tx, &step_runs, self.orchestrator.node().id).await?
+        } else {
+            HashMap::new()
+        };
         let mut handled = Vec::with_capacity(batch.len());
         let mut ended: Vec<TaskId> = Vec::new();
         for r in batch {
@@ -223,18 +237,14 @@ impl ResultConsumer {
                 attempts::wake(&mut tx, task).await?;
                 continue;
             };
-            // In a savepoint: should the advance fail, the events are stored all the same
-            // and the task is woken instead.
-            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
-            match self.orchestrator.advance_in(&mut sp, record).await {
-                Ok(done) => {
-                    sp.commit().await?;
-                    advanced.push(done);
-                }
+            match self.orchestrator.advance_in(&mut tx, record).await {
+                Ok(done) => advanced.push(done),
                 Err(e) => {
-                    drop(sp);
-                    tracing::warn!(%task, error = %e, "could not advance a task after its attempt ended; waking it instead");
-                    attempts::wake(&mut tx, task).await?;
+                    drop(tx);
+                    for done in advanced {
+                        self.orchestrator.rolled_back(done);
+                    }
+                    return Err(Failed::Advance(task, e));
                 }
             }
         }
@@ -242,7 +252,7 @@ impl ResultConsumer {
             for done in advanced {
                 self.orchestrator.rolled_back(done);
             }
-            return Err(e);
+            return Err(e.into());
         }
         Ok(Stored { handled, advanced })
     }
@@ -314,6 +324,19 @@ impl ResultConsumer {
         }
         received.ticket.settle(Settle::Reject).await;
         true
+    }
+}
+
+/// Why a batch's transaction did not commit.
+enum Failed {
+    Db(sqlx::Error),
+    /// The advance of this task failed (the transaction is rolled back).
+    Advance(TaskId, anyhow::Error),
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(e)
     }
 }
 
