@@ -15,8 +15,10 @@
 //!   row lock it then checks that it is the owner ([`owns`]). A task owned by another node is
 //!   left alone, and so is its wake-up row.
 //! - Takes are committed one at a time under an in-process lock, with the node's count of
-//!   owned tasks kept beside it (recounted on every sweep and whenever it reaches the cap), so
-//!   the cap is exact without a lock in PostgreSQL that every new task would queue on.
+//!   owned tasks kept beside it (recounted on every sweep, and at the cap at most every
+//!   [`RECOUNT_AT_CAP`], so a node at its cap under a flood of submissions does not count its
+//!   tasks once per submission), so the cap is exact without a lock in PostgreSQL that every
+//!   new task would queue on.
 //! - A task that ends has no owner any more (a trigger clears it), so it stops counting
 //!   against the cap.
 //! - A node that stops gracefully gives its leases up at once; one that dies loses them when
@@ -53,7 +55,7 @@ pub struct Node {
     pub task_cap: u32,
     /// Held while taking tasks, with how many this node owned at the last count plus what it
     /// took since (tasks that ended since are only noticed at the next count).
-    owned: std::sync::Arc<tokio::sync::Mutex<i64>>,
+    owned: std::sync::Arc<tokio::sync::Mutex<Owned>>,
 }
 
 impl Node {
@@ -63,6 +65,46 @@ impl Node {
             task_cap,
             owned: Default::default(),
         }
+    }
+}
+
+/// How often a node at its cap counts its tasks again at most (outside the sweep): tasks that
+/// ended meanwhile make room only then.
+pub const RECOUNT_AT_CAP: Duration = Duration::from_millis(100);
+
+/// A node's count of its tasks.
+#[derive(Debug, Default)]
+struct Owned {
+    count: i64,
+    /// When it was last counted in PostgreSQL.
+    counted_at: Option<tokio::time::Instant>,
+    /// Places [`reserve`]d for tasks whose creating transaction has not ended yet: a count
+    /// cannot see them, so they are kept apart and added to it.
+    in_flight: i64,
+}
+
+impl Owned {
+    /// Whether the node has room for one more task; at the cap, counted again unless that
+    /// was done less than [`RECOUNT_AT_CAP`] ago.
+    async fn room(&mut self, db: &PgPool, node: &Node) -> sqlx::Result<bool> {
+        let cap = i64::from(node.task_cap);
+        if self.count + self.in_flight >= cap
+            && self
+                .counted_at
+                .is_none_or(|at| at.elapsed() >= RECOUNT_AT_CAP)
+        {
+            self.recount(db, node).await?;
+        }
+        Ok(self.count + self.in_flight < cap)
+    }
+
+    async fn recount(&mut self, db: &PgPool, node: &Node) -> sqlx::Result<()> {
+        self.count = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE owner_node = $1")
+            .bind(node.id)
+            .fetch_one(db)
+            .await?;
+        self.counted_at = Some(tokio::time::Instant::now());
+        Ok(())
     }
 }
 
@@ -119,13 +161,13 @@ pub async fn renew_and_take(db: &PgPool, node: &Node) -> sqlx::Result<Vec<TaskId
         return Ok(Vec::new());
     }
     let mut owned = node.owned.lock().await;
-    *owned = count_owned(db, node).await?;
-    let room = (i64::from(node.task_cap) - *owned).max(0);
+    owned.recount(db, node).await?;
+    let room = (i64::from(node.task_cap) - owned.count - owned.in_flight).max(0);
     if room == 0 {
         return Ok(Vec::new());
     }
     let taken = take(db, node, None, room).await?;
-    *owned += taken.len() as i64;
+    owned.count += taken.len() as i64;
     Ok(taken)
 }
 
@@ -174,36 +216,27 @@ async fn take(
     Ok(taken.into_iter().map(|(t, _)| TaskId(t)).collect())
 }
 
-async fn count_owned(db: &PgPool, node: &Node) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM tasks WHERE owner_node = $1")
-        .bind(node.id)
-        .fetch_one(db)
-        .await
-}
-
 /// Room for one more task on this node, reserved for a task being created here (which then
 /// starts owned by this node, so its first advance can run in its creating transaction).
-/// False at the cap. A reservation whose transaction fails is corrected by the next count.
+/// False at the cap. Pass the outcome to [`reserved`] once the creating transaction ended.
 pub async fn reserve(db: &PgPool, node: &Node) -> bool {
     let mut owned = node.owned.lock().await;
-    if *owned >= i64::from(node.task_cap) {
-        // Tasks that ended since the last count no longer count.
-        match count_owned(db, node).await {
-            Ok(n) => *owned = n,
-            Err(_) => return false,
-        }
-        if *owned >= i64::from(node.task_cap) {
-            return false;
-        }
+    // Tasks that ended since the last count no longer count.
+    if !owned.room(db, node).await.unwrap_or(false) {
+        return false;
     }
-    *owned += 1;
+    owned.in_flight += 1;
     true
 }
 
-/// Give back a [`reserve`]d place whose task was not created.
-pub async fn unreserve(node: &Node) {
+/// A [`reserve`]d place's task was created (it counts now: a count made since its commit may
+/// hold it twice until the next count, never too few) or not (the place is free again).
+pub async fn reserved(node: &Node, created: bool) {
     let mut owned = node.owned.lock().await;
-    *owned = (*owned - 1).max(0);
+    owned.in_flight = (owned.in_flight - 1).max(0);
+    if created {
+        owned.count += 1;
+    }
 }
 
 /// Before `advance` locks a task: false if another node holds a live lease on it (so
@@ -239,13 +272,10 @@ pub async fn take_for_advance(
         return Ok(false);
     }
     let mut owned = node.owned.lock().await;
-    if *owned >= i64::from(node.task_cap) {
-        *owned = count_owned(db, node).await?;
-        if *owned >= i64::from(node.task_cap) {
-            return Ok(false);
-        }
+    if !owned.room(db, node).await? {
+        return Ok(false);
     }
-    *owned += take(db, node, Some(task), 1).await?.len() as i64;
+    owned.count += take(db, node, Some(task), 1).await?.len() as i64;
     // Taken now, or by another node meanwhile, or ended: `owns` decides under the row lock.
     Ok(true)
 }

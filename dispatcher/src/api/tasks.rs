@@ -23,8 +23,8 @@ pub async fn create(
     // with takes that need one).
     let owned = s.orchestrator.reserve_new().await;
     let created = create_in_tx(&s, &caller, &process, owned).await;
-    if owned && created.is_err() {
-        s.orchestrator.unreserve().await;
+    if owned {
+        s.orchestrator.reserved(created.is_ok()).await;
     }
     let id = created?;
     tracing::info!(task = %id, name = %process.name, steps = process.steps.len(), "task created");

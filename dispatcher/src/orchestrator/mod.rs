@@ -181,9 +181,10 @@ impl Orchestrator {
         nodes::reserve(&self.inner.db, &self.inner.node).await
     }
 
-    /// Give back a [`Orchestrator::reserve_new`] place whose task was not created.
-    pub async fn unreserve(&self) {
-        nodes::unreserve(&self.inner.node).await
+    /// Once the creating transaction of a [`Orchestrator::reserve_new`] place ended: whether
+    /// the task was created.
+    pub async fn reserved(&self, created: bool) {
+        nodes::reserved(&self.inner.node, created).await
     }
 
     /// Advance a task this node owns inside the caller's transaction, which holds the task's
