@@ -9,16 +9,18 @@
 //! - On every sweep a node renews its lease (one row, however many tasks it owns), then takes
 //!   unowned tasks and tasks whose owner's lease expired, oldest first (`FOR UPDATE SKIP
 //!   LOCKED`), while it owns fewer than `dispatcher.task_cap`.
-//! - `advance` (the orchestrator's one decision step) runs only on the owner. Before it locks
-//!   the task it takes a free task if the node is under its cap ([`take_for_advance`]), so a
-//!   task submitted through a node is normally taken by that node at once; under the task's
-//!   row lock it then checks that it is the owner ([`owns`]). A task owned by another node is
-//!   left alone, and so is its wake-up row.
-//! - Takes are committed one at a time under an in-process lock, with the node's count of
-//!   owned tasks kept beside it (recounted on every sweep, and at the cap at most every
-//!   [`RECOUNT_AT_CAP`], so a node at its cap under a flood of submissions does not count its
-//!   tasks once per submission), so the cap is exact without a lock in PostgreSQL that every
-//!   new task would queue on.
+//! - `advance` (the orchestrator's one decision step) runs only on the owner. Under the task's
+//!   row lock it checks the owner, and takes a free task (or one whose owner's lease expired)
+//!   if the node is under its cap, in the same transaction ([`decide_or_take`]): a task
+//!   submitted past the cap costs no commit of its own to be taken. A task owned by another
+//!   node is left alone, and so is its wake-up row (an advance may wait for the row lock of
+//!   another node's task: the transactions that hold one are short).
+//! - Room for a take or a creation is reserved under an in-process lock, with the node's
+//!   count of owned tasks kept beside it: recounted on every sweep, and at the cap at most
+//!   every [`RECOUNT_AT_CAP`] (so a node at its cap under a flood of submissions does not
+//!   count its tasks once per submission); a take or creation whose transaction is still
+//!   open counts as in flight until it ends, since no count can see it. The cap is exact
+//!   without a lock in PostgreSQL that every new task would queue on.
 //! - A task that ends has no owner any more (a trigger clears it), so it stops counting
 //!   against the cap.
 //! - A node that stops gracefully gives its leases up at once; one that dies loses them when
@@ -84,24 +86,25 @@ struct Owned {
 }
 
 impl Owned {
-    /// Whether the node has room for one more task; at the cap, counted again unless that
-    /// was done less than [`RECOUNT_AT_CAP`] ago.
-    async fn room(&mut self, db: &PgPool, node: &Node) -> sqlx::Result<bool> {
+    /// Whether the node has room for one more task; at the cap, counted again (on `conn`,
+    /// which the caller acquired before taking the lock, so no holder of the lock ever waits
+    /// for the pool) unless that was done less than [`RECOUNT_AT_CAP`] ago.
+    async fn room(&mut self, conn: &mut PgConnection, node: &Node) -> sqlx::Result<bool> {
         let cap = i64::from(node.task_cap);
         if self.count + self.in_flight >= cap
             && self
                 .counted_at
                 .is_none_or(|at| at.elapsed() >= RECOUNT_AT_CAP)
         {
-            self.recount(db, node).await?;
+            self.recount(conn, node).await?;
         }
         Ok(self.count + self.in_flight < cap)
     }
 
-    async fn recount(&mut self, db: &PgPool, node: &Node) -> sqlx::Result<()> {
+    async fn recount(&mut self, conn: &mut PgConnection, node: &Node) -> sqlx::Result<()> {
         self.count = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE owner_node = $1")
             .bind(node.id)
-            .fetch_one(db)
+            .fetch_one(conn)
             .await?;
         self.counted_at = Some(tokio::time::Instant::now());
         Ok(())
@@ -160,51 +163,41 @@ pub async fn renew_and_take(db: &PgPool, node: &Node) -> sqlx::Result<Vec<TaskId
         // Not registered yet (still starting): take nothing.
         return Ok(Vec::new());
     }
+    // The connection first: no holder of `node.owned` waits for the pool.
+    let mut conn = db.acquire().await?;
     let mut owned = node.owned.lock().await;
-    owned.recount(db, node).await?;
+    owned.recount(&mut conn, node).await?;
     let room = (i64::from(node.task_cap) - owned.count - owned.in_flight).max(0);
     if room == 0 {
         return Ok(Vec::new());
     }
-    let taken = take(db, node, None, room).await?;
+    let taken = take(&mut conn, node, room).await?;
     owned.count += taken.len() as i64;
     Ok(taken)
 }
 
-/// Take free tasks (no owner, or an owner whose lease expired) for this node and commit:
-/// `one` task if given (waiting for its row lock), else up to `limit`, oldest first, skipping
-/// rows another transaction holds. A takeover gets a line in the task's log. The caller holds
-/// `node.owned` and adds what was taken.
-async fn take(
-    db: &PgPool,
-    node: &Node,
-    one: Option<TaskId>,
-    limit: i64,
-) -> sqlx::Result<Vec<TaskId>> {
-    // Two statements rather than `$3 IS NULL OR id = $3`, which a generic plan cannot
-    // answer from the primary key.
-    let (only, skip) = match one {
-        Some(_) => ("t2.id = $3 AND", ""),
-        None => ("", "SKIP LOCKED"),
-    };
+/// Take free tasks (no owner, or an owner whose lease expired) for this node and commit: up
+/// to `limit`, oldest first, skipping rows another transaction holds. A takeover gets a line
+/// in the task's log. The caller holds `node.owned` and adds what was taken.
+async fn take(conn: &mut PgConnection, node: &Node, limit: i64) -> sqlx::Result<Vec<TaskId>> {
     let sql = format!(
         "UPDATE tasks t SET owner_node = $1
          FROM (SELECT t2.id, t2.owner_node AS previous FROM tasks t2
                LEFT JOIN dispatcher_nodes n ON n.id = t2.owner_node
-               WHERE {only} t2.state IN {ACTIVE}
+               WHERE t2.state IN {ACTIVE}
                  AND (t2.owner_node IS NULL OR {})
                ORDER BY t2.created_at LIMIT $2
-               FOR UPDATE OF t2 {skip}) free
+               FOR UPDATE OF t2 SKIP LOCKED) free
          WHERE t.id = free.id
          RETURNING t.id, free.previous",
         lease_expired("n")
     );
-    let mut query = sqlx::query_as(&sql).bind(node.id).bind(limit);
-    if let Some(task) = one {
-        query = query.bind(task.0);
-    }
-    let mut tx = db.begin().await?;
-    let taken: Vec<(Uuid, Option<Uuid>)> = query.fetch_all(&mut *tx).await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let taken: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(&sql)
+        .bind(node.id)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
     for (task, previous) in &taken {
         if let Some(previous) = previous
             && *previous != node.id
@@ -220,9 +213,13 @@ async fn take(
 /// starts owned by this node, so its first advance can run in its creating transaction).
 /// False at the cap. Pass the outcome to [`reserved`] once the creating transaction ended.
 pub async fn reserve(db: &PgPool, node: &Node) -> bool {
+    // The connection first: no holder of `node.owned` waits for the pool.
+    let Ok(mut conn) = db.acquire().await else {
+        return false;
+    };
     let mut owned = node.owned.lock().await;
     // Tasks that ended since the last count no longer count.
-    if !owned.room(db, node).await.unwrap_or(false) {
+    if !owned.room(&mut conn, node).await.unwrap_or(false) {
         return false;
     }
     owned.in_flight += 1;
@@ -239,56 +236,72 @@ pub async fn reserved(node: &Node, created: bool) {
     }
 }
 
-/// Before `advance` locks a task: false if another node holds a live lease on it (so
-/// `advance` need not wait for the task's row lock only to find it is not ours), or if
-/// `if_woken` and the task has no wake-up row (whoever deleted it decided on everything its
-/// wakers had committed). A task with no live owner is taken here, in its own short
-/// transaction, if this node is under its cap.
-pub async fn take_for_advance(
-    db: &PgPool,
-    node: &Node,
-    task: TaskId,
-    if_woken: bool,
-) -> sqlx::Result<bool> {
-    let row: Option<(Option<Uuid>, bool, bool, bool)> = sqlx::query_as(&format!(
-        "SELECT t.owner_node, {}, t.state IN {ACTIVE},
-                EXISTS (SELECT 1 FROM task_wakeups w WHERE w.task_id = t.id)
-         FROM tasks t LEFT JOIN dispatcher_nodes n ON n.id = t.owner_node WHERE t.id = $1",
-        lease_expired("n")
-    ))
-    .bind(task.0)
-    .fetch_optional(db)
-    .await?;
-    let Some((owner, expired, active, woken)) = row else {
-        return Ok(true);
-    };
-    if if_woken && !woken {
-        return Ok(false);
-    }
-    if owner == Some(node.id) || !active {
-        return Ok(true);
-    }
-    if owner.is_some() && !expired {
-        return Ok(false);
-    }
-    let mut owned = node.owned.lock().await;
-    if !owned.room(db, node).await? {
-        return Ok(false);
-    }
-    owned.count += take(db, node, Some(task), 1).await?.len() as i64;
-    // Taken now, or by another node meanwhile, or ended: `owns` decides under the row lock.
-    Ok(true)
+/// The task's owner and lease as `advance` reads them under the task's row lock.
+pub struct Ownership {
+    pub owner: Option<Uuid>,
+    /// The owner's lease is not live (or it has none).
+    pub expired: bool,
 }
 
-/// For `advance`, with the task's `owner_node` and state read under its row lock: may this
-/// node act on the task? True if it owns it (see [`take_for_advance`]); a task that has ended
-/// needs no owner.
-pub fn owns(
+/// SQL columns of [`Ownership`], for `FROM tasks t LEFT JOIN dispatcher_nodes n ON n.id =
+/// t.owner_node`.
+pub fn ownership_columns() -> String {
+    format!("t.owner_node, {} AS lease_expired", lease_expired("n"))
+}
+
+/// What `advance` may do with a task whose row it holds locked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decide {
+    /// This node owns it (or it has ended and needs no owner).
+    Owned,
+    /// Free (or its owner's lease expired) and this node had room: taken in the caller's
+    /// transaction, its place reserved. Pass the commit's outcome to [`reserved`].
+    Taken,
+    /// Another node's task, or a free one this node has no room for: its wake-up stays.
+    NotOurs,
+}
+
+/// May this node decide for the task, read under its row lock in the caller's transaction
+/// (`conn`)? A free task, or one whose owner's lease expired, is taken there if the node has
+/// room: the take commits with the advance, one commit rather than a check and a take of
+/// their own. A takeover gets a line in the task's log.
+pub async fn decide_or_take(
+    conn: &mut PgConnection,
     node: &Node,
-    owner: Option<Uuid>,
-    task_state: gantry_shared::states::TaskState,
-) -> bool {
-    task_state.is_terminal() || owner == Some(node.id)
+    task: TaskId,
+    state: gantry_shared::states::TaskState,
+    o: Ownership,
+) -> sqlx::Result<Decide> {
+    if state.is_terminal() || o.owner == Some(node.id) {
+        return Ok(Decide::Owned);
+    }
+    if o.owner.is_some() && !o.expired {
+        return Ok(Decide::NotOurs);
+    }
+    {
+        let mut owned = node.owned.lock().await;
+        if !owned.room(&mut *conn, node).await? {
+            return Ok(Decide::NotOurs);
+        }
+        owned.in_flight += 1;
+    }
+    let taken = async {
+        sqlx::query("UPDATE tasks SET owner_node = $1 WHERE id = $2")
+            .bind(node.id)
+            .bind(task.0)
+            .execute(&mut *conn)
+            .await?;
+        if let Some(previous) = o.owner {
+            log_takeover(&mut *conn, node, task, previous).await?;
+        }
+        Ok::<_, sqlx::Error>(())
+    }
+    .await;
+    if let Err(e) = taken {
+        reserved(node, false).await;
+        return Err(e);
+    }
+    Ok(Decide::Taken)
 }
 
 async fn log_takeover(

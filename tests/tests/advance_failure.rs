@@ -5,6 +5,24 @@
 use gantry_tests::{Stack, eventually};
 use std::time::Duration;
 
+/// Set the second step's `syntax` in the database (an unknown one makes its spec unreadable).
+async fn set_second_syntax(
+    db: &sqlx::PgPool,
+    task: gantry_tests::gantry_shared::ids::TaskId,
+    syntax: &str,
+) -> u64 {
+    sqlx::query(
+        "UPDATE step_runs SET spec = jsonb_set(spec, '{syntax}', to_jsonb($2::text))
+         WHERE task_id = $1 AND idx = 1",
+    )
+    .bind(task.0)
+    .bind(syntax)
+    .execute(db)
+    .await
+    .unwrap()
+    .rows_affected()
+}
+
 #[tokio::test]
 async fn a_failing_advance_loses_no_event_and_the_task_goes_on_once_it_can() {
     // Arrange: step 1 waits for a gate; step 2's spec is made unreadable while step 1 runs,
@@ -21,15 +39,8 @@ async fn a_failing_advance_loses_no_event_and_the_task_goes_on_once_it_can() {
         .unwrap();
     stack.wait_running(task).await.unwrap();
     let db = stack.db().await;
-    let broken = sqlx::query(
-        "UPDATE step_runs SET spec = jsonb_set(spec, '{syntax}', '\"cobol\"'::jsonb)
-         WHERE task_id = $1 AND idx = 1",
-    )
-    .bind(task.0)
-    .execute(&db)
-    .await
-    .unwrap();
-    assert_eq!(broken.rows_affected(), 1);
+    let broken = set_second_syntax(&db, task, "cobol").await;
+    assert_eq!(broken, 1);
 
     // Act: step 1 ends; its end and its last line reach the consumer, whose advance fails.
     std::fs::write(&go, "").unwrap();
@@ -75,14 +86,7 @@ async fn a_failing_advance_loses_no_event_and_the_task_goes_on_once_it_can() {
     .await
     .unwrap();
     // Mended: the task's wake-up (or the sweep) advances it.
-    sqlx::query(
-        "UPDATE step_runs SET spec = jsonb_set(spec, '{syntax}', '\"bash\"'::jsonb)
-         WHERE task_id = $1 AND idx = 1",
-    )
-    .bind(task.0)
-    .execute(&db)
-    .await
-    .unwrap();
+    assert_eq!(set_second_syntax(&db, task, "bash").await, 1);
     let done = stack
         .wait_task(task, Duration::from_secs(30))
         .await

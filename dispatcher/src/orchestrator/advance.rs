@@ -66,12 +66,13 @@ pub struct TaskRecord {
     pub variables: serde_json::Value,
 }
 
-/// name, state, variables, owner node, wake-up bump.
+/// name, state, variables, owner node, its lease expired, wake-up bump.
 type TaskRow = (
     String,
     TaskState,
     serde_json::Value,
     Option<Uuid>,
+    bool,
     Option<i64>,
 );
 
@@ -81,24 +82,31 @@ pub(super) async fn advance(
     task: TaskId,
     if_woken: bool,
 ) -> anyhow::Result<Vec<Outgoing>> {
-    if !nodes::take_for_advance(&inner.db, &inner.node, task, if_woken).await? {
-        return Ok(Vec::new());
-    }
-    let mut tx = inner.db.begin().await?;
-    let row: Option<TaskRow> = sqlx::query_as(
-        "SELECT t.name, t.state, t.variables, t.owner_node,
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT t.name, t.state, t.variables, {},
                     (SELECT bump FROM task_wakeups w WHERE w.task_id = t.id)
-             FROM tasks t WHERE t.id = $1 FOR UPDATE OF t",
-    )
-    .bind(task.0)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((name, state, variables, owner, bump)) = row else {
+             FROM tasks t LEFT JOIN dispatcher_nodes n ON n.id = t.owner_node
+             WHERE t.id = $1 FOR UPDATE OF t",
+            nodes::ownership_columns()
+        )
+    });
+    let mut tx = inner.db.begin().await?;
+    let row: Option<TaskRow> = sqlx::query_as(SQL.as_str())
+        .bind(task.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some((name, state, variables, owner, expired, bump)) = row else {
         return Ok(Vec::new());
     };
-    if !nodes::owns(&inner.node, owner, state) {
-        // Another node's task, or a free one this node had no room to take: its wake-up
-        // stays for the owner.
+    if if_woken && bump.is_none() {
+        // Whoever deleted the wake-up decided on everything its wakers had committed.
+        return Ok(Vec::new());
+    }
+    let ownership = nodes::Ownership { owner, expired };
+    let decide_for = nodes::decide_or_take(&mut tx, &inner.node, task, state, ownership).await?;
+    let taken = decide_for == nodes::Decide::Taken;
+    if decide_for == nodes::Decide::NotOurs {
         return Ok(Vec::new());
     }
     let record = TaskRecord {
@@ -107,18 +115,35 @@ pub(super) async fn advance(
         state,
         variables,
     };
-    let mut done = apply::Applied::default();
-    if !state.is_terminal() {
-        done = decide(inner, &mut tx, &record).await?;
+    let decided = async {
+        let mut done = apply::Applied::default();
+        if !state.is_terminal() {
+            done = decide(inner, &mut tx, &record).await?;
+        }
+        if let Some(bump) = bump {
+            sqlx::query("DELETE FROM task_wakeups WHERE task_id = $1 AND bump = $2")
+                .bind(task.0)
+                .bind(bump)
+                .execute(&mut *tx)
+                .await?;
+        }
+        anyhow::Ok(done)
     }
-    if let Some(bump) = bump {
-        sqlx::query("DELETE FROM task_wakeups WHERE task_id = $1 AND bump = $2")
-            .bind(task.0)
-            .bind(bump)
-            .execute(&mut *tx)
-            .await?;
+    .await;
+    let done = match decided {
+        Ok(done) => done,
+        Err(e) => {
+            if taken {
+                nodes::reserved(&inner.node, false).await;
+            }
+            return Err(e);
+        }
+    };
+    let committed = tx.commit().await;
+    if taken {
+        nodes::reserved(&inner.node, committed.is_ok()).await;
     }
-    if let Err(e) = tx.commit().await {
+    if let Err(e) = committed {
         for o in &done.outgoing {
             inner
                 .publishing
