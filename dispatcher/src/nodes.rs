@@ -213,7 +213,21 @@ async fn take(conn: &mut PgConnection, node: &Node, limit: i64) -> sqlx::Result<
 /// starts owned by this node, so its first advance can run in its creating transaction).
 /// False at the cap. Pass the outcome to [`reserved`] once the creating transaction ended.
 pub async fn reserve(db: &PgPool, node: &Node) -> bool {
-    // The connection first: no holder of `node.owned` waits for the pool.
+    {
+        let mut owned = node.owned.lock().await;
+        if owned.count + owned.in_flight < i64::from(node.task_cap) {
+            owned.in_flight += 1;
+            return true;
+        }
+        if owned
+            .counted_at
+            .is_some_and(|at| at.elapsed() < RECOUNT_AT_CAP)
+        {
+            return false;
+        }
+    }
+    // At the cap, and the count is due: the connection first (no holder of `node.owned`
+    // waits for the pool), then the count under the lock.
     let Ok(mut conn) = db.acquire().await else {
         return false;
     };
