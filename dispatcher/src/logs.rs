@@ -137,41 +137,11 @@ pub async fn apply_batch(conn: &mut PgConnection, b: Batch<'_>) -> sqlx::Result<
         if !crate::quotas::charge(conn, task, crate::quotas::Quota::Log, bytes, limit).await? {
             return Ok(Applied::OverQuota);
         }
-        let seqs: Vec<i64> = (0..lines.len())
-            .map(|i| first_seq.saturating_add(i as i64))
-            .collect();
-        let ts: Vec<DateTime<Utc>> = lines.iter().map(|l| l.ts).collect();
-        let streams: Vec<i16> = lines.iter().map(|l| l.stream.as_i16()).collect();
-        let texts: Vec<std::borrow::Cow<'_, str>> =
-            lines.iter().map(|l| storable(&l.text)).collect();
-        let texts: Vec<&str> = texts.iter().map(|t| t.as_ref()).collect();
-        sqlx::query(
-            "INSERT INTO log_lines_pending (step_run_id, attempt, seq, ts, stream, text)
-             SELECT $1, $2, u.seq, u.ts, u.stream, u.text
-             FROM unnest($3::bigint[], $4::timestamptz[], $5::smallint[], $6::text[]) AS u(seq, ts, stream, text)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(step_run.0)
-        .bind(attempt as i32)
-        .bind(&seqs)
-        .bind(&ts)
-        .bind(&streams)
-        .bind(&texts)
-        .execute(&mut *conn)
-        .await?;
+        park(conn, step_run, attempt, &numbered(lines, first_seq, 0)).await?;
         return Ok(Applied::Stored(lines_stored));
     }
     let skip = usize::try_from(lines_stored.saturating_sub(first_seq)).unwrap_or(usize::MAX);
-    let mut fresh: Vec<SeqLine<'_>> = lines[skip.min(lines.len())..]
-        .iter()
-        .enumerate()
-        .map(|(i, l)| SeqLine {
-            seq: lines_stored.saturating_add(i as i64),
-            ts: l.ts,
-            stream: l.stream.as_i16(),
-            text: storable(&l.text),
-        })
-        .collect();
+    let mut fresh = numbered(lines, first_seq, skip);
     // Lines parked earlier that now continue the prefix.
     let parked: Vec<(i64, DateTime<Utc>, i16, String)> = if last {
         Vec::new()
@@ -192,40 +162,25 @@ pub async fn apply_batch(conn: &mut PgConnection, b: Batch<'_>) -> sqlx::Result<
         let mut next = end;
         let mut keep = Vec::new();
         for (seq, ts, stream, text) in parked {
+            let line = SeqLine {
+                seq,
+                ts,
+                stream,
+                text: std::borrow::Cow::Owned(text),
+            };
             if seq == next {
-                fresh.push(SeqLine {
-                    seq,
-                    ts,
-                    stream,
-                    text: std::borrow::Cow::Owned(text),
-                });
+                fresh.push(line);
                 next = next.saturating_add(1);
             } else if seq > next {
-                keep.push((seq, ts, stream, text));
+                keep.push(line);
             }
         }
         // Put back what still lies beyond a gap.
-        for (seq, ts, stream, text) in keep {
-            sqlx::query(
-                "INSERT INTO log_lines_pending (step_run_id, attempt, seq, ts, stream, text)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            )
-            .bind(step_run.0)
-            .bind(attempt as i32)
-            .bind(seq)
-            .bind(ts)
-            .bind(stream)
-            .bind(text)
-            .execute(&mut *conn)
-            .await?;
-        }
+        park(conn, step_run, attempt, &keep).await?;
     }
     let n = fresh.len() as i64;
     let stored = lines_stored.saturating_add(n);
-    let seqs: Vec<i64> = fresh.iter().map(|l| l.seq).collect();
-    let ts: Vec<DateTime<Utc>> = fresh.iter().map(|l| l.ts).collect();
-    let streams: Vec<i16> = fresh.iter().map(|l| l.stream).collect();
-    let texts: Vec<&str> = fresh.iter().map(|l| l.text.as_ref()).collect();
+    let (seqs, ts, streams, texts) = columns(&fresh);
     let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     // One statement: the quota charged and the positions reserved on the task's row (no
@@ -263,6 +218,64 @@ pub async fn apply_batch(conn: &mut PgConnection, b: Batch<'_>) -> sqlx::Result<
         Some(_) => Applied::Stored(stored),
         None => Applied::OverQuota,
     })
+}
+
+/// A batch's lines from index `skip` on, numbered from the batch's `first_seq`, their text
+/// [`storable`].
+fn numbered<'a>(lines: &'a [LogLine], first_seq: i64, skip: usize) -> Vec<SeqLine<'a>> {
+    lines
+        .iter()
+        .enumerate()
+        .skip(skip)
+        .map(|(i, l)| SeqLine {
+            seq: first_seq.saturating_add(i as i64),
+            ts: l.ts,
+            stream: l.stream.as_i16(),
+            text: storable(&l.text),
+        })
+        .collect()
+}
+
+/// Lines as the four arrays a statement unnests: seq, ts, stream, text.
+type Columns<'a> = (Vec<i64>, Vec<DateTime<Utc>>, Vec<i16>, Vec<&'a str>);
+
+/// `lines` as [`Columns`].
+fn columns<'a>(lines: &'a [SeqLine<'_>]) -> Columns<'a> {
+    (
+        lines.iter().map(|l| l.seq).collect(),
+        lines.iter().map(|l| l.ts).collect(),
+        lines.iter().map(|l| l.stream).collect(),
+        lines.iter().map(|l| l.text.as_ref()).collect(),
+    )
+}
+
+/// Keep lines that lie beyond a gap in `log_lines_pending` until it closes (one statement; a
+/// line parked already is left as it is).
+async fn park(
+    conn: &mut PgConnection,
+    step_run: StepRunId,
+    attempt: u32,
+    lines: &[SeqLine<'_>],
+) -> sqlx::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let (seqs, ts, streams, texts) = columns(lines);
+    sqlx::query(
+        "INSERT INTO log_lines_pending (step_run_id, attempt, seq, ts, stream, text)
+         SELECT $1, $2, u.seq, u.ts, u.stream, u.text
+         FROM unnest($3::bigint[], $4::timestamptz[], $5::smallint[], $6::text[]) AS u(seq, ts, stream, text)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(step_run.0)
+    .bind(attempt as i32)
+    .bind(&seqs)
+    .bind(&ts)
+    .bind(&streams)
+    .bind(&texts)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Parse an API cursor (`""` or absent means the start).

@@ -86,19 +86,35 @@ struct Owned {
 }
 
 impl Owned {
-    /// Whether the node has room for one more task; at the cap, counted again (on `conn`,
-    /// which the caller acquired before taking the lock, so no holder of the lock ever waits
-    /// for the pool) unless that was done less than [`RECOUNT_AT_CAP`] ago.
-    async fn room(&mut self, conn: &mut PgConnection, node: &Node) -> sqlx::Result<bool> {
-        let cap = i64::from(node.task_cap);
-        if self.count + self.in_flight >= cap
-            && self
-                .counted_at
-                .is_none_or(|at| at.elapsed() >= RECOUNT_AT_CAP)
-        {
-            self.recount(conn, node).await?;
+    /// Reserve a place if the count in hand can answer: `Some(true)` reserved, `Some(false)`
+    /// at the cap with a count less than [`RECOUNT_AT_CAP`] old; `None` at the cap when a
+    /// count is due.
+    fn reserve_known(&mut self, node: &Node) -> Option<bool> {
+        if self.count + self.in_flight < i64::from(node.task_cap) {
+            self.in_flight += 1;
+            return Some(true);
         }
-        Ok(self.count + self.in_flight < cap)
+        if self
+            .counted_at
+            .is_some_and(|at| at.elapsed() < RECOUNT_AT_CAP)
+        {
+            return Some(false);
+        }
+        None
+    }
+
+    /// [`Owned::reserve_known`], counting first when a count is due (on `conn`, which the
+    /// caller holds before taking the lock, so no holder of the lock waits for the pool).
+    async fn reserve_counting(
+        &mut self,
+        conn: &mut PgConnection,
+        node: &Node,
+    ) -> sqlx::Result<bool> {
+        if let Some(reserved) = self.reserve_known(node) {
+            return Ok(reserved);
+        }
+        self.recount(conn, node).await?;
+        Ok(self.reserve_known(node) == Some(true))
     }
 
     async fn recount(&mut self, conn: &mut PgConnection, node: &Node) -> sqlx::Result<()> {
@@ -213,31 +229,19 @@ async fn take(conn: &mut PgConnection, node: &Node, limit: i64) -> sqlx::Result<
 /// starts owned by this node, so its first advance can run in its creating transaction).
 /// False at the cap. Pass the outcome to [`reserved`] once the creating transaction ended.
 pub async fn reserve(db: &PgPool, node: &Node) -> bool {
-    {
-        let mut owned = node.owned.lock().await;
-        if owned.count + owned.in_flight < i64::from(node.task_cap) {
-            owned.in_flight += 1;
-            return true;
-        }
-        if owned
-            .counted_at
-            .is_some_and(|at| at.elapsed() < RECOUNT_AT_CAP)
-        {
-            return false;
-        }
+    if let Some(reserved) = node.owned.lock().await.reserve_known(node) {
+        return reserved;
     }
-    // At the cap, and the count is due: the connection first (no holder of `node.owned`
-    // waits for the pool), then the count under the lock.
+    // At the cap, and a count is due (tasks that ended since the last one no longer count):
+    // the connection first, then the count under the lock.
     let Ok(mut conn) = db.acquire().await else {
         return false;
     };
     let mut owned = node.owned.lock().await;
-    // Tasks that ended since the last count no longer count.
-    if !owned.room(&mut conn, node).await.unwrap_or(false) {
-        return false;
-    }
-    owned.in_flight += 1;
-    true
+    owned
+        .reserve_counting(&mut conn, node)
+        .await
+        .unwrap_or(false)
 }
 
 /// A [`reserve`]d place's task was created (it counts now: a count made since its commit may
@@ -292,12 +296,14 @@ pub async fn decide_or_take(
     if o.owner.is_some() && !o.expired {
         return Ok(Decide::NotOurs);
     }
+    if !node
+        .owned
+        .lock()
+        .await
+        .reserve_counting(&mut *conn, node)
+        .await?
     {
-        let mut owned = node.owned.lock().await;
-        if !owned.room(&mut *conn, node).await? {
-            return Ok(Decide::NotOurs);
-        }
-        owned.in_flight += 1;
+        return Ok(Decide::NotOurs);
     }
     let taken = async {
         sqlx::query("UPDATE tasks SET owner_node = $1 WHERE id = $2")

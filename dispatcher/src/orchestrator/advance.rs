@@ -105,7 +105,6 @@ pub(super) async fn advance(
     }
     let ownership = nodes::Ownership { owner, expired };
     let decide_for = nodes::decide_or_take(&mut tx, &inner.node, task, state, ownership).await?;
-    let taken = decide_for == nodes::Decide::Taken;
     if decide_for == nodes::Decide::NotOurs {
         return Ok(Vec::new());
     }
@@ -115,35 +114,34 @@ pub(super) async fn advance(
         state,
         variables,
     };
-    let decided = async {
-        let mut done = apply::Applied::default();
-        if !state.is_terminal() {
-            done = decide(inner, &mut tx, &record).await?;
-        }
-        if let Some(bump) = bump {
-            sqlx::query("DELETE FROM task_wakeups WHERE task_id = $1 AND bump = $2")
-                .bind(task.0)
-                .bind(bump)
-                .execute(&mut *tx)
-                .await?;
-        }
-        anyhow::Ok(done)
+    let done = decide_and_commit(inner, tx, &record, bump).await;
+    if decide_for == nodes::Decide::Taken {
+        nodes::reserved(&inner.node, done.is_ok()).await;
     }
-    .await;
-    let done = match decided {
-        Ok(done) => done,
-        Err(e) => {
-            if taken {
-                nodes::reserved(&inner.node, false).await;
-            }
-            return Err(e);
-        }
-    };
-    let committed = tx.commit().await;
-    if taken {
-        nodes::reserved(&inner.node, committed.is_ok()).await;
+    Ok(done?.after_commit(inner))
+}
+
+/// The rest of [`advance`] under the task's row lock: plan and apply (unless the task has
+/// ended), the wake-up it answered deleted, the commit. A commit that fails takes back the
+/// attempts this advance was to publish.
+async fn decide_and_commit(
+    inner: &Arc<Inner>,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    record: &TaskRecord,
+    bump: Option<i64>,
+) -> anyhow::Result<apply::Applied> {
+    let mut done = apply::Applied::default();
+    if !record.state.is_terminal() {
+        done = decide(inner, &mut tx, record).await?;
     }
-    if let Err(e) = committed {
+    if let Some(bump) = bump {
+        sqlx::query("DELETE FROM task_wakeups WHERE task_id = $1 AND bump = $2")
+            .bind(record.id.0)
+            .bind(bump)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Err(e) = tx.commit().await {
         for o in &done.outgoing {
             inner
                 .publishing
@@ -153,7 +151,7 @@ pub(super) async fn advance(
         }
         return Err(e.into());
     }
-    Ok(done.after_commit(inner))
+    Ok(done)
 }
 
 /// Load the task's step runs, plan and apply, in the caller's transaction (which holds the

@@ -114,6 +114,7 @@ impl ResultConsumer {
                                         &locked,
                                         origin,
                                         Now::locked(&locked, stored),
+                                        None,
                                     )
                                     .await?
                             {
@@ -190,7 +191,10 @@ impl ResultConsumer {
                         )
                         .await?;
                         let now = Now::locked(&locked, locked.lines_stored);
-                        if self.try_finish(&mut *tx, &locked, origin, now).await? {
+                        if self
+                            .try_finish(&mut *tx, &locked, origin, now, None)
+                            .await?
+                        {
                             kick = Some(locked.task());
                         }
                     }
@@ -318,6 +322,14 @@ impl ResultConsumer {
         };
         let line_count = i64::try_from(f.line_count).unwrap_or(i64::MAX);
         let error = logs::storable_opt(f.error.as_deref());
+        let now = Now {
+            outcome: Some(f.outcome.as_str().to_owned()),
+            line_count: Some(line_count),
+            lines_stored,
+            exit_code: f.exit_code,
+            error: error.as_deref().map(str::to_owned),
+            no_artifacts: f.artifacts.is_empty(),
+        };
         if f.artifacts.is_empty() && lines_stored >= line_count {
             // Nothing it announced is missing: the outcome is written with the attempt's end,
             // in one statement, which drops any artifact it did not announce.
@@ -329,27 +341,9 @@ impl ResultConsumer {
                 lines_stored,
                 finished_at: f.finished_at,
             };
-            let finished = attempts::Locked {
-                lines_stored,
-                line_count: Some(line_count),
-                outcome: Some(f.outcome.as_str().to_owned()),
-                exit_code: f.exit_code,
-                error: error.as_deref().map(str::to_owned),
-                ..locked.clone()
-            };
-            let (step_run, attempt) = (origin.step_run_id, origin.attempt);
-            let outcome = f.outcome.as_str();
-            self.finish(
-                tx,
-                &finished,
-                step_run,
-                attempt,
-                outcome,
-                None,
-                Some(&report),
-            )
-            .await?;
-            return Ok(true);
+            return self
+                .try_finish(&mut *tx, locked, origin, now, Some(&report))
+                .await;
         }
         sqlx::query(
             "UPDATE attempts SET outcome = $3, exit_code = $4, error = $5,
@@ -379,15 +373,7 @@ impl ResultConsumer {
         if !f.artifacts.is_empty() {
             artifacts::settle(&mut *tx, locked.task(), origin.step_run_id, origin.attempt).await?;
         }
-        let now = Now {
-            outcome: Some(f.outcome.as_str().to_owned()),
-            line_count: Some(line_count),
-            lines_stored,
-            exit_code: f.exit_code,
-            error: error.map(|e| e.into_owned()),
-            no_artifacts: f.artifacts.is_empty(),
-        };
-        self.try_finish(&mut *tx, locked, origin, now).await
+        self.try_finish(&mut *tx, locked, origin, now, None).await
     }
 }
 

@@ -11,14 +11,16 @@ use sqlx::PgConnection;
 impl ResultConsumer {
     /// Conclude the attempt if its `StepFinished` is stored, all its lines are, and none of
     /// its artifacts is still receiving. A corrupt artifact fails an attempt that would
-    /// otherwise succeed. `now` is the attempt's row as this transaction has left it. Returns
-    /// true if the attempt ended.
+    /// otherwise succeed. `now` is the attempt's row as this transaction has left it, or, with
+    /// `report`, as it will be once the end writes the agent's report. Returns true if the
+    /// attempt ended.
     pub(super) async fn try_finish(
         &self,
         conn: &mut PgConnection,
         locked: &Locked,
         origin: &Origin,
         now: Now,
+        report: Option<&crate::transitions::Report<'_>>,
     ) -> sqlx::Result<bool> {
         let Now {
             outcome,
@@ -68,7 +70,7 @@ impl ResultConsumer {
             origin.attempt,
             &outcome,
             override_error.as_deref(),
-            None,
+            report,
         )
         .await?;
         Ok(true)
