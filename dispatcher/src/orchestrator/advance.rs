@@ -5,19 +5,23 @@ use super::{Inner, Outgoing, apply};
 use crate::nodes;
 use chrono::{DateTime, Utc};
 use gantry_shared::ids::TaskId;
-use gantry_shared::process::StepSpec;
-use gantry_shared::states::{AttemptState, StepState, TaskState};
+use gantry_shared::process::{Condition, StepKind};
+use gantry_shared::states::{AttemptState, StepState, TaskState, Variants};
 use sqlx::PgConnection;
-use sqlx::types::Json;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// A step run as the orchestrator loads it.
+/// A step run as the plan sees it: what the plan needs of it, and its pool. The full spec is
+/// read only for a step being started ([`super::facts`]).
 #[derive(sqlx::FromRow, Clone)]
 pub(super) struct StepRecord {
     pub id: Uuid,
     pub name: String,
-    pub spec: Json<StepSpec>,
+    pub kind: StepKind,
+    pub parallel: bool,
+    #[sqlx(rename = "run_condition")]
+    pub condition: Condition,
+    pub mutex: Option<String>,
     pub state: StepState,
     pub attempt: i32,
     pub not_before: Option<DateTime<Utc>>,
@@ -25,19 +29,20 @@ pub(super) struct StepRecord {
     pub pool_slug: Option<String>,
     pub pool_name: Option<String>,
     pub pool_is_default: Option<bool>,
+    /// The current attempt's state, read only while the step has not ended (a step that has
+    /// ended has ended its attempt: the plan never asks).
     pub attempt_state: Option<AttemptState>,
     pub reason: Option<String>,
 }
 
 impl StepRecord {
     fn row(&self) -> StepRow {
-        let spec = &self.spec.0;
         StepRow {
             name: self.name.clone(),
-            kind: spec.kind,
-            parallel: spec.parallel,
-            condition: spec.condition,
-            has_mutex: spec.mutex.is_some(),
+            kind: self.kind,
+            parallel: self.parallel,
+            condition: self.condition,
+            has_mutex: self.mutex.is_some(),
             state: self.state,
             attempt: self.attempt.max(0) as u32,
             attempt_state: self.attempt_state,
@@ -49,14 +54,28 @@ impl StepRecord {
 
 /// The columns of [`StepRecord`], for `FROM step_runs s LEFT JOIN pools p`.
 ///
-/// The attempt is a correlated lookup, not a join: a prepared statement's generic plan, made
-/// while the tables were small, would otherwise hash-join a sequential scan of every attempt
-/// into each advance, and with a deep backlog that was the dispatcher's main cost.
-pub(super) const STEP_COLUMNS: &str =
-    "s.id, s.name, s.spec, s.state, s.attempt, s.not_before, s.reason,
-     s.pool_id, p.slug AS pool_slug, p.name AS pool_name, p.is_default AS pool_is_default,
-     (SELECT a.state FROM attempts a
-      WHERE a.step_run_id = s.id AND a.attempt = s.attempt) AS attempt_state";
+/// The plan's fields are columns generated from the spec (migration
+/// `20261202000003_step_plan_columns.sql`). The attempt is a correlated lookup, not a join: a
+/// prepared statement's generic plan, made while the tables were small, would otherwise
+/// hash-join a sequential scan of every attempt into each advance, and with a deep backlog
+/// that was the dispatcher's main cost. It is made only for a step that has one and has not
+/// ended.
+pub(super) static STEP_COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let ended: Vec<StepState> = StepState::ALL
+        .iter()
+        .copied()
+        .filter(|s| s.is_final())
+        .collect();
+    format!(
+        "s.id, s.name, s.kind, s.parallel, s.run_condition, s.mutex, s.state, s.attempt,
+         s.not_before, s.reason,
+         s.pool_id, p.slug AS pool_slug, p.name AS pool_name, p.is_default AS pool_is_default,
+         CASE WHEN s.attempt > 0 AND s.state NOT IN ({})
+              THEN (SELECT a.state FROM attempts a
+                    WHERE a.step_run_id = s.id AND a.attempt = s.attempt) END AS attempt_state",
+        StepState::sql_list(&ended)
+    )
+});
 
 /// The task being advanced, its row locked.
 pub struct TaskRecord {
@@ -161,13 +180,17 @@ pub(super) async fn decide(
     tx: &mut PgConnection,
     task: &TaskRecord,
 ) -> anyhow::Result<apply::Applied> {
-    let steps: Vec<StepRecord> = sqlx::query_as(&format!(
-        "SELECT {STEP_COLUMNS} FROM step_runs s LEFT JOIN pools p ON p.id = s.pool_id
-         WHERE s.task_id = $1 ORDER BY s.idx"
-    ))
-    .bind(task.id.0)
-    .fetch_all(&mut *tx)
-    .await?;
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {} FROM step_runs s LEFT JOIN pools p ON p.id = s.pool_id
+             WHERE s.task_id = $1 ORDER BY s.idx",
+            *STEP_COLUMNS
+        )
+    });
+    let steps: Vec<StepRecord> = sqlx::query_as(SQL.as_str())
+        .bind(task.id.0)
+        .fetch_all(&mut *tx)
+        .await?;
     let rows: Vec<StepRow> = steps.iter().map(StepRecord::row).collect();
     let decided = plan::plan(task.state, &rows, Utc::now());
     apply::apply(inner, tx, task, &steps, decided).await

@@ -83,7 +83,7 @@ pub(super) async fn apply(
                         done.emails.push(mail);
                     }
                     Start::Mutex => {
-                        let mutex = s.spec.0.mutex.as_deref().unwrap_or_default();
+                        let mutex = s.mutex.as_deref().unwrap_or_default();
                         transitions::create_attempt(
                             tx,
                             StepRunId(s.id),

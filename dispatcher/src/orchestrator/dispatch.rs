@@ -1,8 +1,8 @@
 //! A routed attempt: its job built and recorded, a wait for a worker, or a failure.
 
 use super::advance::{StepRecord, TaskRecord};
-use super::route::{self, Route, StepPool};
-use super::{Inner, Outgoing, publish};
+use super::route::{self, Route};
+use super::{Inner, Outgoing, facts, publish};
 use crate::transitions::{self, AttemptState, StepState};
 use crate::{attempts, logs};
 use gantry_shared::ids::{JobId, StepRunId};
@@ -33,14 +33,8 @@ pub(super) async fn dispatch_or_wait(
     job_id: JobId,
     attempt_is: Attempt,
 ) -> anyhow::Result<Option<Outgoing>> {
-    let pool = StepPool {
-        id: step.pool_id,
-        slug: step.pool_slug.as_deref(),
-        name: step.pool_name.as_deref(),
-        is_default: step.pool_is_default,
-    };
-    let facts = route::load(tx, task.id, pool, inner.builtin_runs_code).await?;
-    let routed = route::route(&facts);
+    let facts = facts::load(tx, step, inner.builtin_runs_code).await?;
+    let routed = route::route(&facts.route);
     if routed.forget_sticky
         && let Some(pool) = step.pool_id
     {
@@ -57,7 +51,7 @@ pub(super) async fn dispatch_or_wait(
             pool_slug,
             worker,
         } => {
-            let mut out = publish::build_job(tx, task, step, attempt, job_id).await?;
+            let mut out = publish::build_job(task, step, &facts, attempt, job_id);
             // The sha256 of exactly the bytes that will be published: the claim compares it
             // with what the agent received.
             let body = out.job.encode();

@@ -28,6 +28,7 @@
 mod advance;
 mod apply;
 mod dispatch;
+mod facts;
 pub mod plan;
 mod publish;
 pub mod route;

@@ -2,6 +2,7 @@
 //! new job id, and cancel messages to agents.
 
 use super::advance::{STEP_COLUMNS, StepRecord, TaskRecord};
+use super::facts::StepFacts;
 use super::{Inner, Outgoing, dispatch, schedule};
 use crate::transitions;
 use anyhow::Context;
@@ -11,72 +12,19 @@ use gantry_shared::states::TaskState;
 use gantry_shared::topology::Topology;
 use gantry_shared::wire::{Control, Job};
 use sqlx::PgConnection;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// Every value a step may reference that may travel in clear (task variables, earlier steps'
-/// outputs, `Gantry.*`), and the names of the sensitive ones, which never do.
-pub(super) async fn visible_values(
-    conn: &mut PgConnection,
-    task: &TaskRecord,
-    step_name: &str,
-    attempt: u32,
-) -> sqlx::Result<(BTreeMap<String, String>, Vec<String>)> {
-    let mut variables: BTreeMap<String, String> = task
-        .variables
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
-    // Outputs of earlier steps and the task's sensitive names, in one statement.
-    let rows: Vec<(Option<String>, String, Option<String>, bool)> = sqlx::query_as(
-        "SELECT s.name, o.name, o.value, o.sensitive FROM output_variables o
-         JOIN step_runs s ON s.id = o.step_run_id AND o.attempt = s.attempt
-         WHERE s.task_id = $1
-         UNION ALL
-         SELECT NULL, name, NULL, true FROM task_secrets WHERE task_id = $1",
-    )
-    .bind(task.id.0)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut secrets: Vec<String> = Vec::new();
-    let mut sensitive_outputs: Vec<String> = Vec::new();
-    for (step, name, value, sensitive) in rows {
-        match step {
-            None => secrets.push(name),
-            Some(step) => {
-                let key = format!("Steps.{step}.Output.{name}");
-                if sensitive {
-                    sensitive_outputs.push(key);
-                } else {
-                    variables.insert(key, value.unwrap_or_default());
-                }
-            }
-        }
-    }
-    secrets.sort();
-    secrets.extend(sensitive_outputs);
-    variables.insert("Gantry.Task.Id".into(), task.id.to_string());
-    variables.insert("Gantry.Task.Name".into(), task.name.clone());
-    variables.insert("Gantry.Step.Name".into(), step_name.to_owned());
-    variables.insert("Gantry.Step.Attempt".into(), attempt.to_string());
-    Ok((variables, secrets))
-}
-
 /// The job for an attempt: the step's script and every non-sensitive value it may reference.
-pub(super) async fn build_job(
-    conn: &mut PgConnection,
+pub(super) fn build_job(
     task: &TaskRecord,
     step: &StepRecord,
+    facts: &StepFacts,
     attempt: u32,
     job_id: JobId,
-) -> sqlx::Result<Outgoing> {
-    let spec = &step.spec.0;
-    let (mut variables, sensitive_names) = visible_values(conn, task, &step.name, attempt).await?;
+) -> Outgoing {
+    let spec = &facts.spec;
+    let (mut variables, sensitive_names) = facts.values.visible(task, &step.name, attempt);
     if let Some(pool) = &step.pool_name {
         variables.insert("Gantry.WorkerPool.Name".into(), pool.clone());
     }
@@ -99,7 +47,7 @@ pub(super) async fn build_job(
         artifacts: spec.artifacts.clone(),
     };
     let slug = step.pool_slug.clone();
-    Ok(Outgoing {
+    Outgoing {
         body: Vec::new(),
         routing_key: slug
             .as_deref()
@@ -107,7 +55,7 @@ pub(super) async fn build_job(
             .unwrap_or_else(|| Topology::SERVER_ROUTING_KEY.to_owned()),
         pool_slug: slug,
         job,
-    })
+    }
 }
 
 /// Publish jobs together (their confirms awaited together); the confirmed ones are marked
@@ -235,8 +183,9 @@ pub(super) async fn republish(
             variables,
         };
         let step: StepRecord = sqlx::query_as(&format!(
-            "SELECT {STEP_COLUMNS} FROM step_runs s LEFT JOIN pools p ON p.id = s.pool_id
-             WHERE s.id = $1 FOR UPDATE OF s"
+            "SELECT {} FROM step_runs s LEFT JOIN pools p ON p.id = s.pool_id
+             WHERE s.id = $1 FOR UPDATE OF s",
+            *STEP_COLUMNS
         ))
         .bind(step_run.0)
         .fetch_one(&mut *tx)

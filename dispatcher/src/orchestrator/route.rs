@@ -1,7 +1,8 @@
 //! # Route: where a job goes
 //!
 //! A pure function of what the database says about the step's pool (see ARCHITECTURE.md,
-//! "Choosing a worker"), and [`load`], which reads exactly that:
+//! "Choosing a worker"), which [`super::facts::load`] reads with the rest of what a starting
+//! step needs:
 //!
 //! 1. `location = "server"`: the built-in workers' queue, unless they are disabled (or may
 //!    not run user code, with `production = true` and no unprivileged user);
@@ -164,83 +165,6 @@ pub fn route(f: &Facts) -> Routed {
         route,
         forget_sticky,
     }
-}
-
-/// The step's pool as routing sees it.
-pub struct StepPool<'a> {
-    pub id: Option<Uuid>,
-    pub slug: Option<&'a str>,
-    pub name: Option<&'a str>,
-    pub is_default: Option<bool>,
-}
-
-/// A worker of the pool (id, enabled, health; all NULL when it has none) and the task's
-/// sticky worker there.
-type WorkerRow = (
-    Option<Uuid>,
-    Option<bool>,
-    Option<WorkerHealth>,
-    Option<Uuid>,
-);
-
-/// Read the facts [`route`] needs for a step of `task` in `pool`.
-pub async fn load(
-    conn: &mut PgConnection,
-    task: TaskId,
-    pool: StepPool<'_>,
-    builtin_runs_code: bool,
-) -> sqlx::Result<Facts> {
-    let pool = match (pool.id, pool.slug) {
-        (Some(id), Some(slug)) => {
-            // One statement: the pool's workers and the task's sticky worker there.
-            let rows: Vec<WorkerRow> = sqlx::query_as(
-                "SELECT w.id, w.enabled, w.health,
-                            (SELECT worker_id FROM task_pool_workers
-                             WHERE task_id = $2 AND pool_id = $1)
-                     FROM (SELECT 1) one
-                     LEFT JOIN worker_pools wp ON wp.pool_id = $1
-                     LEFT JOIN workers w ON w.id = wp.worker_id AND NOT w.builtin",
-            )
-            .bind(id)
-            .bind(task.0)
-            .fetch_all(&mut *conn)
-            .await?;
-            let sticky = rows.first().and_then(|r| r.3);
-            let workers = rows
-                .into_iter()
-                .filter_map(|(id, enabled, health, _)| {
-                    Some(WorkerFacts {
-                        id: id?,
-                        enabled: enabled?,
-                        health: health?,
-                    })
-                })
-                .collect();
-            Some(PoolFacts {
-                id,
-                slug: slug.to_owned(),
-                name: pool.name.unwrap_or_default().to_owned(),
-                is_default: pool.is_default == Some(true),
-                workers,
-                sticky,
-            })
-        }
-        _ => None,
-    };
-    let builtin_enabled = if needs_builtin_setting(pool.as_ref(), builtin_runs_code) {
-        Some(
-            sqlx::query_scalar("SELECT builtin_worker_enabled FROM settings")
-                .fetch_one(&mut *conn)
-                .await?,
-        )
-    } else {
-        None
-    };
-    Ok(Facts {
-        pool,
-        builtin_runs_code,
-        builtin_enabled,
-    })
 }
 
 /// Forget the task's worker for a pool (it left the pool, was disabled or is unhealthy).

@@ -2,8 +2,7 @@
 //! e-mail step is rendered, stored, then sent over SMTP after the commit.
 
 use super::advance::{StepRecord, TaskRecord};
-use super::publish::visible_values;
-use super::{Inner, schedule};
+use super::{Inner, facts, schedule};
 use crate::logs;
 use crate::transitions::{self, StepState};
 use gantry_shared::ids::{JobId, StepRunId};
@@ -38,10 +37,11 @@ pub(super) async fn await_approval(
     tx: &mut PgConnection,
     task: &TaskRecord,
     step: &StepRecord,
-) -> sqlx::Result<()> {
-    let (values, sensitive) = visible_values(tx, task, &step.name, 0).await?;
+) -> anyhow::Result<()> {
+    let facts = facts::load(tx, step, false).await?;
+    let (values, sensitive) = facts.values.visible(task, &step.name, 0);
     let instructions = render_field(
-        step.spec.0.instructions.as_deref().unwrap_or(""),
+        facts.spec.instructions.as_deref().unwrap_or(""),
         &values,
         &sensitive,
     );
@@ -71,7 +71,8 @@ pub(super) async fn await_approval(
             task = task.id
         ),
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// An e-mail step reached: its attempt (`Running` on the dispatcher) and its rendered
@@ -81,9 +82,10 @@ pub(super) async fn prepare_email(
     task: &TaskRecord,
     step: &StepRecord,
     attempt: u32,
-) -> sqlx::Result<crate::email::Outgoing> {
-    let spec = &step.spec.0;
-    let (values, sensitive) = visible_values(tx, task, &step.name, attempt).await?;
+) -> anyhow::Result<crate::email::Outgoing> {
+    let facts = facts::load(tx, step, false).await?;
+    let spec = &facts.spec;
+    let (values, sensitive) = facts.values.visible(task, &step.name, attempt);
     let render = |t: &str| render_field(t, &values, &sensitive);
     let to: Vec<String> = spec
         .to

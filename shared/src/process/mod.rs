@@ -148,6 +148,36 @@ impl Condition {
     }
 }
 
+/// A spec field stored in a column of its own as its serde name (`step_runs.kind`,
+/// `step_runs.run_condition`), decoded through serde so the names live in one place.
+#[cfg(feature = "sqlx")]
+macro_rules! sqlx_text_enum {
+    ($name:ident) => {
+        impl sqlx::Type<sqlx::Postgres> for $name {
+            fn type_info() -> sqlx::postgres::PgTypeInfo {
+                <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+                <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $name {
+            fn decode(
+                value: sqlx::postgres::PgValueRef<'r>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                let s = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+                let de = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s);
+                Ok(<$name as Deserialize>::deserialize(de)?)
+            }
+        }
+    };
+}
+#[cfg(feature = "sqlx")]
+sqlx_text_enum!(StepKind);
+#[cfg(feature = "sqlx")]
+sqlx_text_enum!(Condition);
+
 /// `cancel_grace_secs` when a step does not set it.
 pub const DEFAULT_CANCEL_GRACE_SECS: u64 = 5;
 /// The largest `cancel_grace_secs`.
