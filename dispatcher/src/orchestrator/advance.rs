@@ -141,8 +141,8 @@ pub(super) async fn advance(
 }
 
 /// The rest of [`advance`] under the task's row lock: plan and apply (unless the task has
-/// ended), the wake-up it answered deleted, the commit. A commit that fails takes back the
-/// attempts this advance was to publish.
+/// ended), the wake-up it answered deleted, the commit. If what follows the apply fails, the
+/// attempts this advance was to publish are given back.
 async fn decide_and_commit(
     inner: &Arc<Inner>,
     mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
@@ -153,21 +153,18 @@ async fn decide_and_commit(
     if !record.state.is_terminal() {
         done = decide(inner, &mut tx, record).await?;
     }
-    if let Some(bump) = bump {
-        sqlx::query("DELETE FROM task_wakeups WHERE task_id = $1 AND bump = $2")
-            .bind(record.id.0)
-            .bind(bump)
-            .execute(&mut *tx)
-            .await?;
-    }
-    if let Err(e) = tx.commit().await {
-        for o in &done.outgoing {
-            inner
-                .publishing
-                .lock()
-                .expect("lock")
-                .remove(&(o.job.step_run_id, o.job.attempt));
+    let finished = async {
+        if let Some(bump) = bump {
+            sqlx::query("DELETE FROM task_wakeups WHERE task_id = $1 AND bump = $2")
+                .bind(record.id.0)
+                .bind(bump)
+                .execute(&mut *tx)
+                .await?;
         }
+        tx.commit().await
+    };
+    if let Err(e) = finished.await {
+        done.give_back(inner);
         return Err(e.into());
     }
     Ok(done)

@@ -19,6 +19,14 @@ pub(super) struct Applied {
 }
 
 impl Applied {
+    /// Its transaction did not commit: its jobs are no longer this node's to publish.
+    pub fn give_back(&self, inner: &Inner) {
+        let mut publishing = inner.publishing.lock().expect("lock");
+        for o in &self.outgoing {
+            publishing.remove(&(o.job.step_run_id, o.job.attempt));
+        }
+    }
+
     /// Wake the mutex loop, send e-mails; return the jobs to publish.
     pub fn after_commit(self, inner: &Arc<Inner>) -> Vec<Outgoing> {
         if self.wake_locks {
@@ -106,11 +114,6 @@ pub(super) async fn apply(
                         )
                         .await?
                         {
-                            inner
-                                .publishing
-                                .lock()
-                                .expect("lock")
-                                .insert((StepRunId(s.id), attempt));
                             done.outgoing.push(out);
                         }
                     }
@@ -126,6 +129,14 @@ pub(super) async fn apply(
         Some(TaskMove::To(_)) => {}
         Some(TaskMove::End { state, error }) => end_task(tx, task, state, error).await?,
     }
+    // This node's to publish from here on (the sweep leaves them alone), and only once the
+    // whole plan is applied: an apply that fails half-way marks nothing. Whoever fails the
+    // transaction after this gives them back (`Orchestrator::rolled_back`).
+    let mut publishing = inner.publishing.lock().expect("lock");
+    for o in &done.outgoing {
+        publishing.insert((o.job.step_run_id, o.job.attempt));
+    }
+    drop(publishing);
     Ok(done)
 }
 

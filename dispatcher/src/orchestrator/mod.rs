@@ -212,10 +212,7 @@ impl Orchestrator {
     /// The transaction of an [`Orchestrator::advance_in`] did not commit: nothing of it
     /// happened.
     pub fn rolled_back(&self, done: Advanced) {
-        let mut publishing = self.inner.publishing.lock().expect("lock");
-        for o in &done.0.outgoing {
-            publishing.remove(&(o.job.step_run_id, o.job.attempt));
-        }
+        done.0.give_back(&self.inner);
     }
 
     /// Void an unclaimed attempt's job and publish it again (a refused claim that should run
