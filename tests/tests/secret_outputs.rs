@@ -144,3 +144,71 @@ script = "printf '%s' '#{{Steps.work.Output.leak}}' > '{got}'"
         "the next step still gets the value"
     );
 }
+
+#[tokio::test]
+async fn a_plain_output_stored_before_its_secret_is_sealed_once_the_secret_arrives() {
+    // Arrange: the value is read from a file at run time, so that no spec holds it; the
+    // first step sets a plain output that holds it, the second makes it sensitive.
+    let mut stack = Stack::start().await.unwrap();
+    stack.add_agent("a", AgentOpts::default()).await.unwrap();
+    let value = format!("late-s3cret-{}", uuid::Uuid::new_v4().simple());
+    let file = stack.dir.path().join("value");
+    std::fs::write(&file, &value).unwrap();
+    let got = stack.dir.path().join("got");
+    let process = format!(
+        r#"
+name = "late-secret"
+
+[[steps]]
+name = "first"
+script = '''set_gantryvariable url "https://deploy:$(cat '{file}')@example.com"
+set_gantryvariable plain just-a-version'''
+
+[[steps]]
+name = "second"
+script = '''set_gantryvariable pw "$(cat '{file}')" sensitive'''
+
+[[steps]]
+name = "third"
+script = "printf '%s' '#{{Steps.first.Output.url}}' > '{got}'"
+"#,
+        file = file.display(),
+        got = got.display()
+    );
+
+    // Act
+    let task = stack.submit(&process).await.unwrap();
+    let done = stack
+        .wait_task(task, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let db = stack.db().await;
+    let url: (Option<String>, bool, Option<Vec<u8>>) =
+        sqlx::query_as("SELECT value, sensitive, sealed FROM output_variables WHERE name = 'url'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    let holding = tables_holding(&db, &value).await;
+
+    // Assert
+    assert_eq!(done.summary.state, "Success", "{done:#?}");
+    assert_eq!(
+        done.steps[0].outputs.get("url").map(String::as_str),
+        Some("********"),
+        "the earlier plain output is shown masked once its secret is known"
+    );
+    assert_eq!(
+        done.steps[0].outputs.get("plain").map(String::as_str),
+        Some("just-a-version"),
+        "an output without the secret stays plain"
+    );
+    assert_eq!(url.0, None, "no clear value left");
+    assert!(url.1, "marked sensitive");
+    assert!(url.2.is_some(), "stored sealed");
+    assert!(holding.is_empty(), "the secret is in clear in {holding:?}");
+    assert_eq!(
+        std::fs::read_to_string(&got).unwrap(),
+        format!("https://deploy:{value}@example.com"),
+        "a later step still gets the value, through its claim"
+    );
+}

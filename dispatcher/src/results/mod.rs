@@ -40,6 +40,7 @@ use unstorable::unstorable_reason;
 use crate::attempts;
 use crate::metrics::Metrics;
 use crate::orchestrator::{Orchestrator, TaskRecord};
+use crate::outputs;
 use crate::senders::{Attribution, Sender};
 use gantry_shared::amqp::Broker;
 use gantry_shared::amqp::consume::{Incoming, QueueConsumer, Settle, Ticket, settle_all};
@@ -216,6 +217,21 @@ impl ResultConsumer {
         } else {
             HashMap::new()
         };
+        let plain_outputs: Vec<uuid::Uuid> = batch
+            .iter()
+            .filter_map(|r| match &r.event {
+                Ok(Event::OutputVariable(o))
+                    if !o.sensitive
+                        && o.value.as_deref().is_some_and(outputs::may_carry_secret) =>
+                {
+                    Some(o.origin.step_run_id.0)
+                }
+                _ => None,
+            })
+            .collect();
+        if !plain_outputs.is_empty() {
+            outputs::lock_for_plain(&mut tx, &plain_outputs).await?;
+        }
         let mut handled = Vec::with_capacity(batch.len());
         let mut ended: Vec<TaskId> = Vec::new();
         for r in batch {

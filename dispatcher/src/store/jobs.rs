@@ -33,6 +33,7 @@ pub async fn sensitive_output(
     value: &str,
 ) -> Result<()> {
     let mut tx = db.begin().await?;
+    crate::outputs::lock_for_sensitive(&mut tx, job.0).await?;
     let Some((step_run, attempt, locked)) = attempts::lock_job(&mut tx, job).await? else {
         return Err(Error::not_found(format!("no job {job}")));
     };
@@ -57,6 +58,7 @@ pub async fn sensitive_output(
     ))
     .execute(&mut *tx)
     .await?;
+    crate::outputs::reseal_plain(&mut tx, secrets, locked.task_id, value).await?;
     tx.commit().await?;
     Ok(())
 }
