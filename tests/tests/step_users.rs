@@ -229,12 +229,12 @@ async fn bad_step_user_settings_stop_the_agent_with_exit_64() {
         (vec![("GANTRY__AGENT__STEP_UID_RANGE", "0-10")], "uid 0"),
         (
             // A range no other test uses: the agent kills what runs under it at start.
-            vec![("GANTRY__AGENT__STEP_UID_RANGE", "61300-61301")],
+            vec![("GANTRY__AGENT__STEP_UID_RANGE", "61400-61401")],
             "fewer than this worker's max_concurrent_steps (4)",
         ),
         (
             vec![
-                ("GANTRY__AGENT__STEP_UID_RANGE", "61300-61309"),
+                ("GANTRY__AGENT__STEP_UID_RANGE", "61400-61409"),
                 ("GANTRY__AGENT__STEP_USER", "nobody"),
             ],
             "not both",
@@ -256,4 +256,62 @@ async fn bad_step_user_settings_stop_the_agent_with_exit_64() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("needs the agent to run as root"), "{err}");
+}
+
+#[tokio::test]
+async fn with_a_uid_range_the_health_check_runs_as_a_uid_of_its_own() {
+    // Arrange: an agent with a uid range, and a health check that says who it runs as and
+    // tries the agent's identity file.
+    let mut stack = Stack::start().await.unwrap();
+    stack.open_dir_for_step_users();
+    let idx = stack
+        .add_agent(
+            "health-uid",
+            opts(&[("GANTRY__AGENT__STEP_UID_RANGE", "61500-61509")]),
+        )
+        .await
+        .unwrap();
+    let home = stack.agents[idx].home.clone();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let identity = home.join("identity.json");
+    let check = format!(
+        "if cat '{}' >/dev/null 2>&1; then r=READ; else r=denied; fi; echo_warning \"uid=$(id -u) gid=$(id -g) pwd=$PWD identity=$r\"",
+        identity.display()
+    );
+
+    // Act
+    let (status, body) = stack
+        .request(
+            reqwest::Method::PUT,
+            "/api/settings",
+            Some(gantry_tests::API_KEY),
+            Some(serde_json::json!({ "machine_policy": { "health_check_script": check } })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let reason =
+        gantry_tests::eventually(Duration::from_secs(30), "the health check ran", || async {
+            let all: Vec<gantry_tests::gantry_shared::api::Worker> =
+                stack.get("/api/workers").await.ok()?;
+            all.into_iter()
+                .filter_map(|w| w.health_reason)
+                .find(|r| r.contains("uid="))
+        })
+        .await
+        .unwrap();
+
+    // Assert: a uid of the range (not root, not the agent's), its own gid, in `/`.
+    let field = |k: &str| {
+        reason
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("{k} in {reason}"))
+            .to_owned()
+    };
+    let uid: u32 = field("uid=").parse().unwrap();
+    assert!((61500..=61509).contains(&uid), "{reason}");
+    assert_eq!(field("gid="), uid.to_string(), "{reason}");
+    assert_eq!(field("pwd="), "/", "{reason}");
+    assert_eq!(field("identity="), "denied", "{reason}");
 }

@@ -183,11 +183,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         None => (crate::step_users::StepUsers::Fixed(run_as.clone()), None),
     };
     step_users.check_capacity(config.max_concurrent_steps)?;
-    // Health checks run as the fixed step user; with a uid range, as the agent.
-    let run_as = match &step_users {
-        crate::step_users::StepUsers::Fixed(u) => u.clone(),
-        crate::step_users::StepUsers::Range(_) => None,
-    };
+    let step_users = Arc::new(step_users);
     crate::workdir::prepare_root(&work_root, home.as_deref(), step_users.other_users()).map_err(
         |message| gantry_shared::config::ConfigError {
             key: Some("agent.work_dir".into()),
@@ -230,7 +226,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         worker_name: config.name.clone(),
         work_root: work_root.clone(),
         keep_work_dirs: settings.agent.keep_work_dirs,
-        step_users: Arc::new(step_users),
+        step_users: step_users.clone(),
         supervisor: Arc::new(supervisor),
         helpers: Arc::new(helpers),
         fault_drop_before_ack: std::sync::atomic::AtomicBool::new(
@@ -273,7 +269,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
     };
     tokio::spawn(refresh_config(reconfig.clone(), nudge.clone(), bg.clone()));
     // Judged once before any step is taken, so an unhealthy machine never starts one.
-    let first = health::check(&config.policy, &work_root, run_as.as_ref()).await;
+    let first = health::check(&config.policy, &work_root, &step_users).await;
     slots.set_unhealthy(first.level == health::Level::Unhealthy);
     if first.level != health::Level::Healthy {
         tracing::warn!(
@@ -287,7 +283,7 @@ pub async fn run_with(settings: Settings, setup: Setup) -> anyhow::Result<()> {
         policy_rx.clone(),
         settings.agent.heartbeat_secs,
         work_root.clone(),
-        run_as.clone(),
+        step_users.clone(),
         slots.clone(),
         verdict.clone(),
         bg.clone(),

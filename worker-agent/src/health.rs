@@ -13,11 +13,15 @@
 //! The worst finding wins. While `Unhealthy` the agent takes no new steps (running ones go
 //! on); the dispatcher also refuses its claims.
 //!
-//! The script is user code like a step's: it runs as the user steps run as (the built-in
-//! worker's `builtin_worker.user`) with an environment built from scratch
-//! (`gantry_shared::stepenv`), never with the agent's own.
+//! The script is user code like a step's: it runs as the user steps run as
+//! (`agent.step_user`, the built-in worker's `builtin_worker.user`), or with
+//! `agent.step_uid_range` as a uid of the range of its own, taken like a step's (waiting
+//! while running steps hold every one) and given back, every process left under it killed,
+//! when the script ends. Its environment is built from scratch (`gantry_shared::stepenv`),
+//! never the agent's own.
 
 use crate::slots::Slots;
+use crate::step_users::StepUsers;
 use gantry_shared::api::MachinePolicy;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -86,12 +90,8 @@ pub fn disk_free_bytes(path: &Path) -> Option<u64> {
         .map(|s| s.blocks_available() * s.fragment_size())
 }
 
-/// Run every check once; the script as `run_as` when given.
-pub async fn check(
-    policy: &MachinePolicy,
-    work_root: &Path,
-    run_as: Option<&crate::runner::RunAs>,
-) -> Verdict {
+/// Run every check once; the script as a user of `users` (see the module's doc).
+pub async fn check(policy: &MachinePolicy, work_root: &Path, users: &StepUsers) -> Verdict {
     let mut v = Verdict::healthy();
     if policy.min_free_disk_mb > 0
         && let Some(free) = disk_free_bytes(work_root)
@@ -114,10 +114,22 @@ pub async fn check(
         .as_deref()
         .filter(|s| !s.trim().is_empty())
     {
-        run_script(script, work_root, run_as, &mut v).await;
+        let user = loop {
+            match users.for_health() {
+                Ok(u) => break u,
+                // Every uid of the range is held by a running step: wait for one to end.
+                Err(_) => tokio::time::sleep(UID_WAIT).await,
+            }
+        };
+        run_script(script, work_root, user.run_as.as_ref(), &mut v).await;
+        // Giving a uid back kills what is left under it (reads /proc).
+        let _ = tokio::task::spawn_blocking(move || drop(user)).await;
     }
     v
 }
+
+/// How often a check waiting for a free uid of the range looks again.
+const UID_WAIT: Duration = Duration::from_millis(500);
 
 async fn run_script(
     script: &str,
@@ -232,7 +244,7 @@ pub async fn run(
     mut policy: watch::Receiver<MachinePolicy>,
     override_secs: Option<u64>,
     work_root: PathBuf,
-    run_as: Option<crate::runner::RunAs>,
+    users: Arc<StepUsers>,
     slots: Arc<Slots>,
     shared: Shared,
     cancel: CancellationToken,
@@ -247,7 +259,7 @@ pub async fn run(
     loop {
         current = policy.borrow_and_update().clone();
         let verdict = tokio::select! {
-            v = check(&current, &work_root, run_as.as_ref()) => v,
+            v = check(&current, &work_root, &users) => v,
             _ = cancel.cancelled() => return,
         };
         let changed = {
@@ -289,7 +301,12 @@ mod tests {
     }
 
     async fn judge(script: &str) -> Verdict {
-        check(&policy(script), &std::env::temp_dir(), None).await
+        check(
+            &policy(script),
+            &std::env::temp_dir(),
+            &StepUsers::Fixed(None),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -318,7 +335,7 @@ mod tests {
             min_free_disk_mb: u64::MAX / (2 * 1024 * 1024),
             ..MachinePolicy::default()
         };
-        let v = check(&p, &std::env::temp_dir(), None).await;
+        let v = check(&p, &std::env::temp_dir(), &StepUsers::Fixed(None)).await;
         assert_eq!(v.level, Level::HasWarnings);
         assert!(v.reason().unwrap().contains("free in"), "{v:?}");
         assert_eq!(

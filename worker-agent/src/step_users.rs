@@ -12,6 +12,9 @@
 //!   account: `HOME` is the step's working directory, `USER` and `LOGNAME` are
 //!   `gantry-step-<uid>`.
 //!
+//! A health-check script runs as the fixed user, or as a uid of the range of its own
+//! ([`StepUsers::for_health`]).
+//!
 //! Both settings need the agent to run as root ([`from_settings`] refuses otherwise). Uids
 //! are handed out in turn, so the one a step just gave back is the last to be used again;
 //! a uid or gid that has an account or group on the machine is skipped. When a step ends,
@@ -103,6 +106,12 @@ impl StepUsers {
                 })
             }
         }
+    }
+
+    /// The user a health-check script runs as: the fixed one, or a uid of the range of its
+    /// own whose home is `/`; `Err` while running steps hold every uid.
+    pub fn for_health(&self) -> Result<StepUser, String> {
+        self.for_step(Path::new("/"))
     }
 
     /// Refuse a range too narrow for the agent's concurrency.
