@@ -34,6 +34,13 @@ pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The length in bytes of [`storable`]`(text)`, without building it (a U+0000 becomes the
+/// three bytes of U+FFFD): what a line costs the task's log quota.
+pub fn storable_len(text: &str) -> u64 {
+    let nuls = text.bytes().filter(|b| *b == 0).count() as u64;
+    (text.len() as u64).saturating_add(nuls.saturating_mul(2))
+}
+
 /// [`storable`] for an optional text.
 pub fn storable_opt(text: Option<&str>) -> Option<std::borrow::Cow<'_, str>> {
     text.map(storable)
@@ -133,16 +140,26 @@ pub async fn apply_batch(conn: &mut PgConnection, b: Batch<'_>) -> sqlx::Result<
         return Ok(Applied::OverQuota);
     }
     if first_seq > lines_stored {
-        // Ahead of a gap: charged now, parked until the gap closes.
-        if !crate::quotas::charge(conn, task, crate::quotas::Quota::Log, bytes, limit).await? {
-            return Ok(Applied::OverQuota);
-        }
-        park(conn, step_run, attempt, &numbered(lines, first_seq, 0)).await?;
-        return Ok(Applied::Stored(lines_stored));
+        // Ahead of a gap: parked until the gap closes, and only the lines not parked yet
+        // charged (a redelivered batch costs nothing).
+        let parked = park_charged(
+            conn,
+            (task, step_run, attempt),
+            &numbered(lines, first_seq, 0),
+            limit,
+        )
+        .await?;
+        return Ok(if parked {
+            Applied::Stored(lines_stored)
+        } else {
+            Applied::OverQuota
+        });
     }
     let skip = usize::try_from(lines_stored.saturating_sub(first_seq)).unwrap_or(usize::MAX);
     let mut fresh = numbered(lines, first_seq, skip);
-    // Lines parked earlier that now continue the prefix.
+    let mut bytes = bytes;
+    // Lines parked earlier: those this batch holds too (charged when they were parked, so
+    // not again) are dropped, those that now continue the prefix join it.
     let parked: Vec<(i64, DateTime<Utc>, i16, String)> = if last {
         Vec::new()
     } else {
@@ -152,7 +169,7 @@ pub async fn apply_batch(conn: &mut PgConnection, b: Batch<'_>) -> sqlx::Result<
         )
         .bind(step_run.0)
         .bind(attempt as i32)
-        .bind(end)
+        .bind(lines_stored)
         .fetch_all(&mut *conn)
         .await?
     };
@@ -162,6 +179,10 @@ pub async fn apply_batch(conn: &mut PgConnection, b: Batch<'_>) -> sqlx::Result<
         let mut next = end;
         let mut keep = Vec::new();
         for (seq, ts, stream, text) in parked {
+            if seq < end {
+                bytes = bytes.saturating_sub(text.len() as u64);
+                continue;
+            }
             let line = SeqLine {
                 seq,
                 ts,
@@ -171,7 +192,7 @@ pub async fn apply_batch(conn: &mut PgConnection, b: Batch<'_>) -> sqlx::Result<
             if seq == next {
                 fresh.push(line);
                 next = next.saturating_add(1);
-            } else if seq > next {
+            } else {
                 keep.push(line);
             }
         }
@@ -249,8 +270,42 @@ fn columns<'a>(lines: &'a [SeqLine<'_>]) -> Columns<'a> {
     )
 }
 
-/// Keep lines that lie beyond a gap in `log_lines_pending` until it closes (one statement; a
-/// line parked already is left as it is).
+/// Park lines that lie beyond a gap in `log_lines_pending` until it closes, charging the
+/// task's log quota with the bytes of those not parked already (one statement; a line parked
+/// already is left as it is). False, and nothing changed, when the charge would pass `limit`.
+async fn park_charged(
+    conn: &mut PgConnection,
+    (task, step_run, attempt): (TaskId, StepRunId, u32),
+    lines: &[SeqLine<'_>],
+    limit: u64,
+) -> sqlx::Result<bool> {
+    let (seqs, ts, streams, texts) = columns(lines);
+    static SQL: &str = "WITH u AS (SELECT u.* FROM unnest($3::bigint[], $4::timestamptz[], $5::smallint[], $6::text[])
+                        AS u(seq, ts, stream, text)
+                    WHERE NOT EXISTS (SELECT 1 FROM log_lines_pending p
+                                      WHERE p.step_run_id = $1 AND p.attempt = $2 AND p.seq = u.seq)),
+              c AS (SELECT coalesce(sum(octet_length(u.text)), 0)::bigint AS n FROM u),
+              r AS (UPDATE task_log_positions SET log_bytes = log_bytes + c.n FROM c
+                    WHERE task_id = $7 AND log_bytes <= $8 - c.n RETURNING 1),
+              i AS (INSERT INTO log_lines_pending (step_run_id, attempt, seq, ts, stream, text)
+                    SELECT $1, $2, u.seq, u.ts, u.stream, u.text FROM u, r ON CONFLICT DO NOTHING)
+         SELECT count(*) FROM r";
+    let charged: i64 = sqlx::query_scalar(SQL)
+        .bind(step_run.0)
+        .bind(attempt as i32)
+        .bind(&seqs)
+        .bind(&ts)
+        .bind(&streams)
+        .bind(&texts)
+        .bind(task.0)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(charged > 0)
+}
+
+/// Put lines that still lie beyond a gap back in `log_lines_pending`, uncharged (they were
+/// charged when first parked; one statement; a line parked already is left as it is).
 async fn park(
     conn: &mut PgConnection,
     step_run: StepRunId,

@@ -37,15 +37,15 @@ impl Quota {
     }
 }
 
-/// Bytes of text of the lines of a batch that the attempt has not stored yet (those from
-/// `lines_stored` on); a redelivered prefix costs nothing.
+/// Bytes of text, as stored ([`crate::logs::storable_len`]), of the lines of a batch that the
+/// attempt has not stored yet (those from `lines_stored` on); a redelivered prefix costs
+/// nothing.
 pub fn new_log_bytes(first_seq: i64, lines_stored: i64, lines: &[LogLine]) -> u64 {
     let skip = lines_stored.saturating_sub(first_seq).max(0);
     let skip = usize::try_from(skip).unwrap_or(usize::MAX);
-    lines
-        .iter()
-        .skip(skip)
-        .fold(0u64, |n, l| n.saturating_add(l.text.len() as u64))
+    lines.iter().skip(skip).fold(0u64, |n, l| {
+        n.saturating_add(crate::logs::storable_len(&l.text))
+    })
 }
 
 /// Add `bytes` to the task's counter if that stays within `limit`. False (and nothing

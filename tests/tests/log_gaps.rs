@@ -4,7 +4,9 @@
 //! in order. The events are published as the running agent itself would (its own broker
 //! user).
 
-use gantry_tests::gantry_shared::wire::{Event, LogBatch, LogLine, Outcome, StepFinished, Stream};
+use gantry_tests::gantry_shared::wire::{
+    Event, LogBatch, LogLine, Outcome, Progress, StepFinished, Stream,
+};
 use gantry_tests::impersonate::HeldStep;
 use gantry_tests::{Stack, eventually};
 use std::time::Duration;
@@ -18,6 +20,34 @@ fn lines(texts: &[&str]) -> Vec<LogLine> {
             text: (*t).into(),
         })
         .collect()
+}
+
+/// Lines parked for this step run.
+async fn parked_count(db: &sqlx::PgPool, step_run: uuid::Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM log_lines_pending WHERE step_run_id = $1")
+        .bind(step_run)
+        .fetch_one(db)
+        .await
+}
+
+type Numbered<'a> = Vec<(u64, &'a str)>;
+
+/// The log's lines from seq `next` on, as (seq, text), against `texts` numbered from `next`.
+fn from_seq<'a>(
+    log: &'a [gantry_tests::gantry_shared::api::LogEntry],
+    next: u64,
+    texts: &[&'a str],
+) -> (Numbered<'a>, Numbered<'a>) {
+    let ours = log
+        .iter()
+        .filter_map(|l| l.seq.filter(|s| *s >= next).map(|s| (s, l.text.as_str())))
+        .collect();
+    let want = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (next + i as u64, *t))
+        .collect();
+    (ours, want)
 }
 
 #[tokio::test]
@@ -55,12 +85,7 @@ async fn lines_ahead_of_a_gap_wait_for_it_even_when_they_end_the_step() {
         Duration::from_secs(20),
         "the early lines parked",
         || async {
-            let n: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM log_lines_pending WHERE step_run_id = $1")
-                    .bind(origin.step_run_id.0)
-                    .fetch_one(&db)
-                    .await
-                    .ok()?;
+            let n = parked_count(&db, origin.step_run_id.0).await.ok()?;
             (n >= 4).then_some(n)
         },
     )
@@ -79,12 +104,7 @@ async fn lines_ahead_of_a_gap_wait_for_it_even_when_they_end_the_step() {
         .unwrap();
     held.release();
     let log = stack.log(task).await.unwrap();
-    let left: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM log_lines_pending WHERE step_run_id = $1")
-            .bind(origin.step_run_id.0)
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let left = parked_count(&db, origin.step_run_id.0).await.unwrap();
 
     let by_pos: Vec<i64> = sqlx::query_scalar(
         "SELECT seq FROM log_lines WHERE task_id = $1 AND seq IS NOT NULL ORDER BY pos",
@@ -101,19 +121,96 @@ async fn lines_ahead_of_a_gap_wait_for_it_even_when_they_end_the_step() {
         "an end whose lines are not all stored ends nothing"
     );
     assert_eq!(done.summary.state, "Success", "{done:#?}");
-    let ours: Vec<(u64, &str)> = log
-        .iter()
-        .filter_map(|l| l.seq.filter(|s| *s >= next).map(|s| (s, l.text.as_str())))
-        .collect();
-    let want: Vec<(u64, &str)> = ["one", "two", "three", "four", "five", "six"]
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (next + i as u64, t))
-        .collect();
+    let (ours, want) = from_seq(&log, next, &["one", "two", "three", "four", "five", "six"]);
     assert_eq!(ours, want, "each line once, in seq order");
     assert!(
         by_pos.windows(2).all(|w| w[0] < w[1]),
         "in the task's log order, seqs grow: {by_pos:?}"
     );
+    assert_eq!(left, 0, "nothing left parked");
+}
+
+/// The task's log bytes charged so far.
+async fn log_bytes(db: &sqlx::PgPool, task: gantry_tests::gantry_shared::ids::TaskId) -> i64 {
+    sqlx::query_scalar("SELECT log_bytes FROM task_log_positions WHERE task_id = $1")
+        .bind(task.0)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn parked_lines_are_charged_to_the_quota_once_however_often_they_arrive() {
+    // Arrange: a held step; its task's log bytes so far.
+    let mut stack = Stack::start().await.unwrap();
+    let held = HeldStep::start(&mut stack).await;
+    let (task, origin, next) = (held.task, held.origin.clone(), held.next_seq);
+    let db = stack.db().await;
+    let before = log_bytes(&db, task).await;
+    let batch = |first_seq: u64, texts: &[&str]| {
+        Event::LogBatch(LogBatch {
+            origin: origin.clone(),
+            first_seq,
+            lines: lines(texts),
+        })
+    };
+    // A progress report after the batches: once it is stored, so are they (one queue).
+    let progress = |percentage: u8| {
+        Event::Progress(Progress {
+            origin: origin.clone(),
+            percentage,
+            message: "marker".into(),
+        })
+    };
+    let reached = |percentage: i16| {
+        let db = &db;
+        let step_run = origin.step_run_id.0;
+        async move {
+            eventually(Duration::from_secs(20), "the marker stored", || async {
+                let p: Option<i16> = sqlx::query_scalar(
+                    "SELECT progress_percent FROM attempts WHERE step_run_id = $1",
+                )
+                .bind(step_run)
+                .fetch_one(db)
+                .await
+                .ok()?;
+                (p == Some(percentage)).then_some(())
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    // Act: a batch ahead of a gap, delivered twice (as a redelivery would), then a batch that
+    // closes the gap and holds one of the parked lines again.
+    held.publish(&stack, &batch(next + 2, &["three", "four"]))
+        .await;
+    held.publish(&stack, &batch(next + 2, &["three", "four"]))
+        .await;
+    held.publish(&stack, &progress(10)).await;
+    reached(10).await;
+    let parked = log_bytes(&db, task).await - before;
+    held.publish(&stack, &batch(next, &["one", "two", "three"]))
+        .await;
+    held.publish(&stack, &progress(20)).await;
+    reached(20).await;
+    let joined = log_bytes(&db, task).await - before;
+    let log = stack.log(task).await.unwrap();
+    let left = parked_count(&db, origin.step_run_id.0).await.unwrap();
+    held.release();
+
+    // Assert
+    assert_eq!(
+        parked,
+        ("three".len() + "four".len()) as i64,
+        "charged once"
+    );
+    assert_eq!(
+        joined,
+        ("one".len() + "two".len() + "three".len() + "four".len()) as i64,
+        "each line charged once"
+    );
+    let (ours, want) = from_seq(&log, next, &["one", "two", "three", "four"]);
+    assert_eq!(ours, want, "each line once, in seq order");
     assert_eq!(left, 0, "nothing left parked");
 }
