@@ -10,8 +10,10 @@
 //! agent reports its `StepFinished`. An agent that never answers (frozen, cut off, gone
 //! without its broker connection closing yet) must not leave the task `Cancelling`: this loop
 //! looks every [`CHECK_EVERY`] at the running attempts of cancelling tasks, and one still
-//! running [`ANSWER_WITHIN`] after this node first saw it so is concluded `Cancelled` by the
-//! dispatcher, so the task is `Cancelled` within 10 s of the cancel (a step whose
+//! running [`ANSWER_WITHIN`] after the cancel (`tasks.cancel_requested_at`, the database's
+//! clock, so every node counts alike and a node that restarts or takes over does not start
+//! the count again) is concluded `Cancelled` by the dispatcher, so the task is `Cancelled`
+//! within 10 s of the cancel (a step whose
 //! `cancel_grace_secs` is over 5 gets that grace plus [`REPORT_AFTER_KILL`] instead). Whatever its agent sends
 //! for it afterwards is stale (kept apart in `stale_events`). Its mutex, if it holds one, is
 //! not released: it expires with its lease (its agent can no longer renew it), so a script
@@ -23,15 +25,14 @@ use crate::store;
 use crate::transitions::{self, AttemptState, TaskState};
 use gantry_shared::ids::{StepRunId, TaskId, WorkerId};
 use sqlx::PgPool;
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// How often running attempts of cancelling tasks are looked at.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long an agent has to report a cancelled attempt's end before the dispatcher concludes
-/// it (counted from the first check that saw it, at most [`CHECK_EVERY`] after the cancel),
+/// it (counted from the cancel; the loop's next pass, at most [`CHECK_EVERY`] later, does),
 /// for a step with the default `cancel_grace_secs`; see [`answer_within`].
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(7);
 /// Time for the agent to report after SIGKILL, on top of the step's `cancel_grace_secs`.
@@ -146,13 +147,12 @@ pub fn spawn(
         async move {
             let mut tick = tokio::time::interval(CHECK_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut seen: HashMap<(Uuid, i32), Instant> = HashMap::new();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = cancel.cancelled() => return Ok(()),
                 }
-                if let Err(e) = pass(&db, &locks, retry_base, &mut seen).await {
+                if let Err(e) = pass(&db, &locks, retry_base).await {
                     crate::supervise::pass_failed("cancels", &e);
                 }
             }
@@ -160,12 +160,7 @@ pub fn spawn(
     });
 }
 
-async fn pass(
-    db: &PgPool,
-    locks: &crate::locks::Locks,
-    retry_base: Duration,
-    seen: &mut HashMap<(Uuid, i32), Instant>,
-) -> sqlx::Result<()> {
+async fn pass(db: &PgPool, locks: &crate::locks::Locks, retry_base: Duration) -> sqlx::Result<()> {
     // The states in the text, not bound: the partial indexes on active tasks and running
     // attempts match them (see `crate::db::connect`).
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -173,7 +168,8 @@ async fn pass(
             "SELECT a.step_run_id, a.attempt, w.name,
                     CASE WHEN jsonb_typeof(s.spec->'cancel_grace_secs') = 'number'
                          THEN GREATEST(LEAST((s.spec->>'cancel_grace_secs')::numeric, 3600), 0)::bigint
-                         ELSE 5 END
+                         ELSE 5 END,
+                    EXTRACT(EPOCH FROM now() - COALESCE(t.cancel_requested_at, now()))::float8
              FROM attempts a
              JOIN step_runs s ON s.id = a.step_run_id JOIN tasks t ON t.id = s.task_id
              LEFT JOIN workers w ON w.id = a.worker_id
@@ -183,15 +179,12 @@ async fn pass(
             running = AttemptState::Running.as_str(),
         )
     });
-    let running: Vec<(Uuid, i32, Option<String>, i64)> =
+    let running: Vec<(Uuid, i32, Option<String>, i64, f64)> =
         sqlx::query_as(SQL.as_str()).fetch_all(db).await?;
-    let now = Instant::now();
-    seen.retain(|k, _| running.iter().any(|(s, a, _, _)| (*s, *a) == *k));
     let mut ended = false;
-    for (step_run, attempt, worker, grace) in running {
-        let first = *seen.entry((step_run, attempt)).or_insert(now);
+    for (step_run, attempt, worker, grace, waited_secs) in running {
         let within = answer_within(grace);
-        if now.saturating_duration_since(first) < within {
+        if waited_secs.is_nan() || waited_secs < within.as_secs_f64() {
             continue;
         }
         let why = format!(
@@ -199,7 +192,7 @@ async fn pass(
             worker
                 .map(|w| format!("worker {w}"))
                 .unwrap_or_else(|| "its worker".into()),
-            within.as_secs() + CHECK_EVERY.as_secs()
+            within.as_secs()
         );
         let step_run = StepRunId(step_run);
         let Ok(attempt_no) = u32::try_from(attempt) else {

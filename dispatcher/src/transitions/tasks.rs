@@ -18,7 +18,9 @@ pub async fn task_to(
              error = CASE WHEN $4 THEN $3 ELSE error END,
              started_at = CASE WHEN $2 = 'Cancelling' THEN started_at
                                ELSE COALESCE(started_at, now()) END,
-             finished_at = CASE WHEN $4 THEN now() ELSE finished_at END
+             finished_at = CASE WHEN $4 THEN now() ELSE finished_at END,
+             cancel_requested_at = CASE WHEN $2 = 'Cancelling' THEN now()
+                                        ELSE cancel_requested_at END
          WHERE id = $1 AND state = ANY($5)",
     )
     .bind(task.0)
